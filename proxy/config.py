@@ -1,0 +1,600 @@
+"""Gateway configuration: one frozen object built from YAML, environment and flags.
+
+Precedence is flag > environment > YAML > built-in default. Every problem is
+collected with the key path it concerns, so a bad file fails at start-up with
+one line per problem instead of one surprise at a time.
+
+    cfg = load_config(Path("config/gateway.yaml"), os.environ, {"listen.port": 9000})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .routes import ALL_ROUTES
+
+MIB = 1024 * 1024
+AUTH_MODES = ("required", "optional", "disabled")
+FORWARD_TOKEN_MODES = ("passthrough", "strip", "exchange")
+SUPPORTED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+     "HS256", "HS384", "HS512"}
+)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PROFILES = ("dev-insecure", "dev-secure-keycloak", "enterprise")
+KEYCLOAK_DEV_ISSUER = "http://localhost:8080/realms/arp-dev"
+SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one `key.path: reason` per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    attempts: int = 3
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str | None = None
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 30.0
+    stream_idle_timeout_s: float = 300.0
+    max_connections: int = 100
+    health_timeout_s: float = 1.0
+    retries: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = MIB
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None = None
+    discovery_url: str | None = None
+    algorithms: tuple[str, ...] = ("RS256",)
+    hmac_secret: str | None = None
+
+    @property
+    def discovery(self) -> str:
+        return self.discovery_url or self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    path: str
+    methods: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    claims: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    token_endpoint: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    audience: str = "arp-run-coordinator"
+    scope: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str = "required"
+    realm: str = "arp-run-gateway"
+    issuers: tuple[IssuerConfig, ...] = ()
+    clock_skew_s: float = 60.0
+    exempt_paths: tuple[str, ...] = ("/v1/health", "/v1/version")
+    dev_subject: str = "dev"
+    anonymous_subject: str = "anonymous"
+    jwks_cache_ttl_s: float = 300.0
+    jwks_min_ttl_s: float = 30.0
+    jwks_max_ttl_s: float = 86400.0
+    jwks_refetch_cooldown_s: float = 30.0
+    jwks_max_stale_s: float = 86400.0
+    jwks_fetch_timeout_s: float = 5.0
+    token_cache_size: int = 10000
+    max_token_bytes: int = 8192
+    identity_header_prefix: str = "X-Auth-"
+    claim_headers: tuple[tuple[str, str], ...] = ()
+    forward_token: str = "passthrough"
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    rules: tuple[AccessRule, ...] = ()
+    cors_preflight_bypass: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    access_log: bool = True
+    log_subject: bool = False
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    shutdown_grace_s: float = 25.0
+    drain_delay_s: float = 5.0
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    """Pulls typed values out of nested mappings, recording problems by key path."""
+
+    def __init__(self, origins: Mapping[str, str]) -> None:
+        self.problems: list[str] = []
+        self._origins = origins
+
+    def fail(self, path: str, reason: str) -> None:
+        origin = self._origins.get(path)
+        self.problems.append(f"{path}{f' (from {origin})' if origin else ''}: {reason}")
+
+    def section(self, raw: Any, path: str, known: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.fail(path or "<root>", "must be a mapping")
+            return {}
+        for key in raw:
+            if key not in known:
+                self.fail(_join(path, str(key)), "unknown key")
+        return raw
+
+    def number(self, sec: dict, path: str, key: str, default: float, *, minimum: float = 0.0,
+               positive: bool = False, integer: bool = False) -> Any:
+        full = _join(path, key)
+        if key not in sec or sec[key] is None:
+            return default
+        value = sec[key]
+        if isinstance(value, str):
+            try:
+                value = float(value) if not integer else int(value)
+            except ValueError:
+                self.fail(full, f"not a{'n integer' if integer else ' number'}: {sec[key]!r}")
+                return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(full, f"not a{'n integer' if integer else ' number'}: {value!r}")
+            return default
+        if integer and not float(value).is_integer():
+            self.fail(full, f"not an integer: {value!r}")
+            return default
+        if not math.isfinite(value) or value < minimum or (positive and value <= 0):
+            self.fail(full, f"must be {'> 0' if positive else f'>= {minimum:g}'}, got {value!r}")
+            return default
+        return int(value) if integer else float(value)
+
+    def string(self, sec: dict, path: str, key: str, default: str | None, *,
+               choices: tuple[str, ...] | None = None) -> Any:
+        full = _join(path, key)
+        if key not in sec or sec[key] is None:
+            return default
+        value = sec[key]
+        if not isinstance(value, str) or not value:
+            self.fail(full, f"must be a non-empty string, got {value!r}")
+            return default
+        if choices and value not in choices:
+            self.fail(full, f"must be one of {', '.join(choices)}; got {value!r}")
+            return default
+        return value
+
+    def boolean(self, sec: dict, path: str, key: str, default: bool) -> bool:
+        value = sec.get(key)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            self.fail(_join(path, key), f"must be true or false, got {value!r}")
+            return default
+        return value
+
+    def strings(self, sec: dict, path: str, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = sec.get(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(_join(path, key), f"must be a list of non-empty strings, got {value!r}")
+            return default
+        return tuple(value)
+
+    def url(self, sec: dict, path: str, key: str, default: str | None = None) -> str | None:
+        value = self.string(sec, path, key, default)
+        if value is not None and value is not default and not _is_http_url(value):
+            self.fail(_join(path, key), f"not an http(s) URL: {value!r}")
+            return default
+        return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
+def _known(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def normalize_coordinator_url(url: str) -> str:
+    """JARVIS accepts `http://host:port/`, `.../v1` and `.../v1/` for the same coordinator."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _listen(r: _Reader, raw: Any) -> ListenConfig:
+    sec = r.section(raw, "listen", _known(ListenConfig))
+    d = ListenConfig()
+    return ListenConfig(
+        host=r.string(sec, "listen", "host", d.host),
+        port=r.number(sec, "listen", "port", d.port, integer=True, minimum=0),
+        workers=r.number(sec, "listen", "workers", d.workers, integer=True, minimum=1),
+    )
+
+
+def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
+    p = "upstream"
+    sec = r.section(raw, p, _known(UpstreamConfig))
+    d = UpstreamConfig()
+    rsec = r.section(sec.get("retries"), "upstream.retries", _known(RetryConfig))
+    rd = RetryConfig()
+    url = r.url(sec, p, "url")
+    return UpstreamConfig(
+        url=normalize_coordinator_url(url) if url else None,
+        connect_timeout_s=r.number(sec, p, "connect_timeout_s", d.connect_timeout_s, positive=True),
+        request_timeout_s=r.number(sec, p, "request_timeout_s", d.request_timeout_s, positive=True),
+        stream_idle_timeout_s=r.number(sec, p, "stream_idle_timeout_s", d.stream_idle_timeout_s, positive=True),
+        max_connections=r.number(sec, p, "max_connections", d.max_connections, integer=True, minimum=1),
+        health_timeout_s=r.number(sec, p, "health_timeout_s", d.health_timeout_s, positive=True),
+        retries=RetryConfig(
+            attempts=r.number(rsec, "upstream.retries", "attempts", rd.attempts, integer=True, minimum=1),
+            backoff_initial_s=r.number(rsec, "upstream.retries", "backoff_initial_s", rd.backoff_initial_s),
+            backoff_max_s=r.number(rsec, "upstream.retries", "backoff_max_s", rd.backoff_max_s),
+        ),
+    )
+
+
+def _issuer(r: _Reader, raw: Any, path: str) -> IssuerConfig | None:
+    sec = r.section(raw, path, _known(IssuerConfig))
+    issuer = r.string(sec, path, "issuer", None)
+    if issuer is None:
+        r.fail(_join(path, "issuer"), "required")
+    audiences = r.strings(sec, path, "audiences", ())
+    if not audiences:
+        r.fail(_join(path, "audiences"), "at least one audience is required")
+    algorithms = r.strings(sec, path, "algorithms", ("RS256",))
+    for alg in algorithms:
+        if alg not in SUPPORTED_ALGORITHMS:
+            r.fail(_join(path, "algorithms"), f"unsupported algorithm {alg!r}")
+    hmac_secret = r.string(sec, path, "hmac_secret", None)
+    if any(a in HMAC_ALGORITHMS for a in algorithms) and not hmac_secret:
+        r.fail(_join(path, "algorithms"), "HMAC algorithms need an explicit hmac_secret")
+    if hmac_secret and len(hmac_secret.encode()) < 32:
+        r.fail(_join(path, "hmac_secret"), "must be at least 32 bytes")
+    if issuer is None or not audiences:
+        return None
+    return IssuerConfig(
+        issuer=issuer,
+        audiences=audiences,
+        jwks_uri=r.url(sec, path, "jwks_uri"),
+        discovery_url=r.url(sec, path, "discovery_url"),
+        algorithms=algorithms,
+        hmac_secret=hmac_secret,
+    )
+
+
+def _rule(r: _Reader, raw: Any, path: str) -> AccessRule | None:
+    sec = r.section(raw, path, _known(AccessRule))
+    route = r.string(sec, path, "path", None)
+    if route is None:
+        r.fail(_join(path, "path"), "required")
+        return None
+    templates = sorted(t.template for t in ALL_ROUTES if t.forward)
+    if route not in templates:
+        r.fail(_join(path, "path"), f"not a forwarded route template; one of {', '.join(templates)}")
+    claims = sec.get("claims") or {}
+    if not isinstance(claims, dict) or not all(isinstance(v, (str, int, bool)) for v in claims.values()):
+        r.fail(_join(path, "claims"), "must map claim names to single values")
+        claims = {}
+    return AccessRule(
+        path=route,
+        methods=tuple(m.upper() for m in r.strings(sec, path, "methods", ())),
+        scopes=r.strings(sec, path, "scopes", ()),
+        claims=tuple((str(k), str(v)) for k, v in claims.items()),
+    )
+
+
+def _auth(r: _Reader, raw: Any) -> AuthConfig:
+    p = "auth"
+    sec = r.section(raw, p, _known(AuthConfig))
+    d = AuthConfig()
+    issuers_raw = sec.get("issuers") or []
+    if not isinstance(issuers_raw, list):
+        r.fail("auth.issuers", "must be a list")
+        issuers_raw = []
+    issuers = tuple(i for n, raw_i in enumerate(issuers_raw) if (i := _issuer(r, raw_i, f"auth.issuers[{n}]")))
+    rules_raw = sec.get("rules") or []
+    if not isinstance(rules_raw, list):
+        r.fail("auth.rules", "must be a list")
+        rules_raw = []
+    rules = tuple(x for n, raw_x in enumerate(rules_raw) if (x := _rule(r, raw_x, f"auth.rules[{n}]")))
+    xsec = r.section(sec.get("exchange"), "auth.exchange", _known(ExchangeConfig))
+    xd = ExchangeConfig()
+    exchange = ExchangeConfig(
+        token_endpoint=r.url(xsec, "auth.exchange", "token_endpoint"),
+        client_id=r.string(xsec, "auth.exchange", "client_id", None),
+        client_secret=r.string(xsec, "auth.exchange", "client_secret", None),
+        audience=r.string(xsec, "auth.exchange", "audience", xd.audience),
+        scope=r.string(xsec, "auth.exchange", "scope", None),
+    )
+    claim_headers = sec.get("claim_headers") or {}
+    if not isinstance(claim_headers, dict) or not all(isinstance(v, str) for v in claim_headers.values()):
+        r.fail("auth.claim_headers", "must map claim names to header names")
+        claim_headers = {}
+    cfg = AuthConfig(
+        mode=r.string(sec, p, "mode", d.mode, choices=AUTH_MODES),
+        realm=r.string(sec, p, "realm", d.realm),
+        issuers=issuers,
+        clock_skew_s=r.number(sec, p, "clock_skew_s", d.clock_skew_s),
+        exempt_paths=r.strings(sec, p, "exempt_paths", d.exempt_paths),
+        dev_subject=r.string(sec, p, "dev_subject", d.dev_subject),
+        anonymous_subject=r.string(sec, p, "anonymous_subject", d.anonymous_subject),
+        jwks_cache_ttl_s=r.number(sec, p, "jwks_cache_ttl_s", d.jwks_cache_ttl_s, positive=True),
+        jwks_min_ttl_s=r.number(sec, p, "jwks_min_ttl_s", d.jwks_min_ttl_s, positive=True),
+        jwks_max_ttl_s=r.number(sec, p, "jwks_max_ttl_s", d.jwks_max_ttl_s, positive=True),
+        jwks_refetch_cooldown_s=r.number(sec, p, "jwks_refetch_cooldown_s", d.jwks_refetch_cooldown_s),
+        jwks_max_stale_s=r.number(sec, p, "jwks_max_stale_s", d.jwks_max_stale_s, positive=True),
+        jwks_fetch_timeout_s=r.number(sec, p, "jwks_fetch_timeout_s", d.jwks_fetch_timeout_s, positive=True),
+        token_cache_size=r.number(sec, p, "token_cache_size", d.token_cache_size, integer=True),
+        max_token_bytes=r.number(sec, p, "max_token_bytes", d.max_token_bytes, integer=True, positive=True),
+        identity_header_prefix=r.string(sec, p, "identity_header_prefix", d.identity_header_prefix),
+        claim_headers=tuple((str(k), v) for k, v in claim_headers.items()),
+        forward_token=r.string(sec, p, "forward_token", d.forward_token, choices=FORWARD_TOKEN_MODES),
+        exchange=exchange,
+        rules=rules,
+        cors_preflight_bypass=r.boolean(sec, p, "cors_preflight_bypass", d.cors_preflight_bypass),
+    )
+    _check_auth(r, cfg)
+    return cfg
+
+
+def _check_auth(r: _Reader, cfg: AuthConfig) -> None:
+    if cfg.mode != "disabled" and not cfg.issuers:
+        r.fail("auth.issuers", f"auth.mode is {cfg.mode!r} but no issuer is configured "
+                               "(set auth.issuers or ARP_AUTH_ISSUER, or auth.mode: disabled)")
+    if cfg.jwks_min_ttl_s > cfg.jwks_max_ttl_s:
+        r.fail("auth.jwks_min_ttl_s", "must not exceed auth.jwks_max_ttl_s")
+    if not cfg.identity_header_prefix.lower().startswith("x-"):
+        r.fail("auth.identity_header_prefix", "must start with 'X-'")
+    if cfg.forward_token == "exchange":
+        x = cfg.exchange
+        for key in ("token_endpoint", "client_id", "client_secret"):
+            if not getattr(x, key):
+                r.fail(f"auth.exchange.{key}", "required when auth.forward_token is 'exchange'")
+
+
+def _metrics(r: _Reader, raw: Any) -> MetricsConfig:
+    sec = r.section(raw, "metrics", _known(MetricsConfig))
+    d = MetricsConfig()
+    return MetricsConfig(
+        enabled=r.boolean(sec, "metrics", "enabled", d.enabled),
+        host=r.string(sec, "metrics", "host", d.host),
+        port=r.number(sec, "metrics", "port", d.port, integer=True),
+    )
+
+
+def _logging(r: _Reader, raw: Any) -> LoggingConfig:
+    sec = r.section(raw, "logging", _known(LoggingConfig))
+    d = LoggingConfig()
+    level = sec.get("level")
+    if isinstance(level, str):
+        sec = {**sec, "level": level.lower()}
+    return LoggingConfig(
+        level=r.string(sec, "logging", "level", d.level, choices=LOG_LEVELS),
+        access_log=r.boolean(sec, "logging", "access_log", d.access_log),
+        log_subject=r.boolean(sec, "logging", "log_subject", d.log_subject),
+    )
+
+
+def build_config(raw: Any, origins: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Validates a raw mapping (YAML with overrides applied) into a GatewayConfig."""
+    r = _Reader(origins or {})
+    top = r.section(raw, "", _known(GatewayConfig))
+    d = GatewayConfig()
+    cfg = GatewayConfig(
+        listen=_listen(r, top.get("listen")),
+        upstream=_upstream(r, top.get("upstream")),
+        limits=LimitsConfig(
+            max_body_bytes=r.number(r.section(top.get("limits"), "limits", _known(LimitsConfig)),
+                                    "limits", "max_body_bytes", MIB, integer=True, positive=True)
+        ),
+        auth=_auth(r, top.get("auth")),
+        metrics=_metrics(r, top.get("metrics")),
+        logging=_logging(r, top.get("logging")),
+        shutdown_grace_s=r.number(top, "", "shutdown_grace_s", d.shutdown_grace_s),
+        drain_delay_s=r.number(top, "", "drain_delay_s", d.drain_delay_s),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return cfg
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[leaf] = value
+
+
+def _first_issuer(raw: dict) -> dict:
+    auth = raw.setdefault("auth", {}) if isinstance(raw.get("auth", {}), dict) else {}
+    issuers = auth.get("issuers")
+    if not isinstance(issuers, list) or not issuers or not isinstance(issuers[0], dict):
+        issuers = [{}]
+        auth["issuers"] = issuers
+    return issuers[0]
+
+
+def apply_environment(raw: dict, env: Mapping[str, str], origins: dict[str, str]) -> None:
+    """Overlays the JARVIS / ARP_AUTH_* variables onto the raw YAML mapping, in place."""
+
+    def put(path: str, name: str, value: Any) -> None:
+        _set(raw, path, value)
+        origins[path] = name
+
+    if v := env.get("JARVIS_RUN_COORDINATOR_URL"):
+        put("upstream.url", "JARVIS_RUN_COORDINATOR_URL", v)
+    if v := env.get("JARVIS_RUN_COORDINATOR_AUDIENCE"):
+        put("auth.exchange.audience", "JARVIS_RUN_COORDINATOR_AUDIENCE", v)
+    if v := env.get("LOG_LEVEL"):
+        put("logging.level", "LOG_LEVEL", v)
+
+    profile = env.get("ARP_AUTH_PROFILE", "").strip().lower()
+    if profile:
+        if profile not in PROFILES:
+            put("auth.mode", "ARP_AUTH_PROFILE", f"<unknown profile {profile!r}>")
+        elif profile == "dev-insecure":
+            put("auth.mode", "ARP_AUTH_PROFILE", "disabled")
+        else:
+            put("auth.mode", "ARP_AUTH_PROFILE", "required")
+            if profile == "dev-secure-keycloak" and not env.get("ARP_AUTH_ISSUER"):
+                _first_issuer(raw)["issuer"] = KEYCLOAK_DEV_ISSUER
+                origins["auth.issuers[0].issuer"] = "ARP_AUTH_PROFILE"
+    if v := env.get("ARP_AUTH_MODE"):
+        put("auth.mode", "ARP_AUTH_MODE", v.strip().lower())
+
+    issuer_vars = {
+        "ARP_AUTH_ISSUER": "issuer",
+        "ARP_AUTH_JWKS_URI": "jwks_uri",
+        "ARP_AUTH_OIDC_DISCOVERY_URL": "discovery_url",
+        "ARP_AUTH_ALGORITHMS": "algorithms",
+    }
+    audience = env.get("ARP_AUTH_AUDIENCE") or env.get("ARP_AUTH_SERVICE_ID")
+    if audience or any(env.get(name) for name in issuer_vars):
+        first = _first_issuer(raw)
+        for name, key in issuer_vars.items():
+            if v := env.get(name):
+                first[key] = v
+                origins[f"auth.issuers[0].{key}"] = name
+        if audience:
+            first["audiences"] = audience
+            origins["auth.issuers[0].audiences"] = (
+                "ARP_AUTH_AUDIENCE" if env.get("ARP_AUTH_AUDIENCE") else "ARP_AUTH_SERVICE_ID")
+
+    plain = {
+        "ARP_AUTH_CLOCK_SKEW_SECONDS": "auth.clock_skew_s",
+        "ARP_AUTH_EXEMPT_PATHS": "auth.exempt_paths",
+        "ARP_AUTH_DEV_SUBJECT": "auth.dev_subject",
+        "ARP_AUTH_ANONYMOUS_SUBJECT": "auth.anonymous_subject",
+        "ARP_AUTH_CLIENT_ID": "auth.exchange.client_id",
+        "ARP_AUTH_CLIENT_SECRET": "auth.exchange.client_secret",
+        "ARP_AUTH_TOKEN_ENDPOINT": "auth.exchange.token_endpoint",
+    }
+    for name, path in plain.items():
+        if v := env.get(name):
+            put(path, name, v)
+    # JARVIS derives the Keycloak token endpoint from the issuer when none is given.
+    if env.get("ARP_AUTH_CLIENT_ID") and not env.get("ARP_AUTH_TOKEN_ENDPOINT") and env.get("ARP_AUTH_ISSUER"):
+        put("auth.exchange.token_endpoint", "ARP_AUTH_ISSUER",
+            env["ARP_AUTH_ISSUER"].rstrip("/") + "/protocol/openid-connect/token")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"--config: cannot read {path}: {exc.strerror or exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--config: {path} is not valid YAML: {exc}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<root>: {path} must hold a mapping, not {type(raw).__name__}"])
+    return raw
+
+
+def load_config(path: Path | None, env: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> GatewayConfig:
+    """YAML (optional) < environment < command-line flags, validated as a whole."""
+    raw = read_yaml(path) if path is not None else {}
+    origins: dict[str, str] = {}
+    apply_environment(raw, env, origins)
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _set(raw, dotted, value)
+            origins[dotted] = "--" + dotted.split(".")[-1]
+    return build_config(raw, origins)
+
+
+def redacted(cfg: GatewayConfig) -> dict:
+    """The resolved configuration as plain data, secrets replaced, for check-config and logs."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ("***" if k in SECRET_KEYS and v else scrub(v)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [scrub(v) for v in value]
+        return value
+
+    return scrub(dataclasses.asdict(cfg))

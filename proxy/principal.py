@@ -1,0 +1,27 @@
+"""Who a request acts for, once authentication has decided."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    subject: str
+    issuer: str | None = None          # None for the anonymous and dev principals
+    scopes: frozenset[str] = frozenset()
+    claims: dict[str, Any] = field(default_factory=dict)
+    token: str | None = None           # the verified bearer token, for passthrough/exchange
+    expires_at: float | None = None    # the token's `exp`
+    kind: str = "token"                # "token", "anonymous" or "dev"
+
+
+def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
+    """OAuth `scope` is a space-separated string; some IdPs send `scp` as a list or string."""
+    raw = claims.get("scope", claims.get("scp"))
+    if isinstance(raw, str):
+        return frozenset(raw.split())
+    if isinstance(raw, list):
+        return frozenset(s for s in raw if isinstance(s, str))
+    return frozenset()

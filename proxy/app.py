@@ -1,0 +1,231 @@
+"""App wiring: builds every part from one GatewayConfig and routes each request through them.
+
+One catch-all handler does the dispatch so that the hot path reads top to
+bottom: route → probes → auth → edge validation → forward.
+
+    app = create_app(load_config(path, os.environ))
+    web.run_app(app)      # or proxy.server.serve(cfg) for draining and workers
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import aiohttp
+from aiohttp import web
+
+from .access import AccessPolicy
+from .auth import EXEMPT, Authenticator, AuthOutcome
+from .clock import Clock, SystemClock
+from .config import GatewayConfig
+from .errors import JSON_CONTENT_TYPE, error_response
+from .exchange import ExchangeFailed, TokenExchanger
+from .forwarding import Upstream
+from .health import CoordinatorProbe, version_info
+from .jwks import JwksRegistry
+from .principal import Principal
+from .routes import HEALTH, LIVEZ, READYZ, START_RUN, VERSION, Route, RouteTable
+from .tokens import TokenVerifier
+from .validation import load_run_start_validator
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_JSON_TYPES = ("application/json",)
+
+
+def _request_id(given: str | None) -> str:
+    # A client-chosen id is kept for correlation, but only if it is safe to log and echo.
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return os.urandom(16).hex()
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json(status: int, body: dict) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type=JSON_CONTENT_TYPE)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, clock: Clock) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.routes = RouteTable(metrics_on_main=cfg.metrics.enabled and cfg.metrics.port == 0)
+        self.upstream = Upstream(cfg.upstream)
+        self.probe = CoordinatorProbe(self.upstream, clock)
+        self.validate_run_start = load_run_start_validator()
+        self.state = "starting"
+        self.control: aiohttp.ClientSession | None = None
+        auth = cfg.auth
+        self.registry = JwksRegistry(auth, clock) if auth.mode != "disabled" else None
+        verifier = TokenVerifier(auth, self.registry, clock) if self.registry is not None else None
+        self.authn = Authenticator(auth, verifier, AccessPolicy(auth.rules))
+        self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def on_startup(self, app: web.Application) -> None:
+        await self.upstream.start()
+        self.control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.auth.jwks_fetch_timeout_s))
+        if self.registry is not None:
+            await self.registry.start(self.control)
+        if self.exchanger is not None:
+            self.exchanger.start(self.control)
+        self.state = "ready"
+
+    async def on_cleanup(self, app: web.Application) -> None:
+        if self.registry is not None:
+            await self.registry.close()
+        if self.control is not None:
+            await self.control.close()
+        await self.upstream.close()
+
+    def begin_drain(self) -> None:
+        self.state = "draining"
+
+    def readiness(self) -> list[str]:
+        """Why the gateway should not get traffic now; empty when ready."""
+        reasons = []
+        if self.state != "ready":
+            reasons.append(self.state)
+        if self.registry is not None and not self.registry.ready:
+            reasons.append("jwks_not_loaded")
+        return reasons
+
+    # ------------------------------------------------------------------ requests
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = _request_id(request.headers.get("X-Request-ID"))
+        raw_path = request.raw_path.partition("?")[0]
+        route = self.routes.resolve(raw_path)
+        if route is None:
+            response: web.StreamResponse = error_response(
+                404, "not_found", "No such route on the Run Gateway", request_id=rid,
+                details={"path": raw_path[:256]})
+        elif request.method not in route.methods:
+            response = error_response(
+                405, "method_not_allowed", f"Use {route.allow} on this route", request_id=rid,
+                headers={"Allow": route.allow})
+        elif route.forward:
+            return await self._forward(request, route, rid)
+        else:
+            response = await self._local(request, route, raw_path, rid)
+        response.headers["X-Request-ID"] = rid
+        return response
+
+    async def _local(self, request: web.Request, route: Route, raw_path: str, rid: str) -> web.StreamResponse:
+        if route is LIVEZ:
+            return _json(200, {"status": "alive"})
+        if route is READYZ:
+            reasons = self.readiness()
+            return _json(503 if reasons else 200, {"status": "not_ready" if reasons else "ready",
+                                                   "reasons": reasons})
+        if route is HEALTH or route is VERSION:
+            if not self.authn.is_exempt(raw_path):
+                outcome = await self.authn.authenticate(request, route, rid)
+                if outcome.refusal is not None:
+                    return outcome.refusal
+            return _json(200, await self.probe.health() if route is HEALTH else version_info())
+        return error_response(404, "not_found", "No such route on the Run Gateway", request_id=rid)
+
+    async def _forward(self, request: web.Request, route: Route, rid: str) -> web.StreamResponse:
+        outcome: AuthOutcome = (EXEMPT if self.authn.is_exempt(route.template)
+                                else await self.authn.authenticate(request, route, rid))
+        if outcome.refusal is not None:
+            return outcome.refusal
+        body = None
+        if route is START_RUN:
+            checked = await self._read_run_start(request, rid)
+            if isinstance(checked, web.Response):
+                return checked
+            body = checked
+        extra = []
+        if outcome.principal is not None:
+            extra = self.authn.identity_headers(outcome.principal)
+            authorization = await self._authorization(request, outcome.principal, rid)
+            if isinstance(authorization, web.Response):
+                return authorization
+            if authorization:
+                extra.append(("Authorization", authorization))
+        return await self.upstream.forward(request, route, body, extra, rid, self.authn.strip_prefix)
+
+    async def _authorization(self, request: web.Request, principal: Principal,
+                             rid: str) -> str | web.Response | None:
+        """The Authorization header the coordinator gets, per `auth.forward_token`."""
+        mode = self.cfg.auth.forward_token
+        if mode == "strip":
+            return None
+        if mode == "passthrough":
+            if principal.token is not None:
+                return f"Bearer {principal.token}"
+            # With auth disabled nothing was verified, but a coordinator may still check the token itself.
+            return request.headers.get("Authorization") if principal.kind == "dev" else None
+        assert self.exchanger is not None
+        try:
+            return f"Bearer {await self.exchanger.token_for(principal.token)}"
+        except ExchangeFailed as exc:
+            return error_response(502, "token_exchange_failed",
+                                  "Could not obtain a token for the Run Coordinator", request_id=rid,
+                                  retryable=exc.retryable, details={"reason": exc.reason})
+
+    async def _read_run_start(self, request: web.Request, rid: str) -> bytes | web.Response:
+        ctype = request.content_type
+        if ctype not in _JSON_TYPES and not (ctype.startswith("application/") and ctype.endswith("+json")):
+            return error_response(415, "unsupported_media_type", "Send the run start body as application/json",
+                                  request_id=rid, details={"content_type": ctype[:100]})
+        limit = self.cfg.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _too_large(limit, rid)
+        body = await _read_limited(request.content, limit)
+        if body is None:
+            return _too_large(limit, rid)
+        try:
+            document = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            problem = {"path": "$", "message": f"not valid JSON: {type(exc).__name__}"}
+            if isinstance(exc, json.JSONDecodeError):
+                problem["message"] = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            return _invalid([problem], rid)
+        problems = self.validate_run_start(document)
+        if problems:
+            return _invalid(problems, rid)
+        return body
+
+
+def _invalid(problems: list[dict[str, str]], rid: str) -> web.Response:
+    return error_response(400, "invalid_request", "The run start request is not a valid RunStartRequest",
+                          request_id=rid, details={"errors": problems})
+
+
+def _too_large(limit: int, rid: str) -> web.Response:
+    return error_response(413, "payload_too_large", f"The request body exceeds {limit} bytes",
+                          request_id=rid, details={"max_body_bytes": limit})
+
+
+async def _read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    chunks = []
+    size = 0
+    while True:
+        chunk = await stream.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def create_app(cfg: GatewayConfig, *, clock: Clock | None = None) -> web.Application:
+    gateway = Gateway(cfg, clock or SystemClock())
+    app = web.Application(client_max_size=cfg.limits.max_body_bytes)
+    app[GATEWAY] = gateway
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    app.on_startup.append(gateway.on_startup)
+    app.on_cleanup.append(gateway.on_cleanup)
+    return app

@@ -1,0 +1,142 @@
+"""The per-request authenticator: from an `Authorization` header to a principal or a refusal.
+
+It owns the wire behaviour of RFC 6750 and the ARP spec (which status, which
+`WWW-Authenticate`, which ErrorEnvelope); token cryptography lives in
+`tokens.py`, key material in `jwks.py`, route rules in `access.py`.
+
+    authn = Authenticator(cfg.auth, verifier, AccessPolicy(cfg.auth.rules))
+    outcome = await authn.authenticate(request, route)
+    if outcome.refusal is not None:
+        return outcome.refusal                  # never forwarded
+    headers = authn.identity_headers(outcome.principal)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .access import AccessPolicy
+from .config import AuthConfig
+from .errors import error_response
+from .jwks import KeysUnavailable
+from .principal import Principal
+from .routes import Route
+from .tokens import TokenError, TokenVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    principal: Principal | None        # None on exempt routes and refusals
+    refusal: web.Response | None
+    result: str                        # allowed, exempt, anonymous, dev, denied, unauthenticated, unavailable
+    reason: str = ""
+
+
+EXEMPT = AuthOutcome(None, None, "exempt")
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class Authenticator:
+    def __init__(self, cfg: AuthConfig, verifier: TokenVerifier | None, policy: AccessPolicy) -> None:
+        self.cfg = cfg
+        self._verifier = verifier
+        self._policy = policy
+        self._exempt = frozenset(cfg.exempt_paths)
+        self._realm = f'Bearer realm="{_quote(cfg.realm)}"'
+        self._dev = AuthOutcome(Principal(cfg.dev_subject, kind="dev"), None, "dev")
+        self._anonymous = Principal(cfg.anonymous_subject, kind="anonymous")
+        self.strip_prefix = cfg.identity_header_prefix.lower()
+
+    def is_exempt(self, raw_path: str) -> bool:
+        return raw_path in self._exempt
+
+    async def authenticate(self, request: web.Request, route: Route, request_id: str) -> AuthOutcome:
+        values = request.headers.getall("Authorization", ())
+        if self.cfg.mode == "disabled":
+            return self._dev
+        if len(values) > 1:
+            return self._bad_request("multiple_authorization_headers",
+                                     "Send exactly one Authorization header", request_id)
+        if not values:
+            if self.cfg.mode == "optional":
+                return self._authorize(self._anonymous, route, request.method, request_id, "anonymous")
+            return self._challenge("missing_token", "A bearer token is required", request_id)
+        scheme, _, token = values[0].strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return self._challenge("unsupported_scheme", "Use the Bearer authentication scheme", request_id)
+        token = token.strip()
+        if not token:
+            return self._bad_request("empty_token", "The Bearer token is empty", request_id)
+        assert self._verifier is not None
+        try:
+            principal = await self._verifier.verify(token)
+        except TokenError as exc:
+            return self._invalid(exc.reason, exc.description, request_id)
+        except KeysUnavailable as exc:
+            return AuthOutcome(None, error_response(
+                503, "auth_unavailable", "Signing keys of the token issuer are not available yet",
+                request_id=request_id, retryable=True, details={"reason": "keys_unavailable"},
+                headers={"Retry-After": str(exc.retry_after_s)}), "unavailable", "keys_unavailable")
+        return self._authorize(principal, route, request.method, request_id, "allowed")
+
+    def _authorize(self, principal: Principal, route: Route, method: str, request_id: str,
+                   result: str) -> AuthOutcome:
+        denial = self._policy.check(route.template, method, principal)
+        if denial is None:
+            return AuthOutcome(principal, None, result)
+        if principal.kind == "anonymous":
+            # A token could grant what is missing: ask for one rather than forbid.
+            return self._challenge("missing_token", "A bearer token is required for this route", request_id)
+        scope = " ".join(denial.missing_scopes)
+        header = f'{self._realm}, error="insufficient_scope"' + (f', scope="{_quote(scope)}"' if scope else "")
+        details = {"reason": denial.reason}
+        if denial.missing_scopes:
+            details["required_scopes"] = list(denial.missing_scopes)
+        if denial.failed_claims:
+            details["required_claims"] = list(denial.failed_claims)
+        return AuthOutcome(None, error_response(
+            403, "forbidden", "The token does not grant access to this route", request_id=request_id,
+            details=details, headers={"WWW-Authenticate": header}), "denied", denial.reason)
+
+    def _challenge(self, reason: str, message: str, request_id: str) -> AuthOutcome:
+        return AuthOutcome(None, error_response(
+            401, "unauthorized", message, request_id=request_id, details={"reason": reason},
+            headers={"WWW-Authenticate": self._realm}), "unauthenticated", reason)
+
+    def _invalid(self, reason: str, description: str, request_id: str) -> AuthOutcome:
+        header = f'{self._realm}, error="invalid_token", error_description="{_quote(description)}"'
+        return AuthOutcome(None, error_response(
+            401, "unauthorized", description, request_id=request_id, details={"reason": reason},
+            headers={"WWW-Authenticate": header}), "unauthenticated", reason)
+
+    def _bad_request(self, reason: str, message: str, request_id: str) -> AuthOutcome:
+        header = f'{self._realm}, error="invalid_request", error_description="{_quote(message)}"'
+        return AuthOutcome(None, error_response(
+            400, "invalid_request", message, request_id=request_id, details={"reason": reason},
+            headers={"WWW-Authenticate": header}), "unauthenticated", reason)
+
+    def identity_headers(self, principal: Principal) -> list[tuple[str, str]]:
+        """What the coordinator learns about the caller; the client's own X-Auth-* never get through."""
+        prefix = self.cfg.identity_header_prefix
+        headers = [(f"{prefix}Subject", _header_safe(principal.subject))]
+        if principal.issuer:
+            headers.append((f"{prefix}Issuer", _header_safe(principal.issuer)))
+        if principal.scopes:
+            headers.append((f"{prefix}Scopes", _header_safe(" ".join(sorted(principal.scopes)))))
+        for claim, header in self.cfg.claim_headers:
+            value = principal.claims.get(claim)
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            if value is not None and not isinstance(value, dict):
+                headers.append((header, _header_safe(str(value))))
+        return headers
+
+
+def _header_safe(value: str) -> str:
+    """Claims are attacker-influenced text: no CR/LF may reach a header line."""
+    return "".join(ch for ch in value if ch >= " " and ch != "\x7f")[:1024]

@@ -1,0 +1,104 @@
+"""Tokens for the coordinator: RFC 8693 token exchange, or client credentials when no caller token exists.
+
+Results are cached until shortly before they expire and fetched single-flight,
+so a burst of requests from one caller costs the STS one exchange.
+
+    exchanger = TokenExchanger(cfg.auth.exchange, clock)
+    exchanger.start(session)
+    token = await exchanger.token_for(principal.token)    # None: client credentials
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections import OrderedDict
+
+import aiohttp
+from aiohttp_retry import ExponentialRetry, RetryClient
+
+from .clock import Clock
+from .config import ExchangeConfig
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+EXPIRY_MARGIN_S = 30.0
+DEFAULT_LIFETIME_S = 60.0
+CACHE_SIZE = 10000
+
+
+class ExchangeFailed(Exception):
+    """The STS did not give us a token; `reason` is safe to show, never the STS's raw body."""
+
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class TokenExchanger:
+    def __init__(self, cfg: ExchangeConfig, clock: Clock) -> None:
+        self._cfg = cfg
+        self._clock = clock
+        self._client: RetryClient | None = None
+        self._cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[tuple[str, float]]] = {}
+        self.exchanges = 0
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        retry = ExponentialRetry(attempts=3, start_timeout=0.1, max_timeout=1.0,
+                                 exceptions={aiohttp.ClientConnectorError}, retry_all_server_errors=True)
+        self._client = RetryClient(client_session=session, retry_options=retry, raise_for_status=False)
+
+    async def token_for(self, subject_token: str | None) -> str:
+        key = hashlib.sha256(subject_token.encode()).digest() if subject_token else b""
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] > self._clock.monotonic():
+            self._cache.move_to_end(key)
+            return hit[0]
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch(subject_token))
+            self._inflight[key] = future
+            future.add_done_callback(lambda f: self._store(key, f))
+        token, _ = await asyncio.shield(future)
+        return token
+
+    def _store(self, key: bytes, future: asyncio.Future[tuple[str, float]]) -> None:
+        self._inflight.pop(key, None)
+        if future.cancelled() or future.exception() is not None:
+            return
+        self._cache[key] = future.result()
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    async def _fetch(self, subject_token: str | None) -> tuple[str, float]:
+        cfg = self._cfg
+        form = {"audience": cfg.audience, "client_id": cfg.client_id or "",
+                "client_secret": cfg.client_secret or ""}
+        if subject_token:
+            form.update(grant_type=TOKEN_EXCHANGE, subject_token=subject_token,
+                        subject_token_type=ACCESS_TOKEN_TYPE, requested_token_type=ACCESS_TOKEN_TYPE)
+        else:
+            form["grant_type"] = "client_credentials"
+        if cfg.scope:
+            form["scope"] = cfg.scope
+        assert self._client is not None and cfg.token_endpoint is not None
+        self.exchanges += 1
+        try:
+            async with self._client.post(cfg.token_endpoint, data=form) as resp:
+                status = resp.status
+                body = await resp.json(content_type=None) if status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise ExchangeFailed(f"token endpoint unreachable: {type(exc).__name__}", retryable=True) from None
+        if status != 200:
+            raise ExchangeFailed(f"token endpoint answered HTTP {status}", retryable=status >= 500)
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise ExchangeFailed("token endpoint answered without an access_token", retryable=False)
+        lifetime = body.get("expires_in", DEFAULT_LIFETIME_S)
+        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not math.isfinite(lifetime):
+            lifetime = DEFAULT_LIFETIME_S
+        return token, self._clock.monotonic() + max(0.0, float(lifetime) - EXPIRY_MARGIN_S)

@@ -1,0 +1,77 @@
+"""The gateway's own `/v1/health`, `/v1/version` and probe state.
+
+`/v1/health` reports the coordinator behind the gateway. The probe result is
+cached for a second and shared by concurrent callers, so a flood of health
+checks costs the coordinator one request a second at most.
+
+    probe = CoordinatorProbe(upstream, clock)
+    body = await probe.health()        # ARP Health, always schema-valid
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+
+from . import __version__
+from .clock import Clock
+from .forwarding import Upstream
+
+SERVICE_NAME = "arp-run-gateway"
+PROBE_TTL_S = 1.0
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def version_info() -> dict[str, Any]:
+    return {"service_name": SERVICE_NAME, "service_version": __version__, "supported_api_versions": ["v1"]}
+
+
+class CoordinatorProbe:
+    def __init__(self, upstream: Upstream, clock: Clock, ttl_s: float = PROBE_TTL_S) -> None:
+        self._upstream = upstream
+        self._clock = clock
+        self._ttl = ttl_s
+        self._cached: tuple[float, dict[str, Any]] | None = None
+        self._inflight: asyncio.Future[dict[str, Any]] | None = None
+
+    async def health(self) -> dict[str, Any]:
+        check = await self._check()
+        return {"status": check["status"], "time": rfc3339(self._clock.time()), "checks": [check]}
+
+    async def _check(self) -> dict[str, Any]:
+        now = self._clock.monotonic()
+        if self._cached is not None and now - self._cached[0] < self._ttl:
+            return self._cached[1]
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._probe())
+            self._inflight.add_done_callback(self._store)
+        return await asyncio.shield(self._inflight)
+
+    def _store(self, fut: asyncio.Future[dict[str, Any]]) -> None:
+        self._inflight = None
+        if not fut.cancelled() and fut.exception() is None:
+            self._cached = (self._clock.monotonic(), fut.result())
+
+    async def _probe(self) -> dict[str, Any]:
+        name = "run_coordinator"
+        if self._upstream.base_url is None:
+            return {"name": name, "status": "down", "message": "run_coordinator_missing: no upstream.url"}
+        timeout = aiohttp.ClientTimeout(total=self._upstream.cfg.health_timeout_s)
+        try:
+            async with self._upstream.session.get(self._upstream.base_url + "/v1/health",
+                                                  timeout=timeout) as resp:
+                body = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            return {"name": name, "status": "down", "message": f"unreachable: {type(exc).__name__}"}
+        if body is None:
+            return {"name": name, "status": "degraded", "message": f"health answered HTTP {resp.status}"}
+        status = body.get("status") if isinstance(body, dict) else None
+        if status not in ("ok", "degraded", "down"):
+            return {"name": name, "status": "degraded", "message": "health body is not an ARP Health"}
+        return {"name": name, "status": status}

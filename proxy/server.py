@@ -1,0 +1,105 @@
+"""Running the gateway: listeners, signals and the Kubernetes-style drain.
+
+On SIGTERM or SIGINT readiness turns false at once, the gateway keeps serving
+for `drain_delay_s` so endpoints stop routing to it, then stops accepting,
+lets in-flight requests and open streams finish for up to `shutdown_grace_s`,
+closes what remains and returns. A second signal skips the drain delay.
+
+    asyncio.run(run_gateway(cfg))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .app import GATEWAY, create_app
+from .config import GatewayConfig
+
+log = logging.getLogger("proxy.server")
+
+
+def site_url(site: web.TCPSite) -> str:
+    """The URL a started site really listens on (port 0 resolved)."""
+    server = site._server  # aiohttp keeps the asyncio.Server here; it has no public accessor
+    assert server is not None and server.sockets
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False) -> tuple[web.AppRunner, str]:
+    app = create_app(cfg)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_grace_s,
+                           access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port or None,
+                       backlog=1024)
+    await site.start()
+    return runner, site_url(site)
+
+
+async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | None = None,
+                      reuse_port: bool = False) -> None:
+    """Serves until a signal, then drains; the whole life of one gateway process."""
+    loop = asyncio.get_running_loop()
+    signals = asyncio.Queue[int]()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    runner, url = await start_gateway(cfg, reuse_port=reuse_port)
+    log.info("gateway listening", extra={"event": "start", "url": url, "pid": os.getpid()})
+    if on_ready is not None:
+        on_ready(url)
+    try:
+        sig = await signals.get()
+        gateway = runner.app[GATEWAY]
+        gateway.begin_drain()
+        log.info("draining", extra={"event": "drain", "signal": signal.Signals(sig).name,
+                                    "drain_delay_s": cfg.drain_delay_s})
+        try:
+            await asyncio.wait_for(signals.get(), cfg.drain_delay_s)
+        except asyncio.TimeoutError:
+            pass
+    finally:
+        log.info("stopping", extra={"event": "stop", "grace_s": cfg.shutdown_grace_s})
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped", extra={"event": "stopped"})
+
+
+def serve(cfg: GatewayConfig) -> int:
+    """Runs `listen.workers` processes sharing one port (SO_REUSEPORT), each with its own caches."""
+    if cfg.listen.workers == 1:
+        asyncio.run(run_gateway(cfg))
+        return 0
+    children = []
+    for _ in range(cfg.listen.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                asyncio.run(run_gateway(cfg, reuse_port=True))
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(sig: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, sig)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    sys.stdout.flush()
+    return status

@@ -106,15 +106,23 @@ class Gateway:
                 404, "not_found", "No such route on the Run Gateway", request_id=rid,
                 details={"path": raw_path[:256]})
         elif request.method not in route.methods:
+            if self._is_bypassed_preflight(request, route):
+                return await self.upstream.forward(request, route, None, (), rid, self.authn.strip_prefix)
             response = error_response(
                 405, "method_not_allowed", f"Use {route.allow} on this route", request_id=rid,
                 headers={"Allow": route.allow})
         elif route.forward:
-            return await self._forward(request, route, rid)
+            response = await self._forward(request, route, raw_path, rid)
         else:
             response = await self._local(request, route, raw_path, rid)
-        response.headers["X-Request-ID"] = rid
+        if not response.prepared:  # a relayed response already carries it
+            response.headers["X-Request-ID"] = rid
         return response
+
+    def _is_bypassed_preflight(self, request: web.Request, route: Route) -> bool:
+        """CORS preflights carry no credentials by design; forward them only when configured to."""
+        return (request.method == "OPTIONS" and route.forward and self.cfg.auth.cors_preflight_bypass
+                and "Access-Control-Request-Method" in request.headers)
 
     async def _local(self, request: web.Request, route: Route, raw_path: str, rid: str) -> web.StreamResponse:
         if route is LIVEZ:
@@ -131,8 +139,8 @@ class Gateway:
             return _json(200, await self.probe.health() if route is HEALTH else version_info())
         return error_response(404, "not_found", "No such route on the Run Gateway", request_id=rid)
 
-    async def _forward(self, request: web.Request, route: Route, rid: str) -> web.StreamResponse:
-        outcome: AuthOutcome = (EXEMPT if self.authn.is_exempt(route.template)
+    async def _forward(self, request: web.Request, route: Route, raw_path: str, rid: str) -> web.StreamResponse:
+        outcome: AuthOutcome = (EXEMPT if self.authn.is_exempt(raw_path)
                                 else await self.authn.authenticate(request, route, rid))
         if outcome.refusal is not None:
             return outcome.refusal

@@ -9,24 +9,29 @@ bottom: route → probes → auth → edge validation → forward.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import sys
+import time
 
 import aiohttp
 from aiohttp import web
 
 from .access import AccessPolicy
+from .accesslog import AccessLog
 from .auth import EXEMPT, Authenticator, AuthOutcome
 from .clock import Clock, SystemClock
 from .config import GatewayConfig
 from .errors import JSON_CONTENT_TYPE, error_response
 from .exchange import ExchangeFailed, TokenExchanger
-from .forwarding import Upstream
+from .forwarding import BYTES_OUT, UPSTREAM_SECONDS, Upstream
 from .health import CoordinatorProbe, version_info
 from .jwks import JwksRegistry
+from .metrics import AuthStateCollector, GatewayMetrics
 from .principal import Principal
-from .routes import HEALTH, LIVEZ, READYZ, START_RUN, VERSION, Route, RouteTable
+from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
 from .validation import load_run_start_validator
 
@@ -54,15 +59,23 @@ class Gateway:
         self.cfg = cfg
         self.clock = clock
         self.routes = RouteTable(metrics_on_main=cfg.metrics.enabled and cfg.metrics.port == 0)
-        self.upstream = Upstream(cfg.upstream)
+        self.metrics = GatewayMetrics(i.issuer for i in cfg.auth.issuers) if cfg.metrics.enabled else None
+        self.access_log = AccessLog(sys.stdout, log_subject=cfg.logging.log_subject) \
+            if cfg.logging.access_log else None
+        self.upstream = Upstream(cfg.upstream, self.metrics)
         self.probe = CoordinatorProbe(self.upstream, clock)
         self.validate_run_start = load_run_start_validator()
         self.state = "starting"
+        self.ops_url: str | None = None
         self.control: aiohttp.ClientSession | None = None
         auth = cfg.auth
         self.registry = JwksRegistry(auth, clock) if auth.mode != "disabled" else None
         verifier = TokenVerifier(auth, self.registry, clock) if self.registry is not None else None
         self.authn = Authenticator(auth, verifier, AccessPolicy(auth.rules))
+        if self.metrics is not None and self.registry is not None and verifier is not None:
+            self.metrics.watch(AuthStateCollector(self.registry, verifier))
+            for jwks in self.registry:
+                jwks.on_fetch = lambda _result, seconds, issuer=jwks.issuer: self.metrics.jwks_fetched(issuer, seconds)
         self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
 
     # ------------------------------------------------------------------ lifecycle
@@ -77,6 +90,8 @@ class Gateway:
         self.state = "ready"
 
     async def on_cleanup(self, app: web.Application) -> None:
+        if self.access_log is not None:
+            self.access_log.flush()
         if self.registry is not None:
             await self.registry.close()
         if self.control is not None:
@@ -98,52 +113,94 @@ class Gateway:
     # ------------------------------------------------------------------ requests
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
         rid = _request_id(request.headers.get("X-Request-ID"))
         raw_path = request.raw_path.partition("?")[0]
-        route = self.routes.resolve(raw_path)
-        if route is None:
-            response: web.StreamResponse = error_response(
-                404, "not_found", "No such route on the Run Gateway", request_id=rid,
-                details={"path": raw_path[:256]})
-        elif request.method not in route.methods:
-            if self._is_bypassed_preflight(request, route):
-                return await self.upstream.forward(request, route, None, (), rid, self.authn.strip_prefix)
-            response = error_response(
-                405, "method_not_allowed", f"Use {route.allow} on this route", request_id=rid,
-                headers={"Allow": route.allow})
-        elif route.forward:
-            response = await self._forward(request, route, raw_path, rid)
-        else:
-            response = await self._local(request, route, raw_path, rid)
-        if not response.prepared:  # a relayed response already carries it
-            response.headers["X-Request-ID"] = rid
-        return response
+        route = self.routes.resolve(raw_path) or NOT_FOUND
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.inc()
+        outcome: AuthOutcome | None = None
+        response: web.StreamResponse | None = None
+        failed = 0
+        try:
+            if route is NOT_FOUND:
+                response = error_response(404, "not_found", "No such route on the Run Gateway",
+                                          request_id=rid, details={"path": raw_path[:256]})
+            elif request.method not in route.methods:
+                if self._is_bypassed_preflight(request, route):
+                    response = await self.upstream.forward(request, route, None, (), rid,
+                                                           self.authn.strip_prefix)
+                else:
+                    response = error_response(405, "method_not_allowed", f"Use {route.allow} on this route",
+                                              request_id=rid, headers={"Allow": route.allow})
+            elif route.forward:
+                outcome = EXEMPT if self.authn.is_exempt(raw_path) else await self.authn.authenticate(
+                    request, route, rid)
+                response = outcome.refusal or await self._forward(request, route, outcome, rid)
+            else:
+                response, outcome = await self.local(request, route, raw_path, rid)
+            if not response.prepared:  # a relayed response already carries it
+                response.headers["X-Request-ID"] = rid
+            return response
+        except asyncio.CancelledError:
+            failed = 499  # the client went away before an answer (nginx's convention)
+            raise
+        except Exception:
+            failed = 500
+            raise
+        finally:
+            self._observe(request, route, rid, response, failed, outcome, time.perf_counter() - started)
+
+    def _observe(self, request: web.Request, route: Route, rid: str, response: web.StreamResponse | None,
+                 failed: int, outcome: AuthOutcome | None, seconds: float) -> None:
+        """Metrics and the access log, once per request, whatever happened to it."""
+        status = failed or (response.status if response is not None else 500)
+        principal = outcome.principal if outcome is not None else None
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+            self.metrics.request(route.template, request.method, status, seconds)
+            if outcome is not None and outcome is not EXEMPT:
+                self.metrics.auth(principal.issuer if principal else None, outcome.result, outcome.reason)
+        if self.access_log is not None:
+            upstream_s = response.get(UPSTREAM_SECONDS) if response is not None else None
+            if response is None:
+                bytes_out = 0
+            elif isinstance(response, web.Response):
+                bytes_out = response.content_length or 0
+            else:
+                bytes_out = response.get(BYTES_OUT, 0)
+            self.access_log.record(rid, request.method, route.template, status, seconds, upstream_s,
+                                   request.content_length or 0, bytes_out,
+                                   outcome.result if outcome else "none", outcome.reason if outcome else "",
+                                   principal.subject if principal else None)
 
     def _is_bypassed_preflight(self, request: web.Request, route: Route) -> bool:
         """CORS preflights carry no credentials by design; forward them only when configured to."""
         return (request.method == "OPTIONS" and route.forward and self.cfg.auth.cors_preflight_bypass
                 and "Access-Control-Request-Method" in request.headers)
 
-    async def _local(self, request: web.Request, route: Route, raw_path: str, rid: str) -> web.StreamResponse:
+    async def local(self, request: web.Request, route: Route, raw_path: str,
+                     rid: str) -> tuple[web.StreamResponse, AuthOutcome | None]:
         if route is LIVEZ:
-            return _json(200, {"status": "alive"})
+            return _json(200, {"status": "alive"}), None
         if route is READYZ:
             reasons = self.readiness()
             return _json(503 if reasons else 200, {"status": "not_ready" if reasons else "ready",
-                                                   "reasons": reasons})
-        if route is HEALTH or route is VERSION:
-            if not self.authn.is_exempt(raw_path):
-                outcome = await self.authn.authenticate(request, route, rid)
-                if outcome.refusal is not None:
-                    return outcome.refusal
-            return _json(200, await self.probe.health() if route is HEALTH else version_info())
-        return error_response(404, "not_found", "No such route on the Run Gateway", request_id=rid)
+                                                   "reasons": reasons}), None
+        if route is METRICS:
+            assert self.metrics is not None
+            body, content_type = self.metrics.exposition()
+            return web.Response(body=body, headers={"Content-Type": content_type}), None
+        outcome = None
+        if not self.authn.is_exempt(raw_path):
+            outcome = await self.authn.authenticate(request, route, rid)
+            if outcome.refusal is not None:
+                return outcome.refusal, outcome
+        return _json(200, await self.probe.health() if route is HEALTH else version_info()), outcome
 
-    async def _forward(self, request: web.Request, route: Route, raw_path: str, rid: str) -> web.StreamResponse:
-        outcome: AuthOutcome = (EXEMPT if self.authn.is_exempt(raw_path)
-                                else await self.authn.authenticate(request, route, rid))
-        if outcome.refusal is not None:
-            return outcome.refusal
+    async def _forward(self, request: web.Request, route: Route, outcome: AuthOutcome,
+                       rid: str) -> web.StreamResponse:
         body = None
         if route is START_RUN:
             checked = await self._read_run_start(request, rid)

@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .app import GATEWAY, create_app
-from .config import GatewayConfig
+from .app import GATEWAY, Gateway, create_app
+from .routes import LIVEZ, METRICS, READYZ
+from .config import GatewayConfig, redacted
 
 log = logging.getLogger("proxy.server")
 
@@ -34,14 +35,41 @@ def site_url(site: web.TCPSite) -> str:
 
 
 async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False) -> tuple[web.AppRunner, str]:
+    """Starts the public listener and, when configured, the separate ops listener."""
     app = create_app(cfg)
+    gateway = app[GATEWAY]
+    separate_ops = cfg.metrics.enabled and cfg.metrics.port != 0
+    ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
+    if separate_ops:
+        # Registered before setup freezes the app; probes keep answering until the very end.
+        app.on_cleanup.append(lambda _app: ops.cleanup())
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_grace_s,
                            access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port or None,
                        backlog=1024)
     await site.start()
+    if separate_ops:
+        await ops.setup()
+        # Workers share the metrics port too; each scrape then sees one worker's counters.
+        ops_site = web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port, reuse_port=reuse_port or None)
+        await ops_site.start()
+        gateway.ops_url = site_url(ops_site)
     return runner, site_url(site)
+
+
+def create_ops_app(gateway: Gateway) -> web.Application:
+    """/metrics, /livez and /readyz on their own port: the public port never exposes metrics."""
+    async def ops(request: web.Request) -> web.StreamResponse:
+        route = {"/metrics": METRICS, "/livez": LIVEZ, "/readyz": READYZ}.get(request.path)
+        if route is None or request.method != "GET":
+            return web.Response(status=404, text="not found\n")
+        response, _ = await gateway.local(request, route, request.path, "")
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ops)
+    return app
 
 
 async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | None = None,
@@ -52,12 +80,13 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     runner, url = await start_gateway(cfg, reuse_port=reuse_port)
-    log.info("gateway listening", extra={"event": "start", "url": url, "pid": os.getpid()})
+    gateway = runner.app[GATEWAY]
+    log.info("gateway listening", extra={"event": "start", "url": url, "metrics_url": gateway.ops_url,
+                                         "pid": os.getpid(), "config": redacted(cfg)})
     if on_ready is not None:
         on_ready(url)
     try:
         sig = await signals.get()
-        gateway = runner.app[GATEWAY]
         gateway.begin_drain()
         log.info("draining", extra={"event": "drain", "signal": signal.Signals(sig).name,
                                     "drain_delay_s": cfg.drain_delay_s})

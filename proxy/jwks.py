@@ -278,14 +278,18 @@ class IssuerJwks:
         self.last_success = self._clock.time()
         self.last_error = None
         self.fetches_ok += 1
+        log.info("JWKS refreshed", extra={"event": "jwks_refresh", "issuer": self.issuer,
+                                          "keys": len(source), "kids": sorted(k for k in source if k),
+                                          "ttl_s": round(ttl, 1)})
         self._notify("ok", now - started)
 
     def _record_failure(self, err: JwksFetchError, started: float) -> None:
         self._failures += 1
         self.fetches_failed += 1
         self.last_error = err.detail
-        log.warning("JWKS fetch for %s failed (%s): %s; serving %d cached key(s)",
-                    self.issuer, err.kind, err.detail, len(self._source) if self.ready else 0)
+        log.warning("JWKS fetch failed", extra={"event": "jwks_refresh_failed", "issuer": self.issuer,
+                                                "kind": err.kind, "detail": err.detail,
+                                                "serving_keys": len(self._source) if self.ready else 0})
         self._notify(err.kind, self._clock.monotonic() - started)
 
     def _notify(self, result: str, duration_s: float) -> None:

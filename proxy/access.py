@@ -3,7 +3,8 @@
 Rules come from `auth.rules` in YAML, keyed by route template and method. A
 rule passes when the principal holds every listed scope (`scope` or `scp`) and
 every listed claim matches (a list claim must contain the value; dotted names
-reach into nested claims such as Keycloak's `realm_access.roles`).
+reach into nested claims such as Keycloak's `realm_access.roles`, unless a claim
+carries that exact name, as Auth0's namespaced `https://example.com/roles` do).
 
     policy = AccessPolicy(cfg.auth.rules)
     denial = policy.check("/v1/runs", "POST", principal)   # None when allowed
@@ -55,11 +56,16 @@ class AccessPolicy:
 
 
 def _claim_matches(claims: dict[str, Any], dotted: str, want: str) -> bool:
-    value: Any = claims
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False
-        value = value[part]
+    # A claim literally named with dots (Auth0's namespaced "https://example.com/roles") is
+    # taken as is; only otherwise do the dots reach into nested objects.
+    if dotted in claims:
+        value: Any = claims[dotted]
+    else:
+        value = claims
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return False
+            value = value[part]
     if isinstance(value, list):
         return any(str(v) == want for v in value)
     if isinstance(value, bool):

@@ -70,11 +70,17 @@ def create_app(issuer: DevIssuer) -> web.Application:
             return web.json_response({"error": "access_denied"}, status=403)
         try:
             body = json.loads(await request.read() or b"{}")
-            ttl = int(body.get("ttl", 3600))
-            sub, aud, scope = str(body.get("sub", "dev-user")), str(body.get("aud", DEFAULT_AUDIENCE)), body.get("scope")
-        except (ValueError, TypeError, AttributeError):
+            raw_ttl = body.get("ttl", 3600)
+            # int() alone would take true as 1, 1.9 as 1 and raise OverflowError (a 500) on 1e999.
+            if isinstance(raw_ttl, bool) or (isinstance(raw_ttl, float) and not raw_ttl.is_integer()):
+                raise TypeError("ttl must be a whole number of seconds")
+            ttl = int(raw_ttl)
+            sub, aud, scope = body.get("sub", "dev-user"), body.get("aud", DEFAULT_AUDIENCE), body.get("scope")
+        except (ValueError, TypeError, AttributeError, OverflowError):
             return web.json_response({"error": "invalid_request"}, status=400)
-        if not 0 < ttl <= MAX_TTL_S or (scope is not None and not isinstance(scope, str)):
+        # str() of an object or list would mint a token for a subject like "{'admin': True}".
+        if (not 0 < ttl <= MAX_TTL_S or (scope is not None and not isinstance(scope, str))
+                or not isinstance(sub, str) or not sub or not isinstance(aud, str) or not aud):
             return web.json_response({"error": "invalid_request"}, status=400)
         access = issuer.mint(sub=sub, aud=aud, scope=scope, ttl=ttl)
         return web.json_response({"access_token": access, "token_type": "Bearer", "expires_in": ttl})

@@ -43,8 +43,10 @@ async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False) -> tupl
     if separate_ops:
         # Registered before setup freezes the app; probes keep answering until the very end.
         app.on_cleanup.append(lambda _app: ops.cleanup())
+    # Header limits above the token limit, so an oversized token gets the gateway's 401, not aiohttp's 400.
+    header_limit = max(64 * 1024, cfg.auth.max_token_bytes + 1024)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_grace_s,
-                           access_log=None)
+                           access_log=None, max_line_size=header_limit, max_field_size=header_limit)
     await runner.setup()
     site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port or None,
                        backlog=1024)

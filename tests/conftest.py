@@ -22,7 +22,7 @@ RUN_START = {
 }
 
 
-def gateway_config(upstream: str | None, **sections: Any):
+def gateway_config(upstream: str | None, /, **sections: Any):
     """A GatewayConfig on an ephemeral loopback port, auth disabled unless given."""
     raw: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
@@ -62,7 +62,7 @@ async def gateway() -> AsyncIterator[GatewayFactory]:
     """`url = await gateway(upstream_url, auth={...})` starts a gateway; all are stopped at teardown."""
     runners: list[web.AppRunner] = []
 
-    async def start(upstream: str | None, **sections: Any) -> str:
+    async def start(upstream: str | None, /, **sections: Any) -> str:
         runner, url = await start_gateway(gateway_config(upstream, **sections))
         runners.append(runner)
         return url

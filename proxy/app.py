@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import random
 import re
 import sys
 import time
@@ -43,11 +43,16 @@ def _request_id(given: str | None) -> str:
     # A client-chosen id is kept for correlation, but only if it is safe to log and echo.
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return os.urandom(16).hex()
+    # Correlation ids need uniqueness, not secrecy: no urandom syscall per request.
+    return "%032x" % random.getrandbits(128)
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# Built once: json.loads with any keyword argument builds a new decoder per call.
+_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 def _json(status: int, body: dict) -> web.Response:
@@ -62,7 +67,8 @@ class Gateway:
         self.metrics = GatewayMetrics(i.issuer for i in cfg.auth.issuers) if cfg.metrics.enabled else None
         self.access_log = AccessLog(sys.stdout, log_subject=cfg.logging.log_subject) \
             if cfg.logging.access_log else None
-        self.upstream = Upstream(cfg.upstream, self.metrics)
+        self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
+                                 strip_names=(header for _, header in cfg.auth.claim_headers))
         self.probe = CoordinatorProbe(self.upstream, clock)
         self.validate_run_start = load_run_start_validator()
         self.state = "starting"
@@ -129,8 +135,7 @@ class Gateway:
                                           request_id=rid, details={"path": raw_path[:256]})
             elif request.method not in route.methods:
                 if self._is_bypassed_preflight(request, route):
-                    response = await self.upstream.forward(request, route, None, (), rid,
-                                                           self.authn.strip_prefix)
+                    response = await self.upstream.forward(request, route, None, (), rid)
                 else:
                     response = error_response(405, "method_not_allowed", f"Use {route.allow} on this route",
                                               request_id=rid, headers={"Allow": route.allow})
@@ -215,7 +220,7 @@ class Gateway:
                 return authorization
             if authorization:
                 extra.append(("Authorization", authorization))
-        return await self.upstream.forward(request, route, body, extra, rid, self.authn.strip_prefix)
+        return await self.upstream.forward(request, route, body, extra, rid)
 
     async def _authorization(self, request: web.Request, principal: Principal,
                              rid: str) -> str | web.Response | None:
@@ -242,13 +247,20 @@ class Gateway:
             return error_response(415, "unsupported_media_type", "Send the run start body as application/json",
                                   request_id=rid, details={"content_type": ctype[:100]})
         limit = self.cfg.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
+        length = request.content_length
+        if length is not None and length > limit:
             return _too_large(limit, rid)
-        body = await _read_limited(request.content, limit)
-        if body is None:
-            return _too_large(limit, rid)
+        if length is not None:
+            try:
+                body = await request.content.readexactly(length)
+            except asyncio.IncompleteReadError:
+                return _invalid([{"path": "$", "message": "the body ended before Content-Length bytes"}], rid)
+        else:
+            body = await _read_limited(request.content, limit)
+            if body is None:
+                return _too_large(limit, rid)
         try:
-            document = json.loads(body, parse_constant=_reject_constant)
+            document = _DECODE(body.decode("utf-8"))  # RFC 8259: JSON between systems is UTF-8
         except (ValueError, RecursionError) as exc:
             problem = {"path": "$", "message": f"not valid JSON: {type(exc).__name__}"}
             if isinstance(exc, json.JSONDecodeError):

@@ -35,6 +35,7 @@ class AuthOutcome:
 
 
 EXEMPT = AuthOutcome(None, None, "exempt")
+IDENTITY_CACHE_SIZE = 10000
 
 
 def _quote(value: str) -> str:
@@ -50,7 +51,7 @@ class Authenticator:
         self._realm = f'Bearer realm="{_quote(cfg.realm)}"'
         self._dev = AuthOutcome(Principal(cfg.dev_subject, kind="dev"), None, "dev")
         self._anonymous = Principal(cfg.anonymous_subject, kind="anonymous")
-        self.strip_prefix = cfg.identity_header_prefix.lower()
+        self._identity: dict[int, tuple[Principal, tuple[tuple[str, str], ...]]] = {}
 
     def is_exempt(self, raw_path: str) -> bool:
         return raw_path in self._exempt
@@ -121,7 +122,20 @@ class Authenticator:
             headers={"WWW-Authenticate": header}), "unauthenticated", reason)
 
     def identity_headers(self, principal: Principal) -> list[tuple[str, str]]:
-        """What the coordinator learns about the caller; the client's own X-Auth-* never get through."""
+        """What the coordinator learns about the caller; the client's own X-Auth-* never get through.
+
+        Cached per principal object: the token cache hands back the same Principal for a repeat
+        token, so its headers are built once, not per request."""
+        cached = self._identity.get(id(principal))
+        if cached is not None and cached[0] is principal:
+            return list(cached[1])
+        headers = self._build_identity(principal)
+        if len(self._identity) >= IDENTITY_CACHE_SIZE:
+            self._identity.clear()
+        self._identity[id(principal)] = (principal, tuple(headers))
+        return headers
+
+    def _build_identity(self, principal: Principal) -> list[tuple[str, str]]:
         prefix = self.cfg.identity_header_prefix
         headers = [(f"{prefix}Subject", _header_safe(principal.subject))]
         if principal.issuer:

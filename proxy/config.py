@@ -65,6 +65,7 @@ class UpstreamConfig:
     stream_idle_timeout_s: float = 300.0
     max_connections: int = 100
     health_timeout_s: float = 1.0
+    keepalive_idle_s: float = 4.0
     retries: RetryConfig = field(default_factory=RetryConfig)
 
 
@@ -298,6 +299,7 @@ def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
         stream_idle_timeout_s=r.number(sec, p, "stream_idle_timeout_s", d.stream_idle_timeout_s, positive=True),
         max_connections=r.number(sec, p, "max_connections", d.max_connections, integer=True, minimum=1),
         health_timeout_s=r.number(sec, p, "health_timeout_s", d.health_timeout_s, positive=True),
+        keepalive_idle_s=r.number(sec, p, "keepalive_idle_s", d.keepalive_idle_s, positive=True),
         retries=RetryConfig(
             attempts=r.number(rsec, "upstream.retries", "attempts", rd.attempts, integer=True, minimum=1),
             backoff_initial_s=r.number(rsec, "upstream.retries", "backoff_initial_s", rd.backoff_initial_s),

@@ -339,10 +339,6 @@ async def test_client_sent_identity_headers_are_stripped_in_every_mode(
     assert "https://evil.example" not in h.getall("X-Auth-Issuer", [])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (proxy/config.py + proxy/forwarding.py): auth.claim_headers may name a header outside "
-    "identity_header_prefix (e.g. X-Tenant); forwarding only strips client headers by that prefix, so when "
-    "the token lacks the claim the client's own X-Tenant reaches the coordinator as if the gateway set it."))
 async def test_claim_header_outside_prefix_cannot_be_spoofed(idp, gateway, recorder, http) -> None:
     url = await gateway(recorder.url, auth=auth_for(idp, claim_headers={"tenant": "X-Tenant"}))
     token = await good_token(idp)  # no tenant claim

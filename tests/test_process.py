@@ -123,7 +123,8 @@ async def test_sigterm_drains_readiness_then_lets_streams_finish(tmp_path, http)
                 pass
         lines = [json.loads(line) async for line in stream.content]
         assert lines[-1]["type"] == "run_completed"      # the open stream still finished cleanly
-        assert await stop(proc) == 0
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0                # then it exits by itself, cleanly
     finally:
         await stop(proc)
         await runner.cleanup()

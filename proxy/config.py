@@ -468,6 +468,8 @@ def build_config(raw: Any, origins: Mapping[str, str] | None = None) -> GatewayC
         shutdown_grace_s=r.number(top, "", "shutdown_grace_s", d.shutdown_grace_s),
         drain_delay_s=r.number(top, "", "drain_delay_s", d.drain_delay_s),
     )
+    if cfg.listen.workers > 1 and cfg.listen.port == 0:
+        r.fail("listen.workers", "several workers need a fixed listen.port to share")
     if r.problems:
         raise ConfigError(r.problems)
     return cfg

@@ -50,13 +50,17 @@ async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False) -> tupl
     await runner.setup()
     site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port or None,
                        backlog=1024)
-    await site.start()
-    if separate_ops:
-        await ops.setup()
-        # Workers share the metrics port too; each scrape then sees one worker's counters.
-        ops_site = web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port, reuse_port=reuse_port or None)
-        await ops_site.start()
-        gateway.ops_url = site_url(ops_site)
+    try:
+        await site.start()
+        if separate_ops:
+            await ops.setup()
+            # Workers share the metrics port too; each scrape then sees one worker's counters.
+            ops_site = web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port, reuse_port=reuse_port or None)
+            await ops_site.start()
+            gateway.ops_url = site_url(ops_site)
+    except OSError:
+        await runner.cleanup()
+        raise
     return runner, site_url(site)
 
 
@@ -107,16 +111,24 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
 def serve(cfg: GatewayConfig) -> int:
     """Runs `listen.workers` processes sharing one port (SO_REUSEPORT), each with its own caches."""
     if cfg.listen.workers == 1:
-        asyncio.run(run_gateway(cfg))
+        try:
+            asyncio.run(run_gateway(cfg))
+        except OSError as exc:
+            log.error("cannot listen", extra={"event": "listen_failed", "error": str(exc)})
+            return 1
         return 0
     children = []
     for _ in range(cfg.listen.workers):
         pid = os.fork()
         if pid == 0:
+            code = 1
             try:
                 asyncio.run(run_gateway(cfg, reuse_port=True))
+                code = 0
+            except OSError as exc:
+                log.error("cannot listen", extra={"event": "listen_failed", "error": str(exc)})
             finally:
-                os._exit(0)
+                os._exit(code)
         children.append(pid)
 
     def forward(sig: int, _frame: object) -> None:

@@ -177,3 +177,22 @@ def test_shipped_configs_are_valid():
         done = run_cli("check-config", "--config", str(ROOT / "config" / name),
                        env={"ARP_AUTH_ISSUER": "http://127.0.0.1:9", "ARP_AUTH_AUDIENCE": "a"})
         assert done.returncode == 0, (name, done.stderr)
+
+
+def test_serve_on_a_busy_port_fails_cleanly(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(tmp_path, f"listen: {{port: {port}}}\nauth: {{mode: disabled}}\nmetrics: {{enabled: false}}\n")
+        done = run_cli("serve", "--config", str(path))
+    assert done.returncode == 1
+    assert '"event": "listen_failed"' in done.stdout
+    assert "Unclosed" not in done.stdout + done.stderr
+
+
+def test_workers_need_a_fixed_port():
+    with pytest.raises(ConfigError) as info:
+        build_config({"listen": {"workers": 2, "port": 0}, "auth": {"mode": "disabled"}})
+    assert info.value.problems == ["listen.workers: several workers need a fixed listen.port to share"]

@@ -172,7 +172,7 @@ class Upstream:
         except (UpstreamError, TimeoutError) as exc:
             failure = classify(exc, idempotent=idempotent)
             if self.metrics is not None:
-                self.metrics.upstream_error[failure.kind]()
+                self.metrics.upstream_failed(failure.kind)
             log.warning("upstream request failed", extra={"event": "upstream_error", "kind": failure.kind,
                                                           "error": str(exc) or type(exc).__name__,
                                                           "request_id": request_id})
@@ -200,7 +200,7 @@ class Upstream:
                     return response
                 response.release()
             if self.metrics is not None:
-                self.metrics.retry[route.template]()
+                self.metrics.retried(route.template)
             retries = self.cfg.retries
             await asyncio.sleep(random.uniform(0, min(retries.backoff_max_s,
                                                       retries.backoff_initial_s * 2 ** (attempt - 1))))
@@ -226,7 +226,7 @@ class Upstream:
         response[UPSTREAM_SECONDS] = upstream_s
         stream_metrics = self.metrics if route.streaming else None
         if stream_metrics is not None:
-            stream_metrics.streams_open.inc()
+            stream_metrics.streams_open += 1
         sent = 0
         completed = False
         try:
@@ -235,13 +235,13 @@ class Upstream:
                 await response.write(chunk)
                 sent += len(chunk)
                 if stream_metrics is not None:
-                    stream_metrics.stream_lines.inc(chunk.count(b"\n"))
-                    stream_metrics.stream_bytes.inc(len(chunk))
+                    stream_metrics.stream_lines += chunk.count(b"\n")
+                    stream_metrics.stream_bytes += len(chunk)
             completed = True
         except UpstreamError as exc:
             # The coordinator failed mid-body: the client must see a broken response, not a short success.
             if self.metrics is not None:
-                self.metrics.upstream_error[exc.kind]()
+                self.metrics.upstream_failed(exc.kind)
             log.warning("upstream stream broken", extra={"event": "upstream_error", "kind": exc.kind,
                                                          "error": str(exc), "request_id": request_id})
             _abort(request)
@@ -250,7 +250,7 @@ class Upstream:
         finally:
             response[BYTES_OUT] = sent
             if stream_metrics is not None:
-                stream_metrics.streams_open.dec()
+                stream_metrics.streams_open -= 1
             if completed:
                 upstream.release()
             else:

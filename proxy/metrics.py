@@ -2,23 +2,26 @@
 
 Labels are bounded by construction: route templates (never raw paths),
 configured issuers (never the token's claim), a fixed set of methods and
-reasons. The hot path touches only pre-resolved label children; state the
-gateway already keeps (JWKS caches, the token cache) is read at scrape time by
-a collector instead of being counted twice.
+reasons. The request path only bumps plain integers in pre-built slots (one
+dict lookup, one `bisect` for a histogram bucket, no lock, no label dict):
+prometheus-client's own metric objects take a lock per update, which cost
+7% of throughput in the benchmark. A collector turns the slots into metric
+families at scrape time, and reads state the gateway already keeps (JWKS
+caches, the token cache) instead of counting it twice.
 
     metrics = GatewayMetrics(issuers=("https://idp",))
-    metrics.request(route, "POST", 200, 0.0012)
+    metrics.request("/v1/runs", "POST", 200, 0.0012)
     body, content_type = metrics.exposition()
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     Gauge,
     GCCollector,
     Histogram,
@@ -26,7 +29,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -37,84 +40,88 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 NO_ISSUER = "none"
+_TEMPLATES = frozenset(r.template for r in ALL_ROUTES)
+_FORWARDED = tuple(r.template for r in ALL_ROUTES if r.forward)
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative: one increment per observation) plus the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(REQUEST_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*REQUEST_BUCKETS, float("inf")), self.counts):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        family.add_metric(labels, buckets, self.total)
 
 
 class GatewayMetrics:
     def __init__(self, issuers: Iterable[str] = (), *, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        r = self.registry
         self.issuers = frozenset(issuers)
-        self._requests = Counter(PREFIX + "requests_total", "Requests answered, by route template, method "
-                                 "and status code", ("route", "method", "code"), registry=r)
-        self._duration = Histogram(PREFIX + "request_duration_seconds", "Time from request to response "
-                                   "headers handed back (streams: until the stream ends)", ("route", "method"),
-                                   buckets=REQUEST_BUCKETS, registry=r)
-        self.in_flight = Gauge(PREFIX + "requests_in_flight", "Requests being handled now", registry=r)
-        self._upstream = Histogram(PREFIX + "upstream_request_duration_seconds", "Time until the Run "
-                                   "Coordinator's response headers", ("route", "code"),
-                                   buckets=REQUEST_BUCKETS, registry=r)
-        self._upstream_errors = Counter(PREFIX + "upstream_errors_total", "Failed exchanges with the Run "
-                                        "Coordinator", ("kind",), registry=r)
-        self._retries = Counter(PREFIX + "upstream_retries_total", "Retried requests to the Run Coordinator",
-                                ("route",), registry=r)
-        self._auth = Counter(PREFIX + "auth_decisions_total", "Authentication and authorization decisions",
-                             ("issuer", "result", "reason"), registry=r)
-        self.streams_open = Gauge(PREFIX + "streams_open", "Event streams open now", registry=r)
-        self.stream_lines = Counter(PREFIX + "stream_lines", "NDJSON lines relayed on event streams",
-                                    registry=r)
-        self.stream_bytes = Counter(PREFIX + "stream_bytes", "Bytes relayed on event streams", registry=r)
+        self.in_flight = 0
+        self.streams_open = 0
+        self.stream_lines = 0
+        self.stream_bytes = 0
+        self._requests: dict[tuple[str, str, int], list[int]] = {}
+        self._durations: dict[tuple[str, str], _Histogram] = {}
+        self._request_slots: dict[tuple[str, str, int], tuple[list[int], _Histogram]] = {}
+        self._upstream: dict[tuple[str, int], _Histogram] = {}
+        self._upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
+        self._retries = dict.fromkeys(_FORWARDED, 0)
+        self._auth: dict[tuple[str, str, str], int] = {}
         self._jwks_duration = Histogram(PREFIX + "jwks_fetch_duration_seconds", "JWKS (and discovery) fetch "
-                                        "time", ("issuer",), registry=r)
-        Gauge(PREFIX + "build_info", "Gateway build", ("version",), registry=r).labels(__version__).set(1)
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        self._request_children: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
-        self._upstream_children: dict[tuple[str, int], Callable[[float], None]] = {}
-        self._auth_children: dict[tuple[str, str, str], Callable[[], None]] = {}
-        self.upstream_error = {k: self._upstream_errors.labels(k).inc for k in UPSTREAM_ERROR_KINDS}
-        self.retry = {t.template: self._retries.labels(t.template).inc for t in ALL_ROUTES if t.forward}
-        for template in self.retry:
-            self._retries.labels(template)
-        for kind in UPSTREAM_ERROR_KINDS:
-            self._upstream_errors.labels(kind)
+                                        "time", ("issuer",), registry=self.registry)
         for issuer in self.issuers:
             self._jwks_duration.labels(issuer)
+        Gauge(PREFIX + "build_info", "Gateway build", ("version",), registry=self.registry).labels(__version__).set(1)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(_HotPathCollector(self))
 
-    # -- hot path: one dict lookup per observation once a label set has been seen
+    # -- hot path
 
     def request(self, template: str, method: str, status: int, seconds: float) -> None:
-        key = (template, method, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = self._new_request_children(template, method, status)
-        children[0]()
-        children[1](seconds)
+        slots = self._request_slots.get((template, method, status))
+        if slots is None:
+            slots = self._new_request_slots(template, method, status)
+        slots[0][0] += 1
+        slots[1].observe(seconds)
 
-    def _new_request_children(self, template: str, method: str, status: int):
-        if method not in KNOWN_METHODS:
-            method = "other"
-        if template not in {r.template for r in ALL_ROUTES}:
-            template = NOT_FOUND.template
-        children = (self._requests.labels(template, method, str(status)).inc,
-                    self._duration.labels(template, method).observe)
-        self._request_children[(template, method, status)] = children
-        return children
+    def _new_request_slots(self, template: str, method: str, status: int) -> tuple[list[int], _Histogram]:
+        label_method = method if method in KNOWN_METHODS else "other"
+        label_route = template if template in _TEMPLATES else NOT_FOUND.template
+        counter = self._requests.setdefault((label_route, label_method, status), [0])
+        histogram = self._durations.setdefault((label_route, label_method), _Histogram())
+        slots = self._request_slots[(template, method, status)] = (counter, histogram)
+        return slots
 
     def upstream(self, template: str, status: int, seconds: float) -> None:
-        observe = self._upstream_children.get((template, status))
-        if observe is None:
-            observe = self._upstream.labels(template, str(status)).observe
-            self._upstream_children[(template, status)] = observe
-        observe(seconds)
+        histogram = self._upstream.get((template, status))
+        if histogram is None:
+            histogram = self._upstream[(template, status)] = _Histogram()
+        histogram.observe(seconds)
+
+    def upstream_failed(self, kind: str) -> None:
+        self._upstream_errors[kind] += 1
+
+    def retried(self, template: str) -> None:
+        self._retries[template] += 1
 
     def auth(self, issuer: str | None, result: str, reason: str) -> None:
-        key = (issuer or NO_ISSUER, result, reason)
-        inc = self._auth_children.get(key)
-        if inc is None:
-            label = key[0] if key[0] in self.issuers else NO_ISSUER
-            inc = self._auth_children[key] = self._auth.labels(label, result, reason).inc
-        inc()
+        key = (issuer if issuer in self.issuers else NO_ISSUER, result, reason)
+        self._auth[key] = self._auth.get(key, 0) + 1
 
     # -- control plane
 
@@ -129,6 +136,46 @@ class GatewayMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class _HotPathCollector:
+    """The request-path counters, as metric families, at scrape time."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        requests = CounterMetricFamily(PREFIX + "requests", "Requests answered, by route template, method and "
+                                       "status code", labels=("route", "method", "code"))
+        for (route, method, code), slot in sorted(m._requests.items()):
+            requests.add_metric((route, method, str(code)), slot[0])
+        durations = HistogramMetricFamily(PREFIX + "request_duration_seconds", "Time from request to the end of "
+                                          "the response (streams: until the stream ends)", labels=("route", "method"))
+        for (route, method), histogram in sorted(m._durations.items()):
+            histogram.add_to(durations, [route, method])
+        upstream = HistogramMetricFamily(PREFIX + "upstream_request_duration_seconds", "Time until the Run "
+                                         "Coordinator's response headers", labels=("route", "code"))
+        for (route, code), histogram in sorted(m._upstream.items()):
+            histogram.add_to(upstream, [route, str(code)])
+        errors = CounterMetricFamily(PREFIX + "upstream_errors", "Failed exchanges with the Run Coordinator",
+                                     labels=("kind",))
+        for kind, count in m._upstream_errors.items():
+            errors.add_metric((kind,), count)
+        retries = CounterMetricFamily(PREFIX + "upstream_retries", "Retried requests to the Run Coordinator",
+                                      labels=("route",))
+        for route, count in m._retries.items():
+            retries.add_metric((route,), count)
+        auth = CounterMetricFamily(PREFIX + "auth_decisions", "Authentication and authorization decisions",
+                                   labels=("issuer", "result", "reason"))
+        for labels, count in sorted(m._auth.items()):
+            auth.add_metric(labels, count)
+        yield from (requests, durations, upstream, errors, retries, auth)
+        yield GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests being handled now", value=m.in_flight)
+        yield GaugeMetricFamily(PREFIX + "streams_open", "Event streams open now", value=m.streams_open)
+        yield CounterMetricFamily(PREFIX + "stream_lines", "NDJSON lines relayed on event streams",
+                                  value=m.stream_lines)
+        yield CounterMetricFamily(PREFIX + "stream_bytes", "Bytes relayed on event streams", value=m.stream_bytes)
+
+
 class AuthStateCollector:
     """JWKS and token-cache state, read from the caches themselves at scrape time."""
 
@@ -136,7 +183,7 @@ class AuthStateCollector:
         self._jwks = registry_of_jwks
         self._verifier = verifier
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         fetches = CounterMetricFamily(PREFIX + "jwks_fetches", "JWKS fetches by result", labels=("issuer", "result"))
         suppressed = CounterMetricFamily(PREFIX + "jwks_refetch_suppressed", "Unknown-kid JWKS refetches "
                                          "refused by the cooldown", labels=("issuer",))

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .app import GATEWAY, Gateway, create_app
+from .app import Gateway
+from .clock import Clock, SystemClock
 from .routes import LIVEZ, METRICS, READYZ
 from .config import GatewayConfig, redacted
 
@@ -34,34 +35,49 @@ def site_url(site: web.TCPSite) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False) -> tuple[web.AppRunner, str]:
+class GatewayServer:
+    """A started gateway: the public listener, the optional ops listener, and their shutdown."""
+
+    def __init__(self, gateway: Gateway, runner: web.ServerRunner, ops: web.AppRunner | None) -> None:
+        self.gateway = gateway
+        self._runner = runner
+        self._ops = ops
+
+    async def cleanup(self) -> None:
+        """Stops accepting, lets in-flight work finish (shutdown_grace_s), then closes everything."""
+        await self._runner.cleanup()
+        await self.gateway.close()
+        if self._ops is not None:
+            await self._ops.cleanup()
+
+
+async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False,
+                        clock: Clock | None = None) -> tuple[GatewayServer, str]:
     """Starts the public listener and, when configured, the separate ops listener."""
-    app = create_app(cfg)
-    gateway = app[GATEWAY]
-    separate_ops = cfg.metrics.enabled and cfg.metrics.port != 0
-    ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
-    if separate_ops:
-        # Registered before setup freezes the app; probes keep answering until the very end.
-        app.on_cleanup.append(lambda _app: ops.cleanup())
+    gateway = Gateway(cfg, clock or SystemClock())
+    await gateway.start()
     # Header limits above the token limit, so an oversized token gets the gateway's 401, not aiohttp's 400.
     header_limit = max(64 * 1024, cfg.auth.max_token_bytes + 1024)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_grace_s,
-                           access_log=None, max_line_size=header_limit, max_field_size=header_limit)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port or None,
-                       backlog=1024)
+    server = web.Server(gateway.handle, handler_cancellation=True, access_log=None,
+                        max_line_size=header_limit, max_field_size=header_limit)
+    runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_grace_s)
+    ops = None
     try:
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port or None,
+                           backlog=1024)
         await site.start()
-        if separate_ops:
+        if cfg.metrics.enabled and cfg.metrics.port != 0:
+            ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
             await ops.setup()
             # Workers share the metrics port too; each scrape then sees one worker's counters.
             ops_site = web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port, reuse_port=reuse_port or None)
             await ops_site.start()
             gateway.ops_url = site_url(ops_site)
     except OSError:
-        await runner.cleanup()
+        await GatewayServer(gateway, runner, ops).cleanup()
         raise
-    return runner, site_url(site)
+    return GatewayServer(gateway, runner, ops), site_url(site)
 
 
 def create_ops_app(gateway: Gateway) -> web.Application:
@@ -86,7 +102,7 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     runner, url = await start_gateway(cfg, reuse_port=reuse_port)
-    gateway = runner.app[GATEWAY]
+    gateway = runner.gateway
     log.info("gateway listening", extra={"event": "start", "url": url, "metrics_url": gateway.ops_url,
                                          "pid": os.getpid(), "config": redacted(cfg)})
     if on_ready is not None:

@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 
 from proxy import devissuer
-from proxy.app import GATEWAY
 from proxy.metrics import AuthStateCollector, GatewayMetrics
 from proxy.server import start_gateway
 from tests.conftest import RUN_START, gateway_config
@@ -42,7 +41,7 @@ async def start_observed_gateway(coordinator: str, issuer: devissuer.DevIssuer |
     cfg = gateway_config(coordinator, auth=auth,
                          metrics={"enabled": True, "host": "127.0.0.1", "port": free_port()})
     runner, url = await start_gateway(cfg)
-    return runner, url, runner.app[GATEWAY].ops_url
+    return runner, url, runner.gateway.ops_url
 
 
 class Prometheus:

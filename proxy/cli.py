@@ -19,6 +19,7 @@ import yaml
 from . import __version__, devcoordinator, devissuer
 from .config import ConfigError, GatewayConfig, load_config, redacted
 from .logs import setup_logging
+from .server import run as run_on_loop
 from .server import run_gateway, serve
 
 DEV_CONFIG = Path(__file__).resolve().parent.parent / "config" / "dev.yaml"
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--auth", choices=("required", "optional", "disabled"), default="optional")
     d.add_argument("--issuer-port", type=int, default=devissuer.DEFAULT_PORT)
     d.add_argument("--step-delay", type=float, default=0.5, help="seconds between a dev run's events")
+    d.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
 
     t = sub.add_parser("token", help="print a token from the running `arp-gateway dev` issuer")
     t.add_argument("--sub", default="dev-user")
@@ -110,7 +112,7 @@ def _dev(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return asyncio.run(run())
+        return run_on_loop(run(), args.event_loop)
     except OSError as exc:
         print(f"arp-gateway dev: {exc}", file=sys.stderr)
         return 1

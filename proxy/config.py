@@ -30,6 +30,7 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EVENT_LOOPS = ("uvloop", "asyncio")
 PROFILES = ("dev-insecure", "dev-secure-keycloak", "enterprise")
 KEYCLOAK_DEV_ISSUER = "http://localhost:8080/realms/arp-dev"
 SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})
@@ -48,6 +49,7 @@ class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,7 @@ def _listen(r: _Reader, raw: Any) -> ListenConfig:
         host=r.string(sec, "listen", "host", d.host),
         port=r.number(sec, "listen", "port", d.port, integer=True, minimum=0),
         workers=r.number(sec, "listen", "workers", d.workers, integer=True, minimum=1),
+        event_loop=r.string(sec, "listen", "event_loop", d.event_loop, choices=EVENT_LOOPS),
     )
 
 

@@ -165,10 +165,15 @@ class Upstream:
             framing, payload = b"Transfer-Encoding: chunked\r\n", request.content.iter_any()
         head = self._head(request, pool, extra, request_id, framing)
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
+        chunked = framing.startswith(b"Transfer")
         try:
-            async with asyncio.timeout(self.cfg.request_timeout_s):
-                upstream = await self._exchange(pool, route, head, payload, idempotent,
-                                                chunked=framing.startswith(b"Transfer"))
+            if payload is None or isinstance(payload, bytes):
+                upstream = await self._exchange(pool, route, head, payload, idempotent, chunked, deadline)
+            else:
+                # A streamed body can stall on the client's side too: bound the whole send.
+                async with asyncio.timeout_at(deadline):
+                    upstream = await self._exchange(pool, route, head, payload, idempotent, chunked, None)
         except (UpstreamError, TimeoutError) as exc:
             failure = classify(exc, idempotent=idempotent)
             if self.metrics is not None:
@@ -184,14 +189,15 @@ class Upstream:
         return await self._relay(request, route, upstream, request_id, upstream_s)
 
     async def _exchange(self, pool: UpstreamPool, route: Route, head: bytes, payload: object,
-                        idempotent: bool, *, chunked: bool) -> PoolResponse:
+                        idempotent: bool, chunked: bool, deadline: float | None) -> PoolResponse:
         """Sends with retries: a refused connection for any method (the request never left);
         a reset or a 502/503/504 only for GET, so a run is never started twice."""
         replayable = payload is None or isinstance(payload, bytes)
         attempts = self.cfg.retries.attempts if replayable else 1
         for attempt in range(1, attempts + 1):
             try:
-                response = await pool.request(head, payload, chunked=chunked)  # type: ignore[arg-type]
+                response = await pool.request(head, payload, chunked=chunked,  # type: ignore[arg-type]
+                                              deadline=deadline)
             except UpstreamError as exc:
                 if attempt == attempts or not (idempotent or not exc.sent):
                     raise
@@ -202,8 +208,10 @@ class Upstream:
             if self.metrics is not None:
                 self.metrics.retried(route.template)
             retries = self.cfg.retries
-            await asyncio.sleep(random.uniform(0, min(retries.backoff_max_s,
-                                                      retries.backoff_initial_s * 2 ** (attempt - 1))))
+            pause = random.uniform(0, min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (attempt - 1)))
+            if deadline is not None and asyncio.get_running_loop().time() + pause >= deadline:
+                raise TimeoutError()
+            await asyncio.sleep(pause)
         raise AssertionError("unreachable")
 
     async def _relay(self, request: web.Request, route: Route, upstream: PoolResponse,

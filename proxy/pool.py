@@ -254,11 +254,14 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool) -> PoolResponse:
+    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool,
+                   deadline: float | None) -> PoolResponse:
         assert self.transport is not None
         self.response = PoolResponse(self)
         self._parser = httptools.HttpResponseParser(self)
-        self._headers_ready = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._headers_ready = ready = loop.create_future()
+        timer = loop.call_at(deadline, _expire, ready) if deadline is not None else None
         self.received_any = False
         if body is None or isinstance(body, bytes):
             self.transport.write(head + body if body else head)
@@ -272,7 +275,11 @@ class _Connection(asyncio.Protocol):
                     await self._wait_drain()
             if chunked and not self.closed:
                 self.transport.write(b"0\r\n\r\n")
-        return await self._headers_ready
+        try:
+            return await ready
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _wait_drain(self) -> None:
         self._drain = asyncio.get_running_loop().create_future()
@@ -289,6 +296,11 @@ class _Connection(asyncio.Protocol):
         else:
             self._abort()
             self._pool.forget(self)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class UpstreamPool:
@@ -317,16 +329,20 @@ class UpstreamPool:
         return len(self._all) + self._connecting
 
     async def request(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
-                      chunked: bool = False) -> PoolResponse:
-        """Sends one request and returns once the response headers are in."""
-        conn = await self._acquire()
+                      chunked: bool = False, deadline: float | None = None) -> PoolResponse:
+        """Sends one request and returns once the response headers are in.
+
+        `deadline` (event-loop time) bounds the wait for a free connection and for the response
+        headers with one timer each, cheaper per request than an `asyncio.timeout` block;
+        TimeoutError when it passes. Connecting has its own connect timeout."""
+        conn = await self._acquire(deadline)
         try:
-            return await conn.send(head, body, chunked)
+            return await conn.send(head, body, chunked, deadline)
         except BaseException:
             conn.finish(reusable=False)
             raise
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, deadline: float | None) -> _Connection:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -335,11 +351,15 @@ class UpstreamPool:
             conn.finish(reusable=False)
         if self.size < self._max:
             return await self._connect()
-        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Connection | None] = loop.create_future()
         self._waiters.append(waiter)
+        timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:
             conn = await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
         return conn if conn is not None else await self._connect()

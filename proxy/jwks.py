@@ -267,6 +267,14 @@ class IssuerJwks:
             err = JwksFetchError(self.issuer, "internal", type(exc).__name__)
             self._record_failure(err, started)
             raise err from exc
+        self._install(source, ttl, started)
+
+    def set_remote_jwks(self, doc: Any, ttl_s: float | None = None) -> None:
+        """Installs a JWKS document exactly as a successful fetch would (Envoy's setRemoteJwks):
+        for preloading keys and for benchmarks; JwksFetchError if it holds no usable key."""
+        self._install(self._usable_keys(doc), ttl_s or self._auth.jwks_cache_ttl_s, self._clock.monotonic())
+
+    def _install(self, source: dict[str | None, _Imported], ttl: float, started: float) -> None:
         now = self._clock.monotonic()
         self._source = source
         self._keys = {kid: key for kid, (_, key) in source.items() if kid is not None}

@@ -131,6 +131,10 @@ async def test_real_prometheus_scrapes_exact_counts(tmp_path, coordinator):
         for query, expected in expectations.items():
             assert await prometheus.wait_for(http, query, expected) == expected, query
         assert await prometheus.value(http, "sum(process_resident_memory_bytes)") > 0
+        async with http.get(ops + "/metrics") as resp:
+            exposition = await resp.text()
+        token = good["Authorization"].split()[1]
+        assert token[:30] not in exposition and "alice" not in exposition and run_ids[0] not in exposition
     finally:
         prometheus.stop()
         await runner.cleanup()

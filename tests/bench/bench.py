@@ -52,7 +52,8 @@ VENV_BIN = Path(sys.executable).parent
 GATEWAY_BIN = VENV_BIN / "arp-gateway"
 PYSPY_BIN = VENV_BIN / "py-spy"
 JARVIS_PY = BENCH_DIR / ".venv-jarvis" / "bin" / "python"
-RESULTS_DIR = BENCH_DIR / "results"
+# BENCH_RESULTS_DIR lets the CI smoke write elsewhere, so it never overwrites the committed report.
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or BENCH_DIR / "results")
 
 TARGET_CPU = "0"       # the proxy under test
 LOAD_CPU = "1"         # wrk, clients, upstreams, issuer, this script
@@ -1191,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="arp-bench-"))
     started = time.monotonic()
     aborted = False

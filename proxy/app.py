@@ -33,7 +33,6 @@ from .forwarding import BYTES_OUT, UPSTREAM_SECONDS, Upstream
 from .health import CoordinatorProbe, version_info
 from .jwks import JwksRegistry
 from .metrics import AuthStateCollector, GatewayMetrics
-from .principal import Principal
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
 from .validation import load_run_start_validator
@@ -139,7 +138,7 @@ class Gateway:
                                           request_id=rid, details={"path": raw_path[:256]})
             elif request.method not in route.methods:
                 if self._is_bypassed_preflight(request, route):
-                    response = await self.upstream.forward(request, route, None, (), rid)
+                    response = await self.upstream.forward(request, route, None, b"", rid)
                 else:
                     response = error_response(405, "method_not_allowed", f"Use {route.allow} on this route",
                                               request_id=rid, headers={"Allow": route.allow})
@@ -216,34 +215,24 @@ class Gateway:
             if isinstance(checked, web.Response):
                 return checked
             body = checked
-        extra = []
-        if outcome.principal is not None:
-            extra = self.authn.identity_headers(outcome.principal)
-            authorization = await self._authorization(request, outcome.principal, rid)
-            if isinstance(authorization, web.Response):
-                return authorization
-            if authorization:
-                extra.append(("Authorization", authorization))
+        extra = b""
+        principal = outcome.principal
+        if principal is not None:
+            extra = self.authn.upstream_headers(principal)
+            mode = self.cfg.auth.forward_token
+            if mode == "exchange":
+                try:
+                    token = await self.exchanger.token_for(principal.token)  # type: ignore[union-attr]
+                except ExchangeFailed as exc:
+                    return error_response(502, "token_exchange_failed",
+                                          "Could not obtain a token for the Run Coordinator", request_id=rid,
+                                          retryable=exc.retryable, details={"reason": exc.reason})
+                extra += b"Authorization: Bearer " + token.encode() + b"\r\n"
+            elif mode == "passthrough" and principal.kind == "dev" and "Authorization" in request.headers:
+                # With auth disabled nothing was verified, but a coordinator may still check the token itself.
+                given = request.headers["Authorization"].encode("utf-8", "surrogateescape")
+                extra += b"Authorization: " + given + b"\r\n"
         return await self.upstream.forward(request, route, body, extra, rid)
-
-    async def _authorization(self, request: web.Request, principal: Principal,
-                             rid: str) -> str | web.Response | None:
-        """The Authorization header the coordinator gets, per `auth.forward_token`."""
-        mode = self.cfg.auth.forward_token
-        if mode == "strip":
-            return None
-        if mode == "passthrough":
-            if principal.token is not None:
-                return f"Bearer {principal.token}"
-            # With auth disabled nothing was verified, but a coordinator may still check the token itself.
-            return request.headers.get("Authorization") if principal.kind == "dev" else None
-        assert self.exchanger is not None
-        try:
-            return f"Bearer {await self.exchanger.token_for(principal.token)}"
-        except ExchangeFailed as exc:
-            return error_response(502, "token_exchange_failed",
-                                  "Could not obtain a token for the Run Coordinator", request_id=rid,
-                                  retryable=exc.retryable, details={"reason": exc.reason})
 
     async def _read_run_start(self, request: web.Request, rid: str) -> bytes | web.Response:
         ctype = request.content_type

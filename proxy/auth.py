@@ -8,7 +8,7 @@ It owns the wire behaviour of RFC 6750 and the ARP spec (which status, which
     outcome = await authn.authenticate(request, route)
     if outcome.refusal is not None:
         return outcome.refusal                  # never forwarded
-    headers = authn.identity_headers(outcome.principal)
+    header_lines = authn.upstream_headers(outcome.principal)
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Authenticator:
         self._realm = f'Bearer realm="{_quote(cfg.realm)}"'
         self._dev = AuthOutcome(Principal(cfg.dev_subject, kind="dev"), None, "dev")
         self._anonymous = Principal(cfg.anonymous_subject, kind="anonymous")
-        self._identity: dict[int, tuple[Principal, tuple[tuple[str, str], ...]]] = {}
+        self._identity: dict[int, tuple[Principal, bytes]] = {}
 
     def is_exempt(self, raw_path: str) -> bool:
         return raw_path in self._exempt
@@ -121,19 +121,23 @@ class Authenticator:
             400, "invalid_request", message, request_id=request_id, details={"reason": reason},
             headers={"WWW-Authenticate": header}), "unauthenticated", reason)
 
-    def identity_headers(self, principal: Principal) -> list[tuple[str, str]]:
-        """What the coordinator learns about the caller; the client's own X-Auth-* never get through.
+    def upstream_headers(self, principal: Principal) -> bytes:
+        """What the coordinator learns about the caller, as ready header lines: identity headers and,
+        with `forward_token: passthrough`, the verified token. The client's own X-Auth-* never get through.
 
         Cached per principal object: the token cache hands back the same Principal for a repeat
-        token, so its headers are built once, not per request."""
+        token, so its lines are built and encoded once, not per request."""
         cached = self._identity.get(id(principal))
         if cached is not None and cached[0] is principal:
-            return list(cached[1])
-        headers = self._build_identity(principal)
+            return cached[1]
+        lines = self._build_identity(principal)
+        if self.cfg.forward_token == "passthrough" and principal.token is not None:
+            lines.append(("Authorization", f"Bearer {principal.token}"))
+        block = "".join(f"{name}: {value}\r\n" for name, value in lines).encode("utf-8")
         if len(self._identity) >= IDENTITY_CACHE_SIZE:
             self._identity.clear()
-        self._identity[id(principal)] = (principal, tuple(headers))
-        return headers
+        self._identity[id(principal)] = (principal, block)
+        return block
 
     def _build_identity(self, principal: Principal) -> list[tuple[str, str]]:
         prefix = self.cfg.identity_header_prefix

@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 unusable configuration or arguments, 1 anything else.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys

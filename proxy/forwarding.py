@@ -2,7 +2,7 @@
 
     upstream = Upstream(cfg.upstream, metrics, strip_prefix="x-auth-")
     await upstream.start()
-    response = await upstream.forward(request, route, body, extra_headers, request_id)
+    response = await upstream.forward(request, route, body, header_lines, request_id)
 
 Requests go out on the keep-alive pool of `pool.py`; headers are copied as
 the raw bytes the client sent, minus hop-by-hop ones and the identity headers
@@ -120,7 +120,7 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    def _head(self, request: web.Request, pool: UpstreamPool, extra: Iterable[tuple[str, str]],
+    def _head(self, request: web.Request, pool: UpstreamPool, extra: bytes,
               request_id: str, framing: bytes) -> bytes:
         raw = request.raw_headers
         drop = self._drop | connection_tokens(raw) if "Connection" in request.headers else self._drop
@@ -140,13 +140,11 @@ class Upstream:
         parts += (b"X-Forwarded-For: ", b", ".join([*prior, peer]), b"\r\nX-Forwarded-Proto: ",
                   request.scheme.encode(), b"\r\nX-Forwarded-Host: ", request.host.encode("utf-8", "surrogateescape"),
                   b"\r\nX-Request-ID: ", request_id.encode(), b"\r\n")
-        for name, value in extra:
-            parts += (name.encode(), b": ", value.encode("utf-8", "surrogateescape"), b"\r\n")
-        parts += (framing, b"\r\n")
+        parts += (extra, framing, b"\r\n")
         return b"".join(parts)
 
     async def forward(self, request: web.Request, route: Route, body: bytes | None,
-                      extra: Iterable[tuple[str, str]], request_id: str) -> web.StreamResponse:
+                      extra: bytes, request_id: str) -> web.StreamResponse:
         pool = self.pool
         if pool is None:
             return error_response(

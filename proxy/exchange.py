@@ -94,11 +94,13 @@ class TokenExchanger:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise ExchangeFailed(f"token endpoint unreachable: {type(exc).__name__}", retryable=True) from None
         if status != 200:
-            raise ExchangeFailed(f"token endpoint answered HTTP {status}", retryable=status >= 500)
+            raise ExchangeFailed(f"token endpoint answered HTTP {status}", retryable=status >= 500 or status == 429)
         token = body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise ExchangeFailed("token endpoint answered without an access_token", retryable=False)
         lifetime = body.get("expires_in", DEFAULT_LIFETIME_S)
         if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not math.isfinite(lifetime):
             lifetime = DEFAULT_LIFETIME_S
-        return token, self._clock.monotonic() + max(0.0, float(lifetime) - EXPIRY_MARGIN_S)
+        # Renew shortly before expiry; a short-lived token keeps half its life so it is still cached.
+        margin = min(EXPIRY_MARGIN_S, float(lifetime) / 2)
+        return token, self._clock.monotonic() + max(0.0, float(lifetime) - margin)

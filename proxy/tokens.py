@@ -195,6 +195,9 @@ class TokenVerifier:
             if entry is not None:
                 if self._clock.time() < entry.exp and (
                         entry.hmac or entry.jwks.find_key(entry.kid) is entry.key):
+                    if not entry.hmac and not entry.jwks.ready:
+                        # Keys older than jwks_max_stale_s: a cached token gets no longer life than a new one.
+                        raise KeysUnavailable(entry.jwks.issuer, entry.jwks.retry_after_s())
                     self._cache.move_to_end(digest)
                     self.cache_hits += 1
                     return entry.principal

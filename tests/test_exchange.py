@@ -199,7 +199,7 @@ async def test_concurrent_requests_share_one_exchange(issuer, sts, gateway, reco
 
 async def test_exchanged_token_is_renewed_after_expiry(issuer, sts, gateway, recorder, http) -> None:
     url = await gateway(recorder.url, auth=exchange_auth(issuer, sts.token_endpoint))
-    sts.expires_in = 31  # the 30 s safety margin leaves 1 s
+    sts.expires_in = 2  # renewal comes after half a short lifetime: 1 s
     token = issuer.mint()
     assert (await get(http, url, token))[0] == 200
     assert (await get(http, url, token))[0] == 200
@@ -284,6 +284,23 @@ async def test_token_exchanger_expiry_margin_on_fake_clock(sts) -> None:
             await exchanger.token_for("subject")
         assert failed.value.retryable and SECRET not in str(failed.value)
     assert [f["grant_type"] for f in sts.forms][:3] == [TOKEN_EXCHANGE, TOKEN_EXCHANGE, "client_credentials"]
+
+
+async def test_short_lived_exchanged_tokens_are_still_cached_and_429_is_retryable(sts) -> None:
+    clock = FakeClock()
+    exchanger = TokenExchanger(ExchangeConfig(token_endpoint=sts.token_endpoint, client_id=CLIENT_ID,
+                                              client_secret=SECRET), clock)
+    sts.expires_in = 20  # shorter than the 30 s margin: kept for half its life
+    async with aiohttp.ClientSession() as session:
+        exchanger.start(session)
+        assert await exchanger.token_for("subject") == "xchg-token-1"
+        clock.advance(9.5)
+        assert await exchanger.token_for("subject") == "xchg-token-1"
+        clock.advance(1)
+        sts.status = 429
+        with pytest.raises(ExchangeFailed) as failed:
+            await exchanger.token_for("subject")
+        assert failed.value.retryable
 
 
 # --------------------------------------------------------------------------- the secret stays secret

@@ -356,6 +356,17 @@ async def test_keys_staler_than_max_stale_are_unavailable(
         await verifier.verify(signer("a-rsa").sign(good(idp, clock)))
 
 
+async def test_cached_tokens_stop_too_when_keys_pass_max_stale(
+        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(idp, jwks_max_stale_s=3600))
+    token = signer("a-rsa").sign(good(idp, clock, exp=int(clock.time()) + 7200))
+    await verifier.verify(token)
+    idp.mode = "503"
+    clock.advance(3601)
+    with pytest.raises(KeysUnavailable):
+        await verifier.verify(token)
+
+
 async def test_failed_refresh_keeps_verifying_with_last_good_keys(
         idp: IdP, registries: Registries, clock: FakeClock) -> None:
     auth = auth_config(idp, token_cache_size=0)

@@ -232,6 +232,8 @@ class Gateway:
                 # With auth disabled nothing was verified, but a coordinator may still check the token itself.
                 given = request.headers["Authorization"].encode("utf-8", "surrogateescape")
                 extra += b"Authorization: " + given + b"\r\n"
+        if body is None and request.body_exists:
+            await _continue(request)
         return await self.upstream.forward(request, route, body, extra, rid)
 
     async def _read_run_start(self, request: web.Request, rid: str) -> bytes | web.Response:
@@ -243,6 +245,7 @@ class Gateway:
         length = request.content_length
         if length is not None and length > limit:
             return _too_large(limit, rid)
+        await _continue(request)
         if length is not None:
             try:
                 body = await request.content.readexactly(length)
@@ -263,6 +266,14 @@ class Gateway:
         if problems:
             return _invalid(problems, rid)
         return body
+
+
+async def _continue(request: web.Request) -> None:
+    """Answers `Expect: 100-continue` once the body is wanted: only after auth and size checks passed,
+    so a refused client never sends it. Without this such clients wait a second before sending."""
+    if request.version == aiohttp.HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response
 
 
 def _invalid(problems: list[dict[str, str]], rid: str) -> web.Response:

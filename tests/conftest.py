@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy import devcoordinator
 from proxy.config import build_config
 from proxy.server import start_gateway
+from tests.support.servers import serve_app
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "arp-spec-v1"
 RUN_START = {
@@ -90,12 +91,7 @@ class Upstream:
         self.app.router.add_route(method, path, recorded)
 
     async def start(self) -> str:
-        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.runner, self.url = await serve_app(self.app, handler_cancellation=True)
         return self.url
 
     async def close(self) -> None:

@@ -41,6 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import devissuer
 from proxy.config import build_config
 from proxy.server import start_gateway
+from tests.support.servers import serve_app
 from tests.conftest import RUN_START, gateway_config, json_response
 from tests.support.conformance import run_conformance
 from tests.support.idp import MockIdp
@@ -240,11 +241,7 @@ class AttackerJwks:
 
         app = web.Application()
         app.router.add_get("/{tail:.*}", serve)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        self._runner, self.url = await serve_app(app)
 
     def sign(self, claims: dict[str, Any], **header: Any) -> str:
         return jwt.encode({"alg": "RS256", "typ": "JWT", "kid": "attacker-key", **header}, claims, self.key,

@@ -28,6 +28,7 @@ from proxy.clock import FakeClock
 from proxy.config import ExchangeConfig, load_config
 from proxy.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, ExchangeFailed, TokenExchanger
 from proxy.server import start_gateway
+from tests.support.servers import serve_app
 from tests.conftest import json_response
 
 AUD = devissuer.DEFAULT_AUDIENCE
@@ -69,11 +70,7 @@ class Sts:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/token", self._token)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        self._runner, self.url = await serve_app(app)
 
     @property
     def token_endpoint(self) -> str:

@@ -53,9 +53,14 @@ class GatewayServer:
             await self._ops.cleanup()
 
 
-async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False,
+async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
                         clock: Clock | None = None) -> tuple[GatewayServer, str]:
-    """Starts the public listener and, when configured, the separate ops listener."""
+    """Starts the public listener and, when configured, the separate ops listener.
+
+    Workers (`worker` = 0..N-1) share the public port through SO_REUSEPORT but each gets its own
+    metrics port, `metrics.port + worker`: counters live per process, and a shared port would hand
+    each scrape to a random worker, so counters would jump backwards between scrapes."""
+    reuse_port = worker is not None
     gateway = Gateway(cfg, clock or SystemClock())
     await gateway.start()
     # Header limits above the token limit, so an oversized token gets the gateway's 401, not aiohttp's 400.
@@ -72,8 +77,7 @@ async def start_gateway(cfg: GatewayConfig, *, reuse_port: bool = False,
         if cfg.metrics.enabled and cfg.metrics.port != 0:
             ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
             await ops.setup()
-            # Workers share the metrics port too; each scrape then sees one worker's counters.
-            ops_site = web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port, reuse_port=reuse_port or None)
+            ops_site = web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port + (worker or 0))
             await ops_site.start()
             gateway.ops_url = site_url(ops_site)
     except OSError:
@@ -97,13 +101,13 @@ def create_ops_app(gateway: Gateway) -> web.Application:
 
 
 async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | None = None,
-                      reuse_port: bool = False) -> None:
+                      worker: int | None = None) -> None:
     """Serves until a signal, then drains; the whole life of one gateway process."""
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue[int]()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
-    runner, url = await start_gateway(cfg, reuse_port=reuse_port)
+    runner, url = await start_gateway(cfg, worker=worker)
     gateway = runner.gateway
     log.info("gateway listening", extra={"event": "start", "url": url, "metrics_url": gateway.ops_url,
                                          "pid": os.getpid(), "config": redacted(cfg)})
@@ -146,12 +150,12 @@ def serve(cfg: GatewayConfig) -> int:
             return 1
         return 0
     children = []
-    for _ in range(cfg.listen.workers):
+    for worker in range(cfg.listen.workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                run(run_gateway(cfg, reuse_port=True), cfg.listen.event_loop)
+                run(run_gateway(cfg, worker=worker), cfg.listen.event_loop)
                 code = 0
             except OSError as exc:
                 log.error("cannot listen", extra={"event": "listen_failed", "error": str(exc)})

@@ -128,3 +128,46 @@ async def test_sigterm_drains_readiness_then_lets_streams_finish(tmp_path, http)
     finally:
         await stop(proc)
         await runner.cleanup()
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+async def test_workers_share_the_port_and_each_has_its_metrics_port(tmp_path, coordinator, http):
+    port, metrics = free_ports(2)
+    if port == metrics + 1:
+        metrics += 2
+    config = tmp_path / "g.yaml"
+    config.write_text(f"listen: {{host: 127.0.0.1, port: {port}, workers: 2}}\nupstream: {{url: '{coordinator}'}}\n"
+                      f"auth: {{mode: disabled}}\nmetrics: {{host: 127.0.0.1, port: {metrics}}}\n"
+                      "drain_delay_s: 0\nshutdown_grace_s: 5\n")
+    proc = await spawn("serve", "--config", str(config))
+    try:
+        pids = set()
+        for _ in range(2):
+            match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)')
+            pids.add(match.group(2))
+        assert len(pids) == 2
+        for _ in range(20):
+            async with http.post(f"http://127.0.0.1:{port}/v1/runs", json=RUN_START) as resp:
+                assert resp.status == 200
+        served = 0
+        for worker in range(2):
+            async with http.get(f"http://127.0.0.1:{metrics + worker}/metrics") as resp:
+                text = await resp.text()
+            served += sum(float(line.split()[-1]) for line in text.splitlines()
+                          if line.startswith('arp_gateway_requests_total{code="200",method="POST"'))
+        assert served == 20                          # every request counted once, by the worker that served it
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0
+    finally:
+        await stop(proc)

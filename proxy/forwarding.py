@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .config import UpstreamConfig
 from .errors import error_response
@@ -42,6 +41,8 @@ HOP_BY_HOP = frozenset({
 _REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                        b"x-request-id", b"expect", b"authorization", b"content-length"})
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
+# web.Response computes the length of the body it is given.
+_SET_BY_RESPONSE = frozenset({b"content-length"})
 # What the access log learns about a relayed response.
 UPSTREAM_SECONDS = web.ResponseKey("upstream_s", float)
 BYTES_OUT = web.ResponseKey("bytes_out", int)
@@ -80,13 +81,16 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(named)
 
 
-def response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    named = connection_tokens(raw)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in raw:
-        low = name.lower()
-        if low not in HOP_BY_HOP and low not in named:
-            out.add(name.decode("latin-1"), value.decode("latin-1"))
+def response_headers(raw: list[tuple[bytes, bytes]], request_id: str,
+                     drop: frozenset[bytes] = frozenset()) -> list[tuple[str, str]]:
+    """The coordinator's headers for the client: hop-by-hop ones and `drop` removed, X-Request-ID set.
+
+    A plain list, because aiohttp builds its own header multidict from whatever it is given."""
+    named = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else frozenset()
+    out = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw
+           if (low := name.lower()) not in HOP_BY_HOP and low not in named and low not in drop
+           and low != b"x-request-id"]
+    out.append(("X-Request-ID", request_id))
     return out
 
 
@@ -214,21 +218,20 @@ class Upstream:
 
     async def _relay(self, request: web.Request, route: Route, upstream: PoolResponse,
                      request_id: str, upstream_s: float) -> web.StreamResponse:
-        headers = response_headers(upstream.headers)
-        headers["X-Request-ID"] = request_id
         whole = upstream.body_if_complete()
         if whole is not None:
             # The usual JSON answer arrived with its headers: one write, no streaming machinery.
             upstream.release()
-            headers.popall("Content-Length", None)
+            headers = response_headers(upstream.headers, request_id, _SET_BY_RESPONSE)
             response: web.StreamResponse = web.Response(status=upstream.status, reason=upstream.reason,
                                                         body=whole, headers=headers)
-            if "Content-Type" not in headers:
-                del response.headers["Content-Type"]
+            if not any(h[0].lower() == "content-type" for h in headers):
+                del response.headers["Content-Type"]  # aiohttp would add one the coordinator did not send
             response[UPSTREAM_SECONDS] = upstream_s
             response[BYTES_OUT] = len(whole)
             return response
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=response_headers(upstream.headers, request_id))
         response[UPSTREAM_SECONDS] = upstream_s
         stream_metrics = self.metrics if route.streaming else None
         if stream_metrics is not None:

@@ -41,6 +41,7 @@ HOP_BY_HOP = frozenset({
 _REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                        b"x-request-id", b"expect", b"authorization", b"content-length"})
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
+CLIENT_HEADER_CACHE = 1024
 # web.Response computes the length of the body it is given.
 _SET_BY_RESPONSE = frozenset({b"content-length"})
 # What the access log learns about a relayed response.
@@ -104,6 +105,7 @@ class Upstream:
         self._drop = HOP_BY_HOP | _REPLACED | {n.lower().encode() for n in strip_names}
         self.pool: UpstreamPool | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._client_blocks: dict[tuple[tuple[tuple[bytes, bytes], ...], str | None], bytes] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -126,13 +128,29 @@ class Upstream:
 
     def _head(self, request: web.Request, pool: UpstreamPool, extra: bytes,
               request_id: str, framing: bytes) -> bytes:
+        return b"".join((request.method.encode(), b" ", pool.base_path.encode(),
+                         request.raw_path.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\nHost: ",
+                         pool.host_header, b"\r\n", self._client_headers(request), b"X-Request-ID: ",
+                         request_id.encode(), b"\r\n", extra, framing, b"\r\n"))
+
+    def _client_headers(self, request: web.Request) -> bytes:
+        """The client's headers as the coordinator gets them, cached by their exact bytes and the peer:
+        a keep-alive client sends the same headers request after request."""
+        key = (request.raw_headers, request.remote)
+        block = self._client_blocks.get(key)
+        if block is None:
+            block = self._filter_client_headers(request)
+            if len(self._client_blocks) >= CLIENT_HEADER_CACHE:
+                self._client_blocks.clear()
+            self._client_blocks[key] = block
+        return block
+
+    def _filter_client_headers(self, request: web.Request) -> bytes:
         raw = request.raw_headers
         drop = self._drop | connection_tokens(raw) if "Connection" in request.headers else self._drop
         prefix = self._strip_prefix
         prior: list[bytes] = []
-        parts = [request.method.encode(), b" ", pool.base_path.encode(),
-                 request.raw_path.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\nHost: ", pool.host_header,
-                 b"\r\n"]
+        parts: list[bytes] = []
         for name, value in raw:
             low = name.lower()
             if low in drop or (prefix is not None and low.startswith(prefix)):
@@ -143,8 +161,7 @@ class Upstream:
         peer = (request.remote or "").encode()
         parts += (b"X-Forwarded-For: ", b", ".join([*prior, peer]), b"\r\nX-Forwarded-Proto: ",
                   request.scheme.encode(), b"\r\nX-Forwarded-Host: ", request.host.encode("utf-8", "surrogateescape"),
-                  b"\r\nX-Request-ID: ", request_id.encode(), b"\r\n")
-        parts += (extra, framing, b"\r\n")
+                  b"\r\n")
         return b"".join(parts)
 
     async def forward(self, request: web.Request, route: Route, body: bytes | None,
@@ -222,10 +239,10 @@ class Upstream:
         if whole is not None:
             # The usual JSON answer arrived with its headers: one write, no streaming machinery.
             upstream.release()
-            headers = response_headers(upstream.headers, request_id, _SET_BY_RESPONSE)
-            response: web.StreamResponse = web.Response(status=upstream.status, reason=upstream.reason,
-                                                        body=whole, headers=headers)
-            if not any(h[0].lower() == "content-type" for h in headers):
+            response: web.StreamResponse = web.Response(
+                status=upstream.status, reason=upstream.reason, body=whole,
+                headers=response_headers(upstream.headers, request_id, _SET_BY_RESPONSE))
+            if not upstream.has_content_type:
                 del response.headers["Content-Type"]  # aiohttp would add one the coordinator did not send
             response[UPSTREAM_SECONDS] = upstream_s
             response[BYTES_OUT] = len(whole)

@@ -261,10 +261,14 @@ async def test_sts_unreachable_answers_502(issuer, gateway, recorder, http) -> N
 # --------------------------------------------------------------------------- TokenExchanger on a FakeClock
 
 
+def exchanger_on(sts, clock: FakeClock) -> TokenExchanger:
+    return TokenExchanger(ExchangeConfig(token_endpoint=sts.token_endpoint, client_id=CLIENT_ID,
+                                         client_secret=SECRET), clock)
+
+
 async def test_token_exchanger_expiry_margin_on_fake_clock(sts) -> None:
     clock = FakeClock()
-    exchanger = TokenExchanger(ExchangeConfig(token_endpoint=sts.token_endpoint, client_id=CLIENT_ID,
-                                              client_secret=SECRET), clock)
+    exchanger = exchanger_on(sts, clock)
     sts.expires_in = 100  # usable for 100 - 30 = 70 s
     async with aiohttp.ClientSession() as session:
         exchanger.start(session)
@@ -285,8 +289,7 @@ async def test_token_exchanger_expiry_margin_on_fake_clock(sts) -> None:
 
 async def test_short_lived_exchanged_tokens_are_still_cached_and_429_is_retryable(sts) -> None:
     clock = FakeClock()
-    exchanger = TokenExchanger(ExchangeConfig(token_endpoint=sts.token_endpoint, client_id=CLIENT_ID,
-                                              client_secret=SECRET), clock)
+    exchanger = exchanger_on(sts, clock)
     sts.expires_in = 20  # shorter than the 30 s margin: kept for half its life
     async with aiohttp.ClientSession() as session:
         exchanger.start(session)

@@ -31,7 +31,7 @@ errors (from argparse).
 
 How a test should call it
 -------------------------
-Use :func:`run_conformance` (async) or :func:`run_conformance_blocking`. Both run the
+Use :func:`run_conformance` (async). It runs the
 wrapper in a **separate Python process**, for two reasons. The runner is synchronous (it
 uses a blocking ``httpx.Client``), so calling it inside the pytest event loop would
 deadlock against a gateway served on that same loop. And the ``urllib.parse`` change stays
@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import urllib.parse
@@ -91,7 +90,6 @@ __all__ = [
     "enable_arp_uri_scheme",
     "main",
     "run_conformance",
-    "run_conformance_blocking",
 ]
 
 
@@ -276,43 +274,6 @@ async def run_conformance(
         return _load_result(
             argv, proc.returncode, out_file, out.decode(errors="replace"), err.decode(errors="replace"), strict
         )
-
-
-def run_conformance_blocking(
-    url: str,
-    *,
-    service: str = "run-gateway",
-    tier: str = "surface",
-    headers: Mapping[str, str] | None = None,
-    strict: bool = True,
-    timeout: float = 10.0,
-    process_timeout: float = 180.0,
-    extra_args: Sequence[str] = (),
-) -> ConformanceResult:
-    """Blocking version of :func:`run_conformance`. Use it only when the gateway runs in another process or thread."""
-    with tempfile.TemporaryDirectory(prefix="arp-conformance-") as tmpdir:
-        tmp = Path(tmpdir)
-        out_file = tmp / "report.json"
-        argv = _build_argv(
-            url,
-            service=service,
-            tier=tier,
-            headers_file=_write_headers(tmp, headers),
-            out_file=out_file,
-            strict=strict,
-            timeout=timeout,
-            extra_args=extra_args,
-        )
-        proc = subprocess.run(
-            argv,
-            cwd=str(REPO_ROOT),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=process_timeout,
-            check=False,
-        )
-        return _load_result(argv, proc.returncode, out_file, proc.stdout, proc.stderr, strict)
 
 
 if __name__ == "__main__":

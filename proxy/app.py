@@ -29,7 +29,7 @@ from .clock import Clock
 from .config import GatewayConfig
 from .errors import JSON_CONTENT_TYPE, error_response
 from .exchange import ExchangeFailed, TokenExchanger
-from .forwarding import BYTES_OUT, UPSTREAM_SECONDS, Upstream
+from .forwarding import BYTES_OUT, UPSTREAM_SECONDS, RelayedResponse, Upstream
 from .health import CoordinatorProbe, version_info
 from .jwks import JwksRegistry
 from .metrics import AuthStateCollector, GatewayMetrics
@@ -148,7 +148,7 @@ class Gateway:
                 response = outcome.refusal or await self._forward(request, route, outcome, rid)
             else:
                 response, outcome = await self.local(request, route, raw_path, rid)
-            if not response.prepared:  # a relayed response already carries it
+            if not response.prepared and response.__class__ is not RelayedResponse:  # those carry it
                 response.headers["X-Request-ID"] = rid
             return response
         except asyncio.CancelledError:
@@ -212,8 +212,8 @@ class Gateway:
         body = None
         if route is START_RUN:
             checked = await self._read_run_start(request, rid)
-            if isinstance(checked, web.Response):
-                return checked
+            if checked.__class__ is not bytes:  # a refusal (isinstance would take the slow ABC path)
+                return checked  # type: ignore[return-value]
             body = checked
         extra = b""
         principal = outcome.principal

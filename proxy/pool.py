@@ -59,14 +59,13 @@ class StreamIdle(UpstreamError):
 class PoolResponse:
     """One response: headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "reason", "headers", "has_content_type", "complete", "error", "keep_alive", "_conn",
+    __slots__ = ("status", "reason", "headers", "complete", "error", "keep_alive", "_conn",
                  "_chunks", "_buffered", "_waiter", "_paused")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.has_content_type = False
         self.complete = False
         self.error: UpstreamError | None = None
         self.keep_alive = False
@@ -196,8 +195,6 @@ class _Connection(asyncio.Protocol):
         response = self.response
         assert response is not None
         response.headers.append((name, value))
-        if len(name) == 12 and name.lower() == b"content-type":
-            response.has_content_type = True
 
     def on_status(self, reason: bytes) -> None:
         assert self.response is not None
@@ -210,7 +207,6 @@ class _Connection(asyncio.Protocol):
         if response.status < 200:
             # An interim 1xx answer: its headers are not the response's.
             response.headers.clear()
-            response.has_content_type = False
             return
         response.keep_alive = self._parser.should_keep_alive()
         ready = self._headers_ready

@@ -21,19 +21,20 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import RUN_START, SPEC, gateway_config, json_response
 from jsonschema import Draft202012Validator
 from multidict import CIMultiDict
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from yarl import URL
 
-from conftest import RUN_START, SPEC, gateway_config, json_response
 from proxy import devcoordinator
 from proxy.config import RetryConfig
 from proxy.server import start_gateway
@@ -387,6 +388,82 @@ async def test_gzip_bodies_pass_through_compressed(through, upstream, http) -> N
         assert resp.headers["Content-Encoding"] == "gzip"
         assert await resp.read() == packed
     assert upstream.requests[0]["headers"]["Accept-Encoding"] == "gzip"
+
+
+async def scripted_coordinator(answer: bytes) -> tuple[asyncio.base_events.Server, str]:
+    """A coordinator that answers every request with exactly these bytes, written at once."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_whole_answer_is_reframed_and_keeps_only_end_to_end_headers(gateway) -> None:
+    body = b'{"run_id":"r1","state":"queued"}'
+    server, coordinator = await scripted_coordinator(
+        b"HTTP/1.1 201 Made\r\nConnection: X-Drop\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Keep: end-to-end\r\nX-Request-ID: the-coordinator-s\r\n"
+        b"Content-Type: application/json\r\n\r\n" + chunked(body))
+    try:
+        url = await gateway(coordinator)
+        status, headers, got = await raw_exchange(url, "GET", "/v1/runs/r1", [("X-Request-ID", "mine-1")])
+    finally:
+        server.close()
+    assert (status, got) == (201, body)
+    assert headers["Content-Length"] == str(len(body))  # framed by the gateway for this hop
+    for name in ("Transfer-Encoding", "X-Drop", "Keep-Alive"):
+        assert name not in headers, f"{name} reached the client"
+    assert headers["X-Keep"] == "end-to-end"
+    assert headers.getall("X-Request-ID") == ["mine-1"]
+    assert headers["Connection"] == "close"  # the client asked to close
+    # The coordinator sent no Date; RFC 9110 has the proxy add one.
+    assert abs(parsedate_to_datetime(headers["Date"]).timestamp() - time.time()) < 5
+
+
+async def test_http10_client_keeps_its_connection_for_whole_answers(gateway) -> None:
+    server, coordinator = await scripted_coordinator(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    try:
+        url = URL(await gateway(coordinator))
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        for _ in range(2):  # the second request needs the connection the first one left open
+            writer.write(b"GET /v1/runs/r1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode("latin-1")
+            assert head.startswith("HTTP/1.0 200 OK\r\n")
+            assert "\r\nConnection: keep-alive\r\n" in head
+            assert "\r\nContent-Length: 2\r\n" in head
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"{}"
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_no_content_answer_has_no_body_or_length(gateway) -> None:
+    server, coordinator = await scripted_coordinator(b"HTTP/1.1 204 No Content\r\nX-Keep: 1\r\n\r\n")
+    try:
+        url = URL(await gateway(coordinator))
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n"
+                     b"GET /v1/runs/r1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)  # both answers, back to back
+        writer.close()
+    finally:
+        server.close()
+    first, second = data.split(b"HTTP/1.1 204 No Content\r\n")[1:]
+    assert b"Content-Length" not in first and first.endswith(b"\r\n\r\n")
+    assert b"X-Keep: 1\r\n" in second and b"Connection: close\r\n" in second and second.endswith(b"\r\n\r\n")
 
 
 async def test_coordinator_error_responses_pass_unchanged(gateway, coordinator, http) -> None:

@@ -60,6 +60,7 @@ LOAD_CPU = "1"         # wrk, clients, upstreams, issuer, this script
 BOTH_CPUS = "0,1"      # the 2-worker gateway (and so it shares a core with the load)
 
 AUDIENCE = "arp-run-gateway"
+SCALING_SHARE = 0.4   # of a core per worker in the scaling section: room left for the load
 NOISY_PCT = 10         # a round where other processes took this much of core 0 is flagged in the report
 RUN_JSON = '{"run_id":"run_bench","root_node_run_id":"nr_bench","state":"queued"}'
 RUN_START_BODY = '{"root_node_type_ref": {"node_type_id": "bench", "version": "1"}, "input": {}}'
@@ -285,6 +286,52 @@ class RssSampler:
 # =========================================================================== configs
 
 
+class CpuBudget:
+    """A CFS quota of `share` of one core for the processes put in it: a cgroup of its own, under
+    cgroup v2 where the cpu controller is delegated, else under v1's cpu hierarchy. Needs root.
+
+        budget = CpuBudget("arp-bench-w0", 0.4)
+        budget.add(pid)
+        ...
+        budget.remove()   # after its processes have exited
+    """
+
+    V1 = Path("/sys/fs/cgroup/cpu")
+    V2 = Path("/sys/fs/cgroup")
+    PERIOD_US = 10_000  # short periods: throttling stalls a worker for at most a few ms at a time
+
+    def __init__(self, name: str, share: float) -> None:
+        quota = int(share * self.PERIOD_US)
+        if (self.V1 / "cpu.cfs_quota_us").exists():
+            self.path = self.V1 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        elif "cpu" in (self.V2 / "cgroup.controllers").read_text().split():
+            (self.V2 / "cgroup.subtree_control").write_text("+cpu")
+            self.path = self.V2 / name
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:
+            raise OSError("no cgroup cpu controller to set a CPU quota with")
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def throttled_s(self) -> float:
+        for line in (self.path / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("throttled_time", "throttled_usec"):
+                return int(value) / (1e9 if key == "throttled_time" else 1e6)
+        return 0.0
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
 def nginx_common(workdir: Path, name: str) -> str:
     # master_process off: one process, so its CPU time is the whole server's;
     # every path nginx would otherwise take from /var/lib or /var/log is ours.
@@ -503,6 +550,7 @@ class Bench:
         self.targets: dict[str, Target] = {}
         self.ports = {name: free_port() for name in (
             "upstream", "nginx", "haproxy", "gw_auth", "gw_noauth", "gw_metrics", "gw_workers2",
+            "gw_scale1", "gw_scale2",
             "jarvis", "token", "issuer", "stream", "gw_stream", "gw_startup")}
         self.issuer = f"http://127.0.0.1:{self.ports['issuer']}"
         self.token_file = workdir / "token.txt"
@@ -730,6 +778,73 @@ class Bench:
                 self.note("metrics.enabled: true was set, but nothing answered GET /metrics on metrics.port: the "
                           "gateway under test does not implement metrics yet, so on/off compared two identical "
                           "gateways (their difference is this machine's noise)")
+
+    def scaling(self) -> None:
+        """`listen.workers` 1 against 2 with the same CPU budget per worker.
+
+        The 2-worker target above runs on both cores of this machine, so its second worker shares
+        core 1 with wrk and the upstream: its ratio says how much CPU the load generator leaves, not
+        how the gateway scales. Here every worker gets a quota of SCALING_SHARE of a core (a cgroup
+        each) and worker i is pinned to core i, which leaves the load its own CPU: 2 workers / 1 is
+        then the gateway's own scaling (SO_REUSEPORT spread, no shared state), as on 2 free cores."""
+        section: dict[str, Any] = {"share": SCALING_SHARE}
+        self.results["sections"]["scaling"] = section
+        upstream_url = f"http://127.0.0.1:{self.ports['upstream']}"
+        budgets: list[CpuBudget] = []
+        targets: dict[int, tuple[Target, list[int]]] = {}
+        try:
+            for n in (1, 2):
+                key = f"gw_scale{n}"
+                proc = self.start_gateway(key, gateway_config(self.ports[key], upstream_url, self.issuer, workers=n),
+                                          BOTH_CPUS)
+                self.wait_gateway_ready(key, self.ports[key], proc, consecutive=4 if n > 1 else 1)
+                workers = [proc.pid] if n == 1 else [p for p in process_tree(proc.pid) if p != proc.pid]
+                if len(workers) != n:
+                    raise BenchError(f"{key}: expected {n} worker processes, found {len(workers)}")
+                for i, pid in enumerate(sorted(workers)):
+                    os.sched_setaffinity(pid, {i})
+                    budgets.append(CpuBudget(f"arp-bench-{os.getpid()}-w{n}-{i}", SCALING_SHARE))
+                    budgets[-1].add(pid)
+                target = Target(key, f"{n} worker(s)", f"http://127.0.0.1:{self.ports[key]}/v1/runs",
+                                pid=proc.pid, duration=self.args.duration)
+                self.preflight(target)
+                targets[n] = (target, workers)
+        except (OSError, BenchError, http.client.HTTPException) as exc:
+            section["unavailable"] = f"{type(exc).__name__}: {exc}"
+            self.note(f"worker scaling with a CPU budget per worker: n/a: {exc}")
+            self.procs.stop_named({"gw_scale1", "gw_scale2"})
+            for b in budgets:
+                b.remove()
+            return
+        if self.args.warmup:
+            for target, _ in targets.values():
+                self.wrk(target, 1)
+        rounds: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+        for r in range(self.args.rounds):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                target, workers = targets[n]
+                before = {pid: cpu_seconds(pid) for pid in workers}
+                wall = time.monotonic()
+                try:
+                    res = self.wrk(target, target.duration)
+                except BenchError as exc:
+                    res = {"error": str(exc)}
+                wall = time.monotonic() - wall
+                res["worker_cpu_pct"] = [round((cpu_seconds(pid) - before[pid]) / wall * 100) for pid in workers]
+                rounds[n].append(res)
+                print(f"scaling round {r + 1}/{self.args.rounds} {n} worker(s) "
+                      + (f"{res['rps']:9.0f} req/s  worker CPU % {res['worker_cpu_pct']}" if "rps" in res
+                         else f"error: {res['error']}"), flush=True)
+        self.procs.stop_named({"gw_scale1", "gw_scale2"})
+        for b in budgets:
+            b.remove()
+        pairs = [b["rps"] / a["rps"] for a, b in zip(rounds[1], rounds[2]) if a.get("rps") and b.get("rps")]
+        section.update({
+            "rounds": {str(n): v for n, v in rounds.items()},
+            "rps": {str(n): statistics.median([x["rps"] for x in v if "rps" in x]) if any("rps" in x for x in v)
+                    else None for n, v in rounds.items()},
+            "ratio": statistics.median(pairs) if pairs else None,
+        })
 
     def profile(self) -> None:
         t = self.targets.get("gw_auth")
@@ -973,7 +1088,10 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("line latency p50 through the gateway", line.get("p50_ms"), "<= 1 ms", lambda v: v <= 1.0, "ms"),
         ("start-up to ready (median)", s.get("startup", {}).get("median_s"), "<= 1 s", lambda v: v <= 1.0, "s"),
         ("metrics on / off req/s", metrics_ratio, "within 5%", lambda v: abs(v - 1) <= 0.05, "x"),
-        ("workers 2 / 1 req/s", paired_ratio(tp, "gw_workers2", "gw_auth"), ">= 1.8", lambda v: v >= 1.8, "x"),
+        ("workers 2 / 1 req/s, same CPU budget per worker", s.get("scaling", {}).get("ratio"), ">= 1.8",
+         lambda v: v >= 1.8, "x"),
+        ("(workers 2 / 1, 2nd worker sharing core 1 with wrk)", None if paired_ratio(tp, "gw_workers2", "gw_auth")
+         is None else f"{paired_ratio(tp, 'gw_workers2', 'gw_auth'):.2f}", "reference", None, "x"),
     ]
     out = []
     for name, value, target, check, unit in rows:
@@ -1009,7 +1127,8 @@ def render(results: dict[str, Any]) -> str:
         f"- gateway under test: {env['gateway']}",
         f"- python {env['python']}, aiohttp {env['aiohttp']}; {env['tools']}",
         "- layout: target pinned to core 0; wrk/clients, upstreams, issuer on core 1 "
-        "(the 2-worker gateway uses both cores and so shares core 1 with wrk)",
+        "(the 2-worker gateway of the throughput table uses both cores and so shares core 1 with wrk; "
+        "the scaling section gives each worker its own CPU budget instead)",
         "- load: `wrk -t1 -c32` (JARVIS: lower -c, shorter) authenticated `POST /v1/runs`, "
         "medians over interleaved rounds; CPU = target process time / requests", "",
     ]
@@ -1072,6 +1191,20 @@ def render(results: dict[str, Any]) -> str:
     su = results["sections"].get("startup")
     if su:
         lines += ["", f"Start-up to /readyz 200 (JWKS fetched): {su['samples_s']} s"]
+    sc = results["sections"].get("scaling")
+    if sc:
+        lines += ["", f"## Worker scaling: the same CPU budget per worker ({sc['share']} of a core each)", "",
+                  "Each worker of `listen.workers: 1` and `listen.workers: 2` runs in a cgroup of its own with a "
+                  "CFS quota of that share, worker i pinned to core i, so wrk and the upstream keep CPU of their "
+                  "own; the 2-worker target in the throughput table instead shares core 1 with them.", ""]
+        if sc.get("unavailable"):
+            lines.append(f"n/a: {sc['unavailable']}")
+        else:
+            for n, rounds in sc["rounds"].items():
+                per = ", ".join(f"{x['rps']:.0f} (CPU % {x['worker_cpu_pct']})" if "rps" in x else "err"
+                                for x in rounds)
+                lines.append(f"- {n} worker(s): median {fmt(sc['rps'][n], 0)} req/s; per round: {per}")
+            lines.append(f"- 2 / 1, median of same-round ratios: {fmt(sc['ratio'])}x")
     lines += ["", "## Verdicts", "", "| check | measured | target | verdict |", "|---|---:|---|---|"]
     for v in results["verdicts"]:
         value = v["value"] if isinstance(v["value"], str) else fmt(v["value"], 3 if v["unit"] in ("ms", "s") else 2)
@@ -1215,6 +1348,8 @@ def main(argv: list[str] | None = None) -> int:
         # The load targets are done: stop them so the streaming section has the machine to itself.
         bench.procs.stop_named({"haproxy", "gw_auth", "gw_noauth", "gw_metrics", "gw_workers2", "jarvis",
                                 "token-endpoint"})
+        if "workers" not in args.skip:
+            bench.scaling()
         if "startup" not in args.skip:
             bench.startup()
         if "streaming" not in args.skip:

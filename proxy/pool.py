@@ -259,7 +259,8 @@ class _Connection(asyncio.Protocol):
                    deadline: float | None) -> PoolResponse:
         assert self.transport is not None
         self.response = PoolResponse(self)
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser is the connection's: llhttp starts on the next message after a complete one,
+        # and a connection whose exchange did not complete is never reused.
         loop = asyncio.get_running_loop()
         self._headers_ready = ready = loop.create_future()
         timer = loop.call_at(deadline, _expire, ready) if deadline is not None else None

@@ -16,7 +16,6 @@ the claims against that issuer's policy and the injected clock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import OrderedDict
@@ -158,7 +157,9 @@ class TokenVerifier:
         self._max_bytes = auth.max_token_bytes
         self._skew = auth.clock_skew_s
         self._cache_size = auth.token_cache_size
-        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+        # Keyed by the token text itself: its Principal keeps the token anyway (for passthrough),
+        # and str keys spare a SHA-256 per request.
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._policies = {
             i.issuer: _Policy(frozenset(i.algorithms) - {"none"}, frozenset(i.audiences))
             for i in auth.issuers
@@ -183,31 +184,28 @@ class TokenVerifier:
         """The Principal for a valid token; TokenError or KeysUnavailable otherwise."""
         if len(token) > self._max_bytes:
             raise TokenTooLarge()
-        try:
-            raw = token.encode("ascii")
-        except UnicodeEncodeError:
-            raise MalformedToken() from None
-
-        digest = None
-        if self._cache_size > 0:
-            digest = hashlib.sha256(raw).digest()
-            entry = self._cache.get(digest)
+        cached = self._cache_size > 0
+        if cached:
+            entry = self._cache.get(token)
             if entry is not None:
                 if self._clock.time() < entry.exp and (
                         entry.hmac or entry.jwks.find_key(entry.kid) is entry.key):
                     if not entry.hmac and not entry.jwks.ready:
                         # Keys older than jwks_max_stale_s: a cached token gets no longer life than a new one.
                         raise KeysUnavailable(entry.jwks.issuer, entry.jwks.retry_after_s())
-                    self._cache.move_to_end(digest)
+                    self._cache.move_to_end(token)
                     self.cache_hits += 1
                     return entry.principal
                 # Expired, or its key was rotated out: a revoked key must not live on here.
-                del self._cache[digest]
+                del self._cache[token]
             self.cache_misses += 1
-
+        try:
+            raw = token.encode("ascii")
+        except UnicodeEncodeError:
+            raise MalformedToken() from None
         verified = await self._verify(token, raw)
-        if digest is not None and self._clock.time() < verified.exp:
-            self._cache[digest] = verified
+        if cached and self._clock.time() < verified.exp:
+            self._cache[token] = verified
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return verified.principal

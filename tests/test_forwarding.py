@@ -201,6 +201,20 @@ async def test_start_run_keeps_method_raw_path_query_and_body_bytes(through, ups
     assert seen["headers"]["Content-Length"] == str(len(ODD_JSON))
 
 
+async def test_start_run_body_arriving_in_pieces_is_forwarded_whole(through, upstream) -> None:
+    url = URL(await through(answer(200, {"run_id": "r1", "state": "queued"})))
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(b"POST /v1/runs HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(ODD_JSON), ODD_JSON[:9]))
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the gateway has read the head and the first bytes by now
+    writer.write(ODD_JSON[9:])
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 200"), status_line
+    assert upstream.requests[0]["body"] == ODD_JSON
+
+
 async def test_get_run_keeps_percent_encoded_path_and_query(through, upstream, http) -> None:
     url = await through()
     target = "/v1/runs/run%3A1%7E?cursor=a%2Fb%3D&x=%41"

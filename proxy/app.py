@@ -166,10 +166,9 @@ class Gateway:
         status = failed or (response.status if response is not None else 500)
         principal = outcome.principal if outcome is not None else None
         if self.metrics is not None:
-            self.metrics.in_flight -= 1
-            self.metrics.request(route.template, request.method, status, seconds)
-            if outcome is not None and outcome is not EXEMPT:
-                self.metrics.auth(principal.issuer if principal else None, outcome.result, outcome.reason)
+            self.metrics.request(route.template, request.method, status, seconds,
+                                 None if outcome is None or outcome is EXEMPT else
+                                 (principal.issuer if principal else None, outcome.result, outcome.reason))
         if self.access_log is not None:
             upstream_s = response.get(UPSTREAM_SECONDS) if response is not None else None
             if response is None:

@@ -43,8 +43,9 @@ _REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-fo
                        b"x-request-id", b"expect", b"authorization", b"content-length"})
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 CLIENT_HEADER_CACHE = 1024
-# A whole body is reframed with its own Content-Length; X-Request-ID is the gateway's.
-_REFRAMED = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+# X-Request-ID is the gateway's; a whole body is reframed with its own Content-Length.
+_NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
+_REFRAMED = _NOT_RELAYED | {b"content-length"}
 RESPONSE_HEADER_CACHE = 256
 # Like aiohttp's writer: wait for the client to take a large answer before reading the next request.
 _DRAIN_ABOVE = 64 * 1024
@@ -86,27 +87,37 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(named)
 
 
+def end_to_end(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """The coordinator's headers minus `drop` and any named on its Connection lines."""
+    named = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else frozenset()
+    return [(name, value) for name, value in raw if (low := name.lower()) not in drop and low not in named]
+
+
 def response_headers(raw: list[tuple[bytes, bytes]], request_id: str) -> list[tuple[str, str]]:
-    """The coordinator's headers for a streamed answer: hop-by-hop ones removed, X-Request-ID set.
+    """The coordinator's headers for a streamed answer, X-Request-ID set.
 
     A plain list, because aiohttp builds its own header multidict from whatever it is given."""
-    named = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else frozenset()
-    out = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw
-           if (low := name.lower()) not in HOP_BY_HOP and low not in named and low != b"x-request-id"]
+    out = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in end_to_end(raw, _NOT_RELAYED)]
     out.append(("X-Request-ID", request_id))
     return out
 
 
-def response_header_block(raw: list[tuple[bytes, bytes]]) -> bytes:
-    """The coordinator's header lines as the client gets them with a whole body: hop-by-hop ones and
-    its framing removed (the gateway frames the body itself), a Date added if it sent none."""
-    named = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else frozenset()
-    kept = [b"%s: %s\r\n" % (name, value) for name, value in raw
-            if (low := name.lower()) not in _REFRAMED and low not in named]
-    if not any(name.lower() == b"date" for name, _ in raw):
-        # RFC 9110 6.6.1: a proxy adds the Date a clockless origin left out.
-        kept.append(b"Date: " + formatdate(usegmt=True).encode() + b"\r\n")
-    return b"".join(kept)
+def response_header_block(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    """The coordinator's header lines for an answer with a whole body, which the gateway frames
+    itself; and whether the coordinator sent a Date."""
+    kept = end_to_end(raw, _REFRAMED)
+    return b"".join(b"%s: %s\r\n" % pair for pair in kept), any(name.lower() == b"date" for name, _ in raw)
+
+
+def http_date(now: float) -> bytes:
+    """An RFC 9110 Date header line, formatted once per second."""
+    second = int(now)
+    if _date_line[0] != second:
+        _date_line[:] = [second, b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"]
+    return _date_line[1]
+
+
+_date_line: list = [None, b""]
 
 
 class RelayedResponse(web.StreamResponse):
@@ -116,9 +127,10 @@ class RelayedResponse(web.StreamResponse):
     about a sixth of the gateway's CPU per request. This writes the filtered header bytes as the
     coordinator sent them, adding only what this hop decides: framing, keep-alive, X-Request-ID."""
 
-    def __init__(self, status: int, reason: str, header_block: bytes, body: bytes, request_id: str) -> None:
+    def __init__(self, status: int, reason: str, header_block: tuple[bytes, bool], body: bytes,
+                 request_id: str) -> None:
         super().__init__(status=status, reason=reason)
-        self._block = header_block
+        self._block, self._dated = header_block
         self._whole = body
         self._request_id = request_id
 
@@ -133,6 +145,8 @@ class RelayedResponse(web.StreamResponse):
         status = self.status
         parts = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, status, self.reason.encode("latin-1")),
                  self._block, b"X-Request-ID: ", self._request_id.encode(), b"\r\n"]
+        if not self._dated:
+            parts.append(http_date(time.time()))  # RFC 9110 6.6.1: a proxy adds what a clockless origin left out
         body = self._whole
         if status < 200 or status in (204, 304) or request.method == "HEAD":
             body = b""  # RFC 9110 6.4.1: these answers never have content
@@ -161,7 +175,7 @@ class Upstream:
         self.pool: UpstreamPool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._client_blocks: dict[tuple[tuple[tuple[bytes, bytes], ...], str | None], bytes] = {}
-        self._response_blocks: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+        self._response_blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bool]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -220,7 +234,7 @@ class Upstream:
                   b"\r\n")
         return b"".join(parts)
 
-    def _response_block(self, raw: list[tuple[bytes, bytes]]) -> bytes:
+    def _response_block(self, raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
         """Cached by the exact header bytes: a coordinator repeats its headers answer after answer,
         only its Date moving once a second."""
         key = tuple(raw)

@@ -433,6 +433,8 @@ async def test_whole_answer_is_reframed_and_keeps_only_end_to_end_headers(gatewa
     try:
         url = await gateway(coordinator)
         status, headers, got = await raw_exchange(url, "GET", "/v1/runs/r1", [("X-Request-ID", "mine-1")])
+        await asyncio.sleep(1.05)  # the same coordinator headers again, a second later
+        _, later, _ = await raw_exchange(url, "GET", "/v1/runs/r1")
     finally:
         server.close()
     assert (status, got) == (201, body)
@@ -443,7 +445,9 @@ async def test_whole_answer_is_reframed_and_keeps_only_end_to_end_headers(gatewa
     assert headers.getall("X-Request-ID") == ["mine-1"]
     assert headers["Connection"] == "close"  # the client asked to close
     # The coordinator sent no Date; RFC 9110 has the proxy add one.
-    assert abs(parsedate_to_datetime(headers["Date"]).timestamp() - time.time()) < 5
+    first = parsedate_to_datetime(headers["Date"]).timestamp()
+    assert abs(first - time.time()) < 5
+    assert parsedate_to_datetime(later["Date"]).timestamp() > first, "a cached Date went stale"
 
 
 async def test_http10_client_keeps_its_connection_for_whole_answers(gateway) -> None:

@@ -38,6 +38,7 @@ from yarl import URL
 from proxy import devcoordinator
 from proxy.config import RetryConfig
 from proxy.server import start_gateway
+from tests.support.servers import RawServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -404,39 +405,28 @@ async def test_gzip_bodies_pass_through_compressed(through, upstream, http) -> N
     assert upstream.requests[0]["headers"]["Accept-Encoding"] == "gzip"
 
 
-async def scripted_coordinator(answer: bytes) -> tuple[asyncio.base_events.Server, str]:
+def scripted_coordinator(answer: bytes) -> RawServer:
     """A coordinator that answers every request with exactly these bytes, written at once."""
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                await reader.readexactly(length)
-                writer.write(answer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    return RawServer(write)
 
 
 async def test_whole_answer_is_reframed_and_keeps_only_end_to_end_headers(gateway) -> None:
     body = b'{"run_id":"r1","state":"queued"}'
-    server, coordinator = await scripted_coordinator(
+    server = scripted_coordinator(
         b"HTTP/1.1 201 Made\r\nConnection: X-Drop\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\n"
         b"Transfer-Encoding: chunked\r\nX-Keep: end-to-end\r\nX-Request-ID: the-coordinator-s\r\n"
         b"Content-Type: application/json\r\n\r\n" + chunked(body))
     try:
-        url = await gateway(coordinator)
+        url = await gateway(await server.start())
         status, headers, got = await raw_exchange(url, "GET", "/v1/runs/r1", [("X-Request-ID", "mine-1")])
         await asyncio.sleep(1.05)  # the same coordinator headers again, a second later
         _, later, _ = await raw_exchange(url, "GET", "/v1/runs/r1")
     finally:
-        server.close()
+        await server.close()
     assert (status, got) == (201, body)
     assert headers["Content-Length"] == str(len(body))  # framed by the gateway for this hop
     for name in ("Transfer-Encoding", "X-Drop", "Keep-Alive"):
@@ -451,10 +441,10 @@ async def test_whole_answer_is_reframed_and_keeps_only_end_to_end_headers(gatewa
 
 
 async def test_http10_client_keeps_its_connection_for_whole_answers(gateway) -> None:
-    server, coordinator = await scripted_coordinator(
+    server = scripted_coordinator(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
     try:
-        url = URL(await gateway(coordinator))
+        url = URL(await gateway(await server.start()))
         reader, writer = await asyncio.open_connection(url.host, url.port)
         for _ in range(2):  # the second request needs the connection the first one left open
             writer.write(b"GET /v1/runs/r1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
@@ -465,20 +455,20 @@ async def test_http10_client_keeps_its_connection_for_whole_answers(gateway) -> 
             assert await asyncio.wait_for(reader.readexactly(2), 5) == b"{}"
         writer.close()
     finally:
-        server.close()
+        await server.close()
 
 
 async def test_no_content_answer_has_no_body_or_length(gateway) -> None:
-    server, coordinator = await scripted_coordinator(b"HTTP/1.1 204 No Content\r\nX-Keep: 1\r\n\r\n")
+    server = scripted_coordinator(b"HTTP/1.1 204 No Content\r\nX-Keep: 1\r\n\r\n")
     try:
-        url = URL(await gateway(coordinator))
+        url = URL(await gateway(await server.start()))
         reader, writer = await asyncio.open_connection(url.host, url.port)
         writer.write(b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n"
                      b"GET /v1/runs/r1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
         data = await asyncio.wait_for(reader.read(), 5)  # both answers, back to back
         writer.close()
     finally:
-        server.close()
+        await server.close()
     first, second = data.split(b"HTTP/1.1 204 No Content\r\n")[1:]
     assert b"Content-Length" not in first and first.endswith(b"\r\n\r\n")
     assert b"X-Keep: 1\r\n" in second and b"Connection: close\r\n" in second and second.endswith(b"\r\n\r\n")

@@ -174,6 +174,7 @@ class Upstream:
         self._drop = HOP_BY_HOP | _REPLACED | {n.lower().encode() for n in strip_names}
         self.pool: UpstreamPool | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start(), inside the running loop
         self._client_blocks: dict[tuple[tuple[tuple[bytes, bytes], ...], str | None], bytes] = {}
         self._response_blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bool]] = {}
 
@@ -184,6 +185,7 @@ class Upstream:
         return self._session
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
         self._session = aiohttp.ClientSession(auto_decompress=False)
         if self.base_url is not None:
             self.pool = UpstreamPool(self.base_url, max_connections=self.cfg.max_connections,
@@ -266,7 +268,7 @@ class Upstream:
             framing, payload = b"Transfer-Encoding: chunked\r\n", request.content.iter_any()
         head = self._head(request, pool, extra, request_id, framing)
         started = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
+        deadline = self._loop.time() + self.cfg.request_timeout_s
         chunked = framing.startswith(b"Transfer")
         try:
             if payload is None or isinstance(payload, bytes):

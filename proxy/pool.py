@@ -141,6 +141,8 @@ class PoolResponse:
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
+        # Kept: on Python 3.11 each get_running_loop() costs a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.response: PoolResponse | None = None
@@ -261,7 +263,7 @@ class _Connection(asyncio.Protocol):
         self.response = PoolResponse(self)
         # The parser is the connection's: llhttp starts on the next message after a complete one,
         # and a connection whose exchange did not complete is never reused.
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._headers_ready = ready = loop.create_future()
         timer = loop.call_at(deadline, _expire, ready) if deadline is not None else None
         self.received_any = False

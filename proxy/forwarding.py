@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
+from functools import lru_cache
 
 import aiohttp
 from aiohttp import web
@@ -109,15 +110,10 @@ def response_header_block(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
     return b"".join(b"%s: %s\r\n" % pair for pair in kept), any(name.lower() == b"date" for name, _ in raw)
 
 
-def http_date(now: float) -> bytes:
-    """An RFC 9110 Date header line, formatted once per second."""
-    second = int(now)
-    if _date_line[0] != second:
-        _date_line[:] = [second, b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"]
-    return _date_line[1]
-
-
-_date_line: list = [None, b""]
+@lru_cache(maxsize=1)
+def http_date(second: int) -> bytes:
+    """An RFC 9110 Date header line for this second: formatted once, whatever the request rate."""
+    return b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
 
 
 class RelayedResponse(web.StreamResponse):
@@ -146,7 +142,7 @@ class RelayedResponse(web.StreamResponse):
         parts = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, status, self.reason.encode("latin-1")),
                  self._block, b"X-Request-ID: ", self._request_id.encode(), b"\r\n"]
         if not self._dated:
-            parts.append(http_date(time.time()))  # RFC 9110 6.6.1: a proxy adds what a clockless origin left out
+            parts.append(http_date(int(time.time())))  # RFC 9110 6.6.1: a proxy adds what a clockless origin left out
         body = self._whole
         if status < 200 or status in (204, 304) or request.method == "HEAD":
             body = b""  # RFC 9110 6.4.1: these answers never have content

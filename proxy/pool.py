@@ -59,13 +59,14 @@ class StreamIdle(UpstreamError):
 class PoolResponse:
     """One response: headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "reason", "headers", "complete", "error", "keep_alive", "_conn",
+    __slots__ = ("status", "reason", "headers", "content_length", "complete", "error", "keep_alive", "_conn",
                  "_chunks", "_buffered", "_waiter", "_paused")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
         self.complete = False
         self.error: UpstreamError | None = None
         self.keep_alive = False
@@ -150,8 +151,6 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.received_any = False
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
 
     # -- asyncio.Protocol
 
@@ -167,7 +166,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._error(BadResponse(f"invalid HTTP from the coordinator: {exc}"))
+            if not self.response.complete:
+                self._error(BadResponse(f"invalid HTTP from the coordinator: {exc}"))
             self._abort()
 
     def eof_received(self) -> bool | None:
@@ -179,24 +179,24 @@ class _Connection(asyncio.Protocol):
         self._parser_eof()
         if self.response is not None and not self.response.complete:
             self._error(ConnectionReset("the coordinator closed the connection", sent=True))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ConnectionReset("connection lost while sending"))
         self._pool.forget(self)
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
     # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response.complete:
+            # A second answer to one request: whatever it is, no client gets it, and the
+            # connection's framing can no longer be trusted.
+            self.closed = True
+            raise BadResponse("the coordinator sent an unrequested response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
         response.headers.append((name, value))
+        if len(name) == 14 and name.lower() == b"content-length":
+            response.content_length = int(value)  # llhttp has checked it
 
     def on_status(self, reason: bytes) -> None:
         assert self.response is not None
@@ -209,6 +209,7 @@ class _Connection(asyncio.Protocol):
         if response.status < 200:
             # An interim 1xx answer: its headers are not the response's.
             response.headers.clear()
+            response.content_length = None
             return
         response.keep_alive = self._parser.should_keep_alive()
         ready = self._headers_ready
@@ -257,8 +258,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool,
-                   deadline: float | None) -> PoolResponse:
+    async def send(self, head: bytes, body: bytes | None, deadline: float | None) -> PoolResponse:
         assert self.transport is not None
         self.response = PoolResponse(self)
         # The parser is the connection's: llhttp starts on the next message after a complete one,
@@ -267,30 +267,12 @@ class _Connection(asyncio.Protocol):
         self._headers_ready = ready = loop.create_future()
         timer = loop.call_at(deadline, _expire, ready) if deadline is not None else None
         self.received_any = False
-        if body is None or isinstance(body, bytes):
-            self.transport.write(head + body if body else head)
-        else:
-            self.transport.write(head)
-            async for chunk in body:
-                if self.closed:
-                    break
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                if self._write_paused:
-                    await self._wait_drain()
-            if chunked and not self.closed:
-                self.transport.write(b"0\r\n\r\n")
+        self.transport.write(head + body if body else head)
         try:
             return await ready
         finally:
             if timer is not None:
                 timer.cancel()
-
-    async def _wait_drain(self) -> None:
-        self._drain = asyncio.get_running_loop().create_future()
-        try:
-            await self._drain
-        finally:
-            self._drain = None
 
     def finish(self, *, reusable: bool) -> None:
         self.response = None
@@ -315,7 +297,7 @@ class UpstreamPool:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._secure else 80)
         self.host_header = parts.netloc.rsplit("@", 1)[-1].encode("idna")
-        self.base_path = parts.path.rstrip("/")
+        self.base_path = parts.path.rstrip("/").encode()
         self._max = max_connections
         self._connect_timeout = connect_timeout_s
         # Below common server keep-alive timeouts (uvicorn: 5 s), so we drop a connection before the
@@ -332,8 +314,7 @@ class UpstreamPool:
     def size(self) -> int:
         return len(self._all) + self._connecting
 
-    async def request(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
-                      chunked: bool = False, deadline: float | None = None) -> PoolResponse:
+    async def request(self, head: bytes, body: bytes | None, *, deadline: float | None = None) -> PoolResponse:
         """Sends one request and returns once the response headers are in.
 
         `deadline` (event-loop time) bounds the wait for a free connection and for the response
@@ -341,7 +322,7 @@ class UpstreamPool:
         TimeoutError when it passes. Connecting has its own connect timeout."""
         conn = await self._acquire(deadline)
         try:
-            return await conn.send(head, body, chunked, deadline)
+            return await conn.send(head, body, deadline)
         except BaseException:
             conn.finish(reusable=False)
             raise

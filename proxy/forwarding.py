@@ -126,7 +126,8 @@ class Upstream:
         if self.base_url is not None:
             self.pool = UpstreamPool(self.base_url, max_connections=self.cfg.max_connections,
                                      connect_timeout_s=self.cfg.connect_timeout_s,
-                                     idle_timeout_s=self.cfg.keepalive_idle_s)
+                                     idle_timeout_s=self.cfg.keepalive_idle_s,
+                                     sweep_interval_s=min(1.0, self.cfg.request_timeout_s / 10))
 
     async def close(self) -> None:
         if self.pool is not None:

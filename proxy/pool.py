@@ -149,6 +149,7 @@ class _Connection(asyncio.Protocol):
         self.response: PoolResponse | None = None
         self._headers_ready: asyncio.Future[PoolResponse] | None = None
         self.closed = False
+        self.deadline = 0.0         # event-loop time the response headers are due by; 0: none
         self.idle_since = 0.0
         self.received_any = False
 
@@ -263,16 +264,19 @@ class _Connection(asyncio.Protocol):
         self.response = PoolResponse(self)
         # The parser is the connection's: llhttp starts on the next message after a complete one,
         # and a connection whose exchange did not complete is never reused.
-        loop = self._loop
-        self._headers_ready = ready = loop.create_future()
-        timer = loop.call_at(deadline, _expire, ready) if deadline is not None else None
+        self._headers_ready = ready = self._loop.create_future()
+        self.deadline = deadline or 0.0  # kept by the pool's sweep: no timer armed per request
         self.received_any = False
         self.transport.write(head + body if body else head)
         try:
             return await ready
         finally:
-            if timer is not None:
-                timer.cancel()
+            self.deadline = 0.0
+
+    def expire(self) -> None:
+        ready = self._headers_ready
+        if ready is not None and not ready.done():
+            ready.set_exception(TimeoutError())
 
     def finish(self, *, reusable: bool) -> None:
         self.response = None
@@ -291,7 +295,7 @@ def _expire(future: asyncio.Future) -> None:
 
 class UpstreamPool:
     def __init__(self, url: str, *, max_connections: int, connect_timeout_s: float,
-                 idle_timeout_s: float = 4.0) -> None:
+                 idle_timeout_s: float = 4.0, sweep_interval_s: float = 0.1) -> None:
         parts = urlsplit(url)
         self._secure = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -309,6 +313,8 @@ class UpstreamPool:
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._ssl = ssl.create_default_context() if self._secure else None
         self.closed = False
+        self._sweep_interval = sweep_interval_s
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def size(self) -> int:
@@ -318,8 +324,11 @@ class UpstreamPool:
         """Sends one request and returns once the response headers are in.
 
         `deadline` (event-loop time) bounds the wait for a free connection and for the response
-        headers with one timer each, cheaper per request than an `asyncio.timeout` block;
-        TimeoutError when it passes. Connecting has its own connect timeout."""
+        headers; TimeoutError when it passes (to within `sweep_interval_s`: one periodic sweep
+        checks every connection, cheaper than a timer per request). Connecting has its own
+        connect timeout."""
+        if self._sweeper is None and deadline is not None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
         conn = await self._acquire(deadline)
         try:
             return await conn.send(head, body, deadline)
@@ -384,7 +393,18 @@ class UpstreamPool:
                     waiter.set_result(None)
                     break
 
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in self._all:
+            if 0.0 < conn.deadline <= now:
+                conn.deadline = 0.0
+                conn.expire()
+        self._sweeper = None if self.closed else loop.call_later(self._sweep_interval, self._sweep)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.closed = True
         for conn in list(self._all):
             conn._abort()

@@ -315,6 +315,8 @@ class Request:
         conn = self.conn
         if conn.closed:
             raise ClientGone()
+        if not chunk:
+            return  # an empty chunk would end a chunked body
         conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked_out else chunk)
         self.bytes_out += len(chunk)
         if conn.write_paused:
@@ -556,9 +558,14 @@ class ClientConnection(asyncio.Protocol):
                     request.will_close = True
                 if not request.head_sent and not self.closed:
                     request.will_close = True  # a handler that wrote nothing: the client must not wait
-                if self.closed or request.will_close or (self._eof and not self._queue):
+                if self.closed or request.will_close or self.closing or (self._eof and not self._queue):
                     self.close()
                     return
+                if self.write_paused:
+                    try:  # the client is slow to take large answers: answer nothing more until it has
+                        await self.drain()
+                    except ClientGone:
+                        return
                 if self._queue:
                     self._current = self._queue.popleft()
                     self.phase = Phase.BUSY

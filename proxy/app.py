@@ -202,7 +202,11 @@ class Gateway:
         """The body to forward, whole and checked; or the refusal. Only POST routes take one."""
         rid = request.request_id
         if request.method != "POST":
-            if request.has_body:
+            # An empty chunked body is no body; anything else on a GET route is refused.
+            body = await self._receive(request) if request.chunked else b""
+            if body.__class__ is Answer:
+                return body
+            if request.content_length or body:
                 return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
                                     request_id=rid, details={"reason": "unexpected_body"})
             return None
@@ -216,25 +220,31 @@ class Gateway:
                 # The edge validates the run start, and it decompresses nothing.
                 return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
                                     request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
+        body = await self._receive(request)
+        if body.__class__ is Answer or route is not START_RUN:
+            return body
+        problems = self._run_start_problems(body)  # type: ignore[arg-type]
+        if problems:
+            return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
+                                request_id=rid, details={"errors": problems})
+        return body
+
+    async def _receive(self, request: Request) -> bytes | Answer:
+        """The whole body within limits.max_body_bytes and limits.body_timeout_s, or the refusal."""
+        rid = request.request_id
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return _too_large(limit, rid)
+            return _too_large(limit, rid)  # refused before `100 Continue`: the client never sends it
         try:
-            body = await request.read_body()
+            return await request.read_body()
         except BodyTooLarge:
             return _too_large(limit, rid)
         except BodyTimeout:
             return error_answer(408, "request_timeout", "The request body did not arrive in time",
                                 request_id=rid, details={"body_timeout_s": self.cfg.limits.body_timeout_s})
-        except BodyIncomplete:
-            return error_answer(400, "invalid_request", "The request body ended before it was complete",
-                                request_id=rid, details={"reason": "incomplete_body"})
-        if route is START_RUN:
-            problems = self._run_start_problems(body)
-            if problems:
-                return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
-                                    request_id=rid, details={"errors": problems})
-        return body
+        except BodyIncomplete as exc:
+            return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
+                                request_id=rid, details={"reason": exc.reason})
 
     def _run_start_problems(self, body: bytes) -> list[dict[str, str]]:
         try:

@@ -72,7 +72,14 @@ class UpstreamConfig:
     max_connections: int = 100
     health_timeout_s: float = 1.0
     keepalive_idle_s: float = 4.0
+    queue_timeout_s: float = 1.0
     retries: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    per_second: float
+    burst: int
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class LimitsConfig:
     body_timeout_s: float = 10.0        # a body must arrive whole within it once wanted, or 408
     max_header_bytes: int = 64 * 1024   # the request target plus header lines; larger heads get 431
     max_headers: int = 100              # header lines per request; more get 431
+    run_start_rate: RateConfig | None = None  # None: run starts are not rate limited
 
 
 @dataclass(frozen=True)
@@ -313,6 +321,7 @@ def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
         max_connections=r.number(sec, p, "max_connections", d.max_connections, integer=True, minimum=1),
         health_timeout_s=r.number(sec, p, "health_timeout_s", d.health_timeout_s, positive=True),
         keepalive_idle_s=r.number(sec, p, "keepalive_idle_s", d.keepalive_idle_s, positive=True),
+        queue_timeout_s=r.number(sec, p, "queue_timeout_s", d.queue_timeout_s, positive=True),
         retries=RetryConfig(
             attempts=r.number(rsec, "upstream.retries", "attempts", rd.attempts, integer=True, minimum=1),
             backoff_initial_s=r.number(rsec, "upstream.retries", "backoff_initial_s", rd.backoff_initial_s),
@@ -331,7 +340,22 @@ def _limits(r: _Reader, raw: Any) -> LimitsConfig:
         body_timeout_s=r.number(sec, p, "body_timeout_s", d.body_timeout_s, positive=True),
         max_header_bytes=r.number(sec, p, "max_header_bytes", d.max_header_bytes, integer=True, minimum=1024),
         max_headers=r.number(sec, p, "max_headers", d.max_headers, integer=True, minimum=8),
+        run_start_rate=_rate(r, sec.get("run_start_rate"), "limits.run_start_rate"),
     )
+
+
+def _rate(r: _Reader, raw: Any, path: str) -> RateConfig | None:
+    if raw is None:
+        return None
+    sec = r.section(raw, path, _known(RateConfig))
+    if not isinstance(raw, dict):
+        return None
+    for key in ("per_second", "burst"):
+        if sec.get(key) is None:
+            r.fail(_join(path, key), f"required when {path} is set")
+    per_second = r.number(sec, path, "per_second", 0.0, positive=True)
+    burst = r.number(sec, path, "burst", 0, integer=True, minimum=1)
+    return RateConfig(per_second=per_second, burst=burst) if per_second > 0 and burst >= 1 else None
 
 
 def _issuer(r: _Reader, raw: Any, path: str) -> IssuerConfig | None:

@@ -36,6 +36,10 @@ KEYCLOAK_DEV_ISSUER = "http://localhost:8080/realms/arp-dev"
 SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})
 
 
+# Far above any sane setting; beyond it an int no longer converts to float.
+_INT_LIMIT = 2**63
+
+
 class ConfigError(Exception):
     """The configuration is unusable; `problems` holds one `key.path: reason` per line."""
 
@@ -196,7 +200,7 @@ class _Reader:
             return {}
         for key in raw:
             if key not in known:
-                self.fail(_join(path, str(key)), "unknown key")
+                self.fail(_join(path, _key_name(key)), "unknown key")
         return raw
 
     def number(self, sec: dict, path: str, key: str, default: float, *, minimum: float = 0.0,
@@ -213,6 +217,10 @@ class _Reader:
                 return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(full, f"not a{'n integer' if integer else ' number'}: {value!r}")
+            return default
+        if isinstance(value, int) and not -_INT_LIMIT <= value <= _INT_LIMIT:
+            # float() of such an int raises OverflowError, and its repr may be refused too.
+            self.fail(full, f"out of range: an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits")
             return default
         if integer and not float(value).is_integer():
             self.fail(full, f"not an integer: {value!r}")
@@ -264,6 +272,15 @@ class _Reader:
             self.fail(_join(path, key), f"not an http(s) URL: {value!r}")
             return default
         return value
+
+
+def _key_name(key: Any) -> str:
+    """An unknown key as the operator can find it: quoted when it is empty, padded or would read as
+    a path (an empty key would otherwise print as `: unknown key`)."""
+    name = str(key)
+    if not name or name != name.strip() or any(c in name for c in ".:[]#\n"):
+        return repr(name)
+    return name
 
 
 def _join(path: str, key: str) -> str:
@@ -619,10 +636,15 @@ def read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"--config: cannot read {path}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"--config: {path} is not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"--config: {path} is not valid YAML: {exc}"]) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # PyYAML lets int() refuse a number of over 4300 digits (ValueError) and deep nesting
+        # overflow the stack; both are a bad file, not a crash.
+        reason = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise ConfigError([f"--config: {path} is not valid YAML: {reason}"]) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -72,7 +72,8 @@ def test_openapi_cases_get_no_5xx_and_schema_valid_answers(stack, method, path, 
 
     sent: list = []
     run()
-    assert len(sent) >= 5, "schemathesis generated almost nothing: the test would prove nothing"
+    # health and version have exactly one possible request; every other operation has many.
+    assert len(sent) >= (1 if path in ("/v1/health", "/v1/version") else 5), "the test would prove nothing"
 
 
 def test_a_started_run_answers_schema_valid_runs_on_every_run_operation(stack):

@@ -9,6 +9,7 @@ coordinator's own record for "never forwarded" and "forwarded byte for byte".
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pytest
@@ -171,6 +172,12 @@ def _ascii(target: str) -> str:
     return "".join(c if ord(c) < 128 else "".join(f"%{b:02X}" for b in c.encode()) for c in target)
 
 
+def _valid_target(target: str) -> bool:
+    """RFC 3986 origin-form: allowed characters only, and every `%` starting a two-hex-digit escape."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@/?%")
+    return all(c in allowed for c in target) and re.fullmatch(r"([^%]|%[0-9A-Fa-f]{2})*", target) is not None
+
+
 def check_target(stack: ThreadedStack, method: str, target: str) -> None:
     target = _ascii(target)
     if "#" in target:  # a fragment never goes on the wire
@@ -182,9 +189,14 @@ def check_target(stack: ThreadedStack, method: str, target: str) -> None:
     status, got, raw = stack.request(method, target, headers=headers, body=b"" if method == "POST" else None)
     assert status < 500, (target, status, raw)
     seen = stack.seen(rid)
+    if not _valid_target(target):
+        # The edge refuses what is not a valid request target before routing it.
+        assert status == 400 and seen == [], (target, status, raw)
+        assert assert_gateway_error(status, got, raw)["code"] == "invalid_request"
+        return
     if route is None or route.name in ("health", "version", "livez", "readyz") or method not in route.methods:
         if route is None:
-            assert status == 404, (target, status)
+            assert status == 404, (target, status, raw)
         assert seen == [], f"{method} {target} reached the coordinator"
         if route is None or method not in route.methods:
             assert_gateway_error(status, got, raw)

@@ -73,6 +73,8 @@ class GatewayMetrics:
         self.streams_open = 0
         self.stream_lines = 0
         self.stream_bytes = 0
+        self.rate_limited: dict[str, int] = {}
+        self.pool = None  # the coordinator pool, read at scrape time for its queue counters
         self._requests: dict[tuple[str, str, int], list[int]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
         self._request_slots: dict[tuple[str, str, int], tuple[list[int], _Histogram]] = {}
@@ -190,6 +192,21 @@ class _HotPathCollector:
         for (family, reason), count in m._connection_events.items():
             (refused if family == "connections_refused" else closed).add_metric((reason,), count)
         yield from (refused, closed)
+        limited = CounterMetricFamily(PREFIX + "rate_limited", "Requests refused with 429 by the run-start rate "
+                                      "limit", labels=("route",))
+        for route, count in sorted(m.rate_limited.items()):
+            limited.add_metric((route,), count)
+        yield limited
+        pool = m.pool
+        yield CounterMetricFamily(PREFIX + "upstream_queued", "Requests that waited for a coordinator connection "
+                                  "because upstream.max_connections were busy", value=pool.queued if pool else 0)
+        yield CounterMetricFamily(PREFIX + "upstream_shed", "Requests answered 503 run_coordinator_busy after "
+                                  "waiting upstream.queue_timeout_s", value=pool.refused if pool else 0)
+        yield GaugeMetricFamily(PREFIX + "upstream_waiting", "Requests waiting for a coordinator connection now",
+                                value=pool.waiting if pool else 0)
+        yield CounterMetricFamily(PREFIX + "upstream_stale_dropped", "Idle coordinator connections dropped "
+                                  "because a sibling was reset (a coordinator restart)",
+                                  value=pool.dropped_stale if pool else 0)
         yield GaugeMetricFamily(PREFIX + "connections_open", "Client connections open now",
                                 value=m.open_connections())
         yield GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests being handled now", value=m.in_flight)

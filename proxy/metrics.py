@@ -16,6 +16,7 @@ caches, the token cache) instead of counting it twice.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
@@ -210,6 +211,9 @@ class _HotPathCollector:
         yield GaugeMetricFamily(PREFIX + "connections_open", "Client connections open now",
                                 value=m.open_connections())
         yield GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests being handled now", value=m.in_flight)
+        # Read at scrape time only: a leak of tasks (a stuck stream, a forgotten timer) shows as growth here.
+        yield GaugeMetricFamily(PREFIX + "asyncio_tasks", "asyncio tasks alive in this process",
+                                value=len(asyncio.all_tasks()))
         yield GaugeMetricFamily(PREFIX + "streams_open", "Event streams open now", value=m.streams_open)
         yield CounterMetricFamily(PREFIX + "stream_lines", "NDJSON lines relayed on event streams",
                                   value=m.stream_lines)

@@ -212,8 +212,11 @@ class _HotPathCollector:
                                 value=m.open_connections())
         yield GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests being handled now", value=m.in_flight)
         # Read at scrape time only: a leak of tasks (a stuck stream, a forgotten timer) shows as growth here.
-        yield GaugeMetricFamily(PREFIX + "asyncio_tasks", "asyncio tasks alive in this process",
-                                value=len(asyncio.all_tasks()))
+        try:
+            alive = len(asyncio.all_tasks())
+        except RuntimeError:  # collected outside the event loop (tools, tests): no tasks to count
+            alive = 0
+        yield GaugeMetricFamily(PREFIX + "asyncio_tasks", "asyncio tasks alive in this process", value=alive)
         yield GaugeMetricFamily(PREFIX + "streams_open", "Event streams open now", value=m.streams_open)
         yield CounterMetricFamily(PREFIX + "stream_lines", "NDJSON lines relayed on event streams",
                                   value=m.stream_lines)

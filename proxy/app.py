@@ -32,6 +32,7 @@ from .health import CoordinatorProbe, version_info
 from .jwks import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
+from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
 from .validation import load_run_start_validator
@@ -73,12 +74,17 @@ class Gateway:
             for jwks in self.registry:
                 jwks.on_fetch = lambda _result, seconds, issuer=jwks.issuer: self.metrics.jwks_fetched(issuer, seconds)
         self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
+        rate = cfg.limits.run_start_rate
+        self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
+            if rate is not None else None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Opens the coordinator pool and control-plane session, fetches keys; never fails on a down IdP."""
         await self.upstream.start()
+        if self.metrics is not None:
+            self.metrics.pool = self.upstream.pool
         self.control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.auth.jwks_fetch_timeout_s))
         if self.registry is not None:
             await self.registry.start(self.control)
@@ -154,6 +160,12 @@ class Gateway:
             self._observe(request, route, outcome, failed, time.perf_counter() - started)
 
     async def _forward(self, request: Request, route: Route, outcome: AuthOutcome) -> None:
+        if route is START_RUN and self.run_start_limiter is not None:
+            # Before the body is read or validated: a flood costs the gateway as little as possible.
+            limited = self._rate_limited(request, route, outcome)
+            if limited is not None:
+                request.respond(limited)
+                return
         body = await self._read_body(request, route)
         if body.__class__ is Answer:  # a refusal (isinstance would take the slow ABC path)
             request.respond(body)  # type: ignore[arg-type]
@@ -163,6 +175,26 @@ class Gateway:
             request.respond(extra)  # type: ignore[arg-type]
             return
         await self.upstream.forward(request, route, body, extra)  # type: ignore[arg-type]
+
+    def _rate_limited(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+        limiter = self.run_start_limiter
+        assert limiter is not None
+        principal = outcome.principal
+        if principal is None or principal.kind == "anonymous":
+            # Anonymous callers share a subject, so each client address gets its own bucket.
+            key = "addr\x00" + request.conn.peer
+        else:
+            # The same subject at two issuers is two principals.
+            key = "sub\x00" + (principal.issuer or "") + "\x00" + principal.subject
+        wait = limiter.take(key)
+        if not wait:
+            return None
+        if self.metrics is not None:
+            self.metrics.rate_limited[route.template] = self.metrics.rate_limited.get(route.template, 0) + 1
+        retry_after = limiter.retry_after(wait)
+        return error_answer(429, "rate_limited", "Too many run starts; retry after the given delay",
+                            request_id=request.request_id, retryable=True,
+                            details={"retry_after_s": int(retry_after)}, headers={"Retry-After": retry_after})
 
     def _observe(self, request: Request, route: Route, outcome: AuthOutcome | None, failed: int,
                  seconds: float) -> None:

@@ -21,7 +21,8 @@ from .logs import setup_logging
 from .server import run as run_on_loop
 from .server import run_gateway, serve
 
-DEV_CONFIG = Path(__file__).resolve().parent.parent / "config" / "dev.yaml"
+# Package data, so `arp-gateway dev` works from a wheel as well as from a checkout.
+DEV_CONFIG = Path(__file__).resolve().parent / "data" / "dev.yaml"
 EXIT_CONFIG = 2
 
 

@@ -24,6 +24,7 @@ from .app import Gateway
 from .clock import Clock, SystemClock
 from .routes import LIVEZ, METRICS, READYZ
 from .config import GatewayConfig, redacted
+from .ops import create_ops_app
 
 log = logging.getLogger("proxy.server")
 T = TypeVar("T")
@@ -84,20 +85,6 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
         await GatewayServer(gateway, runner, ops).cleanup()
         raise
     return GatewayServer(gateway, runner, ops), site_url(site)
-
-
-def create_ops_app(gateway: Gateway) -> web.Application:
-    """/metrics, /livez and /readyz on their own port: the public port never exposes metrics."""
-    async def ops(request: web.Request) -> web.StreamResponse:
-        route = {"/metrics": METRICS, "/livez": LIVEZ, "/readyz": READYZ}.get(request.path)
-        if route is None or request.method != "GET":
-            return web.Response(status=404, text="not found\n")
-        response, _ = await gateway.local(request, route, request.path, "")
-        return response
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ops)
-    return app
 
 
 async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | None = None,

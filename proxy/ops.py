@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .routes import LIVEZ, METRICS, READYZ
+from .routes import LIVEZ, METRICS, READYZ, Route
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -42,17 +42,16 @@ def create_ops_app(gateway: Gateway) -> web.Application:
         route = _LOCAL_ROUTES.get(request.path)
         if route is None:
             return web.Response(status=404, text="not found\n")
-        return await _local(gateway, request, route)
+        return _local(gateway, route)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", ops)
     return app
 
 
-async def _local(gateway: Gateway, request: web.Request, route: object) -> web.StreamResponse:
-    """The one call into the gateway's own answers (metrics, livez, readyz).
-
-    When `Gateway.local` returns the gateway-made answer object instead of an
-    aiohttp response, convert it to a `web.Response` here and nowhere else."""
-    response, _ = await gateway.local(request, route, request.path, "")  # type: ignore[arg-type]
-    return response
+def _local(gateway: Gateway, route: Route) -> web.Response:
+    """The one call into the gateway's own answers (metrics, livez, readyz): a gateway-made
+    `Answer` turned into an aiohttp response here and nowhere else."""
+    answer = gateway.probe_answer(route)
+    return web.Response(status=answer.status, body=answer.body,
+                        headers={"Content-Type": answer.content_type.decode()})

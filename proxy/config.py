@@ -33,7 +33,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_LOOPS = ("uvloop", "asyncio")
 PROFILES = ("dev-insecure", "dev-secure-keycloak", "enterprise")
 KEYCLOAK_DEV_ISSUER = "http://localhost:8080/realms/arp-dev"
-SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})
+SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})  # client_secret_file is a path, shown
 
 
 # Far above any sane setting; beyond it an int no longer converts to float.
@@ -123,6 +123,9 @@ class ExchangeConfig:
     token_endpoint: str | None = None
     client_id: str | None = None
     client_secret: str | None = None
+    # A file holding the secret (a mounted Kubernetes Secret), read once at start-up; its content
+    # becomes client_secret, so no secret needs to sit in the YAML or in an environment literal.
+    client_secret_file: str | None = None
     audience: str = "arp-run-coordinator"
     scope: str | None = None
 
@@ -203,7 +206,7 @@ class _Reader:
                 self.fail(_join(path, _key_name(key)), "unknown key")
         return raw
 
-    def number(self, sec: dict, path: str, key: str, default: float, *, minimum: float = 0.0,
+    def number(self, sec: dict, path: str, key: str, default: float | None, *, minimum: float = 0.0,
                positive: bool = False, integer: bool = False) -> Any:
         full = _join(path, key)
         if key not in sec or sec[key] is None:
@@ -444,7 +447,8 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
     exchange = ExchangeConfig(
         token_endpoint=r.url(xsec, "auth.exchange", "token_endpoint"),
         client_id=r.string(xsec, "auth.exchange", "client_id", None),
-        client_secret=r.string(xsec, "auth.exchange", "client_secret", None),
+        client_secret=_client_secret(r, xsec),
+        client_secret_file=r.string(xsec, "auth.exchange", "client_secret_file", None),
         audience=r.string(xsec, "auth.exchange", "audience", xd.audience),
         scope=r.string(xsec, "auth.exchange", "scope", None),
     )
@@ -477,6 +481,28 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
     )
     _check_auth(r, cfg)
     return cfg
+
+
+def _client_secret(r: _Reader, xsec: dict) -> str | None:
+    """auth.exchange.client_secret, or the content of auth.exchange.client_secret_file."""
+    secret = r.string(xsec, "auth.exchange", "client_secret", None)
+    path = r.string(xsec, "auth.exchange", "client_secret_file", None)
+    if path is None:
+        return secret
+    key = "auth.exchange.client_secret_file"
+    if secret is not None:
+        r.fail(key, "set either auth.exchange.client_secret or auth.exchange.client_secret_file, not both")
+        return secret
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        r.fail(key, f"cannot read {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}")
+        return None
+    content = content.rstrip("\r\n")  # `echo secret > file` and editors add a final newline
+    if not content:
+        r.fail(key, f"{path} is empty")
+        return None
+    return content
 
 
 def _check_auth(r: _Reader, cfg: AuthConfig) -> None:
@@ -625,6 +651,11 @@ def apply_environment(raw: dict, env: Mapping[str, str], origins: dict[str, str]
     for name, path in plain.items():
         if v := env.get(name):
             put(path, name, v)
+    if env.get("ARP_AUTH_CLIENT_SECRET"):
+        # The environment outranks the YAML, including a YAML client_secret_file.
+        exchange = raw.get("auth", {}).get("exchange") if isinstance(raw.get("auth"), dict) else None
+        if isinstance(exchange, dict):
+            exchange.pop("client_secret_file", None)
     # JARVIS derives the Keycloak token endpoint from the issuer when none is given.
     if env.get("ARP_AUTH_CLIENT_ID") and not env.get("ARP_AUTH_TOKEN_ENDPOINT") and env.get("ARP_AUTH_ISSUER"):
         put("auth.exchange.token_endpoint", "ARP_AUTH_ISSUER",

@@ -223,7 +223,8 @@ class _Reader:
             return default
         if isinstance(value, int) and not -_INT_LIMIT <= value <= _INT_LIMIT:
             # float() of such an int raises OverflowError, and its repr may be refused too.
-            self.fail(full, f"out of range: an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits")
+            digits = len(str(abs(value))) if abs(value) < 10**4000 else "over 4000"
+            self.fail(full, f"out of range: an integer of {digits} digits")
             return default
         if integer and not float(value).is_integer():
             self.fail(full, f"not an integer: {value!r}")

@@ -134,7 +134,7 @@ async def test_clients_vanishing_mid_upload_are_never_forwarded_and_leave_nothin
     fds, running = await baseline(address)
     before = coordinator.requests
     clients = []
-    for i in range(STREAMS):
+    for _ in range(STREAMS):
         head = (b"POST /v1/runs HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100000\r\n\r\n")
         clients.append(await raw(address, head + b'{"input": {"pad": "' + b"x" * 5000))

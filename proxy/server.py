@@ -70,7 +70,7 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
     each scrape to a random worker, so counters would jump backwards between scrapes."""
     gateway = Gateway(cfg, clock or SystemClock())
     await gateway.start()
-    listener = Listener(gateway.handle, edge_limits(cfg), gateway.metrics)
+    listener = Listener(gateway, edge_limits(cfg), gateway.metrics)
     if gateway.metrics is not None:
         gateway.metrics.open_connections = lambda: len(listener.connections)
     server = GatewayServer(gateway, listener, None)

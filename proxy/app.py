@@ -32,6 +32,7 @@ from .health import CoordinatorProbe, version_info
 from .jwks import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
+from .observer import RequestObserver
 from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
@@ -58,6 +59,7 @@ class Gateway:
         self.metrics = GatewayMetrics(i.issuer for i in cfg.auth.issuers) if cfg.metrics.enabled else None
         self.access_log = AccessLog(sys.stdout, log_subject=cfg.logging.log_subject) \
             if cfg.logging.access_log else None
+        self.observer = RequestObserver(self.metrics, self.access_log)
         self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
                                  strip_names=(header for _, header in cfg.auth.claim_headers))
         self.probe = CoordinatorProbe(self.upstream, clock)
@@ -120,9 +122,7 @@ class Gateway:
         observe. All of them run now when none has to wait (a token verified before, a body that
         came with the head, an idle coordinator connection); otherwise the request continues in a
         task from the first stage that waits."""
-        request.started = time.perf_counter()
-        if self.metrics is not None:
-            self.metrics.in_flight += 1
+        self.observer.begin(request)
         request.route = NOT_FOUND
         if request.refusal is not None:  # decided by the listener: framing, target, limits
             return self._reply(request, request.refusal)
@@ -201,12 +201,12 @@ class Gateway:
     def _done(self, request: Request, failed: int) -> None:
         """The answer is written: observe it, and let the connection go on."""
         if not request.finished:
-            self._observe(request, failed, time.perf_counter() - request.started)
+            self.observer.end(request, failed)
             request.finish()
 
     def abandoned(self, request: Request, status: int) -> None:
         """The client left (499) or answering failed (500) before `_done`."""
-        self._observe(request, status, time.perf_counter() - request.started)
+        self.observer.end(request, status)
 
     def _rate_limited(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
         limiter = self.run_start_limiter
@@ -227,22 +227,6 @@ class Gateway:
         return error_answer(429, "rate_limited", "Too many run starts; retry after the given delay",
                             request_id=request.request_id, retryable=True,
                             details={"retry_after_s": int(retry_after)}, headers={"Retry-After": retry_after})
-
-    def _observe(self, request: Request, failed: int, seconds: float) -> None:
-        """Metrics and the access log, once per request, whatever happened to it."""
-        status = failed or request.status or 500
-        route: Route = request.route  # type: ignore[assignment]
-        outcome: AuthOutcome | None = request.outcome  # type: ignore[assignment]
-        principal = outcome.principal if outcome is not None else None
-        if self.metrics is not None:
-            self.metrics.request(route.template, request.method, status, seconds,
-                                 None if outcome is None or outcome is EXEMPT else
-                                 (principal.issuer if principal else None, outcome.result, outcome.reason))
-        if self.access_log is not None:
-            self.access_log.record(request.request_id, request.method or "-", route.template, status, seconds,
-                                   request.upstream_s, request.body_size, request.bytes_out,
-                                   outcome.result if outcome else "none", outcome.reason if outcome else "",
-                                   principal.subject if principal else None)
 
     def _is_bypassed_preflight(self, request: Request, route: Route) -> bool:
         """CORS preflights carry no credentials by design; forward them only when configured to."""

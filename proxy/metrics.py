@@ -102,7 +102,6 @@ class GatewayMetrics:
                 auth: tuple[str | None, str, str] | None = None) -> None:
         """Once per finished request: its count and duration and, when auth ran, (issuer, result, reason).
         One call with the histogram inlined: this runs for every request the gateway serves."""
-        self.in_flight -= 1
         slots = self._request_slots.get((template, method, status))
         if slots is None:
             slots = self._new_request_slots(template, method, status)

@@ -12,11 +12,9 @@ itself.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
-import time
 
 import aiohttp
 
@@ -156,7 +154,7 @@ class Gateway:
             return self._reply(request, _too_large(self.cfg.limits.max_body_bytes, request.request_id))
         body = self._postcheck(request, route, raw)
         if body.__class__ is Answer:
-            return self._reply(request, body)  # type: ignore[arg-type]
+            return self._reply(request, body)
         return self.upstream.forward(request, route, body, self._identity_now(request, outcome),  # type: ignore[arg-type]
                                    self._done)
 
@@ -188,10 +186,10 @@ class Gateway:
                 request_id=rid, details={"reason": exc.reason}))
         body = self._postcheck(request, route, raw)
         if body.__class__ is Answer:
-            return self._reply(request, body)  # type: ignore[arg-type]
+            return self._reply(request, body)
         extra = await self._identity(request, outcome)
         if extra.__class__ is Answer:
-            return self._reply(request, extra)  # type: ignore[arg-type]
+            return self._reply(request, extra)
         return self.upstream.forward(request, route, body, extra, self._done)  # type: ignore[arg-type]
 
     def _reply(self, request: Request, answer: Answer) -> None:

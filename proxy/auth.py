@@ -65,7 +65,7 @@ class Authenticator:
         None when authenticate() has to verify the token."""
         decided = self._read_credentials(request, route)
         if decided.__class__ is AuthOutcome:
-            return decided  # type: ignore[return-value]
+            return decided
         assert self._verifier is not None
         principal = self._verifier.verify_cached(decided)  # type: ignore[arg-type]
         if principal is None:
@@ -75,7 +75,7 @@ class Authenticator:
     async def authenticate(self, request: Request, route: Route, request_id: str) -> AuthOutcome:
         decided = self._read_credentials(request, route)
         if decided.__class__ is AuthOutcome:
-            return decided  # type: ignore[return-value]
+            return decided
         assert self._verifier is not None
         try:
             principal = await self._verifier.verify(decided)  # type: ignore[arg-type]
@@ -123,7 +123,7 @@ class Authenticator:
             return self._challenge("missing_token", "A bearer token is required for this route", request_id)
         scope = " ".join(denial.missing_scopes)
         header = f'{self._realm}, error="insufficient_scope"' + (f', scope="{_quote(scope)}"' if scope else "")
-        details = {"reason": denial.reason}
+        details: dict[str, object] = {"reason": denial.reason}
         if denial.missing_scopes:
             details["required_scopes"] = list(denial.missing_scopes)
         if denial.failed_claims:

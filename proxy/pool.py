@@ -437,7 +437,7 @@ class UpstreamPool:
                 deadline, busy = limit, True
         timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:
-            conn = await waiter
+            handed = await waiter
         except TimeoutError:
             if busy:
                 self.refused += 1
@@ -447,9 +447,9 @@ class UpstreamPool:
         except asyncio.CancelledError:
             # A connection handed over in the same loop turn as the cancellation must not leak.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                handed = waiter.result()
-                if handed is not None:
-                    self.give_back(handed)
+                given = waiter.result()
+                if given is not None:
+                    self.give_back(given)
                 else:
                     self._wake_one()
             raise
@@ -458,7 +458,7 @@ class UpstreamPool:
                 timer.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-        return (conn, True) if conn is not None else (await self._connect(), False)
+        return (handed, True) if handed is not None else (await self._connect(), False)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -25,7 +25,6 @@ from .clock import Clock, SystemClock
 from .config import GatewayConfig, redacted
 from .listener import EdgeLimits, Listener, default_max_connections
 from .ops import create_ops_app
-from .routes import LIVEZ, METRICS, READYZ
 
 log = logging.getLogger("proxy.server")
 T = TypeVar("T")
@@ -101,9 +100,9 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     if on_ready is not None:
         on_ready(url)
     try:
-        sig = await signals.get()
+        received = await signals.get()
         gateway.begin_drain()
-        log.info("draining", extra={"event": "drain", "signal": signal.Signals(sig).name,
+        log.info("draining", extra={"event": "drain", "signal": signal.Signals(received).name,
                                     "drain_delay_s": cfg.drain_delay_s})
         try:
             await asyncio.wait_for(signals.get(), cfg.drain_delay_s)

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 from proxy.config import build_config
 from proxy.server import start_gateway
 from tests.support.servers import serve_app

@@ -18,7 +18,7 @@ import aiohttp
 
 from . import __version__
 from .clock import Clock
-from .forwarding import Upstream
+from .upstream import Upstream
 
 SERVICE_NAME = "arp-run-gateway"
 PROBE_TTL_S = 1.0

@@ -60,7 +60,7 @@ class Gateway:
         self.observer = RequestObserver(self.metrics, self.access_log)
         self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
                                  strip_names=(header for _, header in cfg.auth.claim_headers))
-        self.probe = CoordinatorProbe(self.upstream, clock)
+        self.probe = CoordinatorProbe(cfg.upstream, clock)
         self.validate_run_start = load_run_start_validator()
         self.state = "starting"
         self.ops_url: str | None = None
@@ -83,6 +83,7 @@ class Gateway:
     async def start(self) -> None:
         """Opens the coordinator pool and control-plane session, fetches keys; never fails on a down IdP."""
         await self.upstream.start()
+        self.probe.start()
         if self.metrics is not None:
             self.metrics.pool = self.upstream.pool
         self.control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.auth.jwks_fetch_timeout_s))
@@ -99,6 +100,7 @@ class Gateway:
             await self.registry.close()
         if self.control is not None:
             await self.control.close()
+        await self.probe.close()
         await self.upstream.close()
 
     def begin_drain(self) -> None:

@@ -18,7 +18,7 @@ import aiohttp
 
 from . import __version__
 from .clock import Clock
-from .upstream import Upstream
+from .config import UpstreamConfig
 
 SERVICE_NAME = "arp-run-gateway"
 PROBE_TTL_S = 1.0
@@ -37,12 +37,22 @@ class CoordinatorProbe:
     `/readyz/coordinator`. Each probe yields the ARP Health check and whether the coordinator is ready:
     it answered HTTP 200 with status `ok` or `degraded`."""
 
-    def __init__(self, upstream: Upstream, clock: Clock, ttl_s: float = PROBE_TTL_S) -> None:
-        self._upstream = upstream
+    def __init__(self, upstream: UpstreamConfig, clock: Clock, ttl_s: float = PROBE_TTL_S) -> None:
+        self._url = upstream.url
+        self._timeout = aiohttp.ClientTimeout(total=upstream.health_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
         self._clock = clock
         self._ttl = ttl_s
         self._cached: tuple[float, tuple[dict[str, Any], bool]] | None = None
         self._inflight: asyncio.Future[tuple[dict[str, Any], bool]] | None = None
+
+    def start(self) -> None:
+        """Opens the probe's own client session (the data plane has no aiohttp in it)."""
+        self._session = aiohttp.ClientSession(auto_decompress=False, timeout=self._timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def health(self) -> dict[str, Any]:
         check, _ = await self._check()
@@ -73,12 +83,10 @@ class CoordinatorProbe:
 
     async def _probe_check(self) -> dict[str, Any]:
         name = "run_coordinator"
-        if self._upstream.base_url is None:
+        if self._url is None or self._session is None:
             return {"name": name, "status": "down", "message": "run_coordinator_missing: no upstream.url"}
-        timeout = aiohttp.ClientTimeout(total=self._upstream.cfg.health_timeout_s)
         try:
-            async with self._upstream.session.get(self._upstream.base_url + "/v1/health",
-                                                  timeout=timeout) as resp:
+            async with self._session.get(self._url + "/v1/health") as resp:
                 body = await resp.json(content_type=None) if resp.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             return {"name": name, "status": "down", "message": f"unreachable: {type(exc).__name__}"}

@@ -20,8 +20,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import aiohttp
-
 from ..answers import error_answer
 from ..config import UpstreamConfig
 from ..listener import Request
@@ -69,18 +67,10 @@ class Upstream:
         self._client_headers = ClientHeaders(strip_prefix=strip_prefix, strip_names=strip_names)
         self._relay = Relay(metrics, stream_idle_timeout_s=cfg.stream_idle_timeout_s)
         self.pool: UpstreamPool | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start(), inside the running loop
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """aiohttp's client for control-plane calls to the coordinator (the health probe)."""
-        assert self._session is not None, "Upstream.start() was not awaited"
-        return self._session
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
-        self._session = aiohttp.ClientSession(auto_decompress=False)
         if self.base_url is not None:
             self.pool = UpstreamPool(self.base_url, max_connections=self.cfg.max_connections,
                                      connect_timeout_s=self.cfg.connect_timeout_s,
@@ -91,8 +81,6 @@ class Upstream:
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
-        if self._session is not None:
-            await self._session.close()
 
     def _head(self, request: Request, pool: UpstreamPool, extra: bytes, framing: bytes) -> bytes:
         return b"".join((request.method.encode(), b" ", pool.base_path, request.target, b" HTTP/1.1\r\nHost: ",

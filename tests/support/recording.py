@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import h11
+import pytest
 
 # Answers carry this header so a client can tell a relayed answer from one the gateway made.
 SEQ_HEADER = "X-Upstream-Seq"
@@ -70,6 +71,7 @@ class StrictUpstream:
         self.requests: list[Recorded] = []
         self.violations: list[str] = []
         self.connections = 0
+        self.url = ""
         self._open: list[_Conn] = []
         self._server: asyncio.base_events.Server | None = None
 
@@ -167,3 +169,12 @@ class _Conn(asyncio.Protocol):
         out += self.conn.send(h11.Data(data=body)) if body else b""
         out += self.conn.send(h11.EndOfMessage())
         self.transport.write(out)
+
+
+@pytest.fixture
+async def strict_upstream() -> AsyncIterator[StrictUpstream]:
+    """A started StrictUpstream (its url in `.url`); import this fixture into a test module to use it."""
+    upstream = StrictUpstream()
+    upstream.url = await upstream.start()
+    yield upstream
+    await upstream.close()

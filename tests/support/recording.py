@@ -86,6 +86,12 @@ class StrictUpstream:
         return [f"connection {c.number}: {c.conn.trailing_data[0][:300]!r}"
                 for c in self._open if c.conn.their_state is h11.IDLE and c.conn.trailing_data[0]]
 
+    async def drop_dirty(self) -> None:
+        """Closes connections holding unparsed bytes, so one bad exchange cannot spoil later ones."""
+        for conn in list(self._open):
+            if conn.conn.trailing_data[0] or conn.conn.their_state not in (h11.IDLE, h11.DONE):
+                conn.transport.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -1,52 +1,44 @@
 """Wiring: builds every part from one GatewayConfig and routes each request through them.
 
 One handler does the dispatch so that the hot path reads top to bottom:
-route → probes → auth → edge validation → forward. It is served by aiohttp's
-low-level `web.Server` (see server.py): an `Application` and its router
-would cost ~15 µs per request to reach a single catch-all handler.
+route → probes → authenticate → validate → forward → observe. The listener
+(listener.py) calls it once per request, in order, and it answers the request
+itself.
 
     gateway = Gateway(load_config(path, os.environ), SystemClock())
     await gateway.start()
-    response = await gateway.handle(request)
+    await gateway.handle(request)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
-import re
+import logging
 import sys
 import time
 
 import aiohttp
-from aiohttp import web
 
 from .access import AccessPolicy
 from .accesslog import AccessLog
+from .answers import Answer, error_answer, json_answer
 from .auth import EXEMPT, Authenticator, AuthOutcome
 from .clock import Clock
 from .config import GatewayConfig
-from .errors import JSON_CONTENT_TYPE, error_response
 from .exchange import ExchangeFailed, TokenExchanger
-from .forwarding import BYTES_OUT, UPSTREAM_SECONDS, RelayedResponse, Upstream
+from .forwarding import Upstream
 from .health import CoordinatorProbe, version_info
 from .jwks import JwksRegistry
+from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
 from .validation import load_run_start_validator
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_JSON_TYPES = ("application/json",)
-
-
-def _request_id(given: str | None) -> str:
-    # A client-chosen id is kept for correlation, but only if it is safe to log and echo.
-    if given is not None and _REQUEST_ID.fullmatch(given):
-        return given
-    # Correlation ids need uniqueness, not secrecy: no urandom syscall per request.
-    return "%032x" % random.getrandbits(128)
+log = logging.getLogger("proxy.app")
+_JSON_TYPES = (b"application/json",)
+_IDENTITY = (None, b"identity")
 
 
 def _reject_constant(name: str) -> None:
@@ -55,10 +47,6 @@ def _reject_constant(name: str) -> None:
 
 # Built once: json.loads with any keyword argument builds a new decoder per call.
 _DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
-
-
-def _json(status: int, body: dict) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body).encode(), content_type=JSON_CONTENT_TYPE)
 
 
 class Gateway:
@@ -121,36 +109,41 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> None:
+        """One request, stage by stage; every path ends in exactly one answer and one observation."""
         started = time.perf_counter()
-        rid = _request_id(request.headers.get("X-Request-ID"))
-        raw_path = request.raw_path.partition("?")[0]
-        route = self.routes.resolve(raw_path) or NOT_FOUND
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.in_flight += 1
+        if self.metrics is not None:
+            self.metrics.in_flight += 1
+        route = NOT_FOUND
         outcome: AuthOutcome | None = None
-        response: web.StreamResponse | None = None
         failed = 0
         try:
+            if request.refusal is not None:  # decided by the listener: framing, target, limits
+                request.respond(request.refusal)
+                return
+            route = self.routes.resolve(request.path) or NOT_FOUND
             if route is NOT_FOUND:
-                response = error_response(404, "not_found", "No such route on the Run Gateway",
-                                          request_id=rid, details={"path": raw_path[:256]})
+                request.respond(error_answer(404, "not_found", "No such route on the Run Gateway",
+                                             request_id=request.request_id,
+                                             details={"path": request.path[:256]}))
             elif request.method not in route.methods:
                 if self._is_bypassed_preflight(request, route):
-                    response = await self.upstream.forward(request, route, None, b"", rid)
+                    await self.upstream.forward(request, route, None, b"")
                 else:
-                    response = error_response(405, "method_not_allowed", f"Use {route.allow} on this route",
-                                              request_id=rid, headers={"Allow": route.allow})
-            elif route.forward:
-                outcome = EXEMPT if self.authn.is_exempt(raw_path) else await self.authn.authenticate(
-                    request, route, rid)
-                response = outcome.refusal or await self._forward(request, route, outcome, rid)
+                    request.respond(error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
+                                                 request_id=request.request_id, headers={"Allow": route.allow}))
+            elif route in _PROBES:
+                request.respond(self.probe_answer(route))
             else:
-                response, outcome = await self.local(request, route, raw_path, rid)
-            if not response.prepared and response.__class__ is not RelayedResponse:  # those carry it
-                response.headers["X-Request-ID"] = rid
-            return response
+                outcome = EXEMPT if self.authn.is_exempt(request.path) else await self.authn.authenticate(
+                    request, route, request.request_id)
+                if outcome.refusal is not None:
+                    request.respond(outcome.refusal)
+                elif not route.forward:
+                    request.respond(json_answer(200, await self.probe.health() if route is HEALTH
+                                                else version_info()))
+                else:
+                    await self._forward(request, route, outcome)
         except asyncio.CancelledError:
             failed = 499  # the client went away before an answer (nginx's convention)
             raise
@@ -158,144 +151,127 @@ class Gateway:
             failed = 500
             raise
         finally:
-            self._observe(request, route, rid, response, failed, outcome, time.perf_counter() - started)
+            self._observe(request, route, outcome, failed, time.perf_counter() - started)
 
-    def _observe(self, request: web.Request, route: Route, rid: str, response: web.StreamResponse | None,
-                 failed: int, outcome: AuthOutcome | None, seconds: float) -> None:
+    async def _forward(self, request: Request, route: Route, outcome: AuthOutcome) -> None:
+        body = await self._read_body(request, route)
+        if body.__class__ is Answer:  # a refusal (isinstance would take the slow ABC path)
+            request.respond(body)  # type: ignore[arg-type]
+            return
+        extra = await self._identity(request, outcome)
+        if extra.__class__ is Answer:
+            request.respond(extra)  # type: ignore[arg-type]
+            return
+        await self.upstream.forward(request, route, body, extra)  # type: ignore[arg-type]
+
+    def _observe(self, request: Request, route: Route, outcome: AuthOutcome | None, failed: int,
+                 seconds: float) -> None:
         """Metrics and the access log, once per request, whatever happened to it."""
-        status = failed or (response.status if response is not None else 500)
+        status = failed or request.status or 500
         principal = outcome.principal if outcome is not None else None
         if self.metrics is not None:
             self.metrics.request(route.template, request.method, status, seconds,
                                  None if outcome is None or outcome is EXEMPT else
                                  (principal.issuer if principal else None, outcome.result, outcome.reason))
         if self.access_log is not None:
-            upstream_s = response.get(UPSTREAM_SECONDS) if response is not None else None
-            if response is None:
-                bytes_out = 0
-            elif isinstance(response, web.Response):
-                bytes_out = response.content_length or 0
-            else:
-                bytes_out = response.get(BYTES_OUT, 0)
-            self.access_log.record(rid, request.method, route.template, status, seconds, upstream_s,
-                                   request.content_length or 0, bytes_out,
+            self.access_log.record(request.request_id, request.method or "-", route.template, status, seconds,
+                                   request.upstream_s, request.body_size, request.bytes_out,
                                    outcome.result if outcome else "none", outcome.reason if outcome else "",
                                    principal.subject if principal else None)
 
-    def _is_bypassed_preflight(self, request: web.Request, route: Route) -> bool:
+    def _is_bypassed_preflight(self, request: Request, route: Route) -> bool:
         """CORS preflights carry no credentials by design; forward them only when configured to."""
         return (request.method == "OPTIONS" and route.forward and self.cfg.auth.cors_preflight_bypass
-                and "Access-Control-Request-Method" in request.headers)
+                and request.preflight and not request.has_body)
 
-    async def local(self, request: web.Request, route: Route, raw_path: str,
-                     rid: str) -> tuple[web.StreamResponse, AuthOutcome | None]:
+    def probe_answer(self, route: Route) -> Answer:
+        """/livez, /readyz and /metrics: answered without auth, on either listener."""
         if route is LIVEZ:
-            return _json(200, {"status": "alive"}), None
+            return json_answer(200, {"status": "alive"})
         if route is READYZ:
             reasons = self.readiness()
-            return _json(503 if reasons else 200, {"status": "not_ready" if reasons else "ready",
-                                                   "reasons": reasons}), None
-        if route is METRICS:
-            assert self.metrics is not None
-            body, content_type = self.metrics.exposition()
-            return web.Response(body=body, headers={"Content-Type": content_type}), None
-        outcome = None
-        if not self.authn.is_exempt(raw_path):
-            outcome = await self.authn.authenticate(request, route, rid)
-            if outcome.refusal is not None:
-                return outcome.refusal, outcome
-        return _json(200, await self.probe.health() if route is HEALTH else version_info()), outcome
+            return json_answer(503 if reasons else 200, {"status": "not_ready" if reasons else "ready",
+                                                         "reasons": reasons})
+        assert route is METRICS and self.metrics is not None
+        body, content_type = self.metrics.exposition()
+        return Answer(200, body, content_type.encode())
 
-    async def _forward(self, request: web.Request, route: Route, outcome: AuthOutcome,
-                       rid: str) -> web.StreamResponse:
-        body = None
+    # ------------------------------------------------------------------ validate
+
+    async def _read_body(self, request: Request, route: Route) -> bytes | None | Answer:
+        """The body to forward, whole and checked; or the refusal. Only POST routes take one."""
+        rid = request.request_id
+        if request.method != "POST":
+            if request.has_body:
+                return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
+                                    request_id=rid, details={"reason": "unexpected_body"})
+            return None
         if route is START_RUN:
-            checked = await self._read_run_start(request, rid)
-            if checked.__class__ is not bytes:  # a refusal (isinstance would take the slow ABC path)
-                return checked  # type: ignore[return-value]
-            body = checked
-        extra = b""
-        principal = outcome.principal
-        if principal is not None:
-            extra = self.authn.upstream_headers(principal)
-            mode = self.cfg.auth.forward_token
-            if mode == "exchange":
-                try:
-                    token = await self.exchanger.token_for(principal.token)  # type: ignore[union-attr]
-                except ExchangeFailed as exc:
-                    return error_response(502, "token_exchange_failed",
-                                          "Could not obtain a token for the Run Coordinator", request_id=rid,
-                                          retryable=exc.retryable, details={"reason": exc.reason})
-                extra += b"Authorization: Bearer " + token.encode() + b"\r\n"
-            elif mode == "passthrough" and principal.kind == "dev" and "Authorization" in request.headers:
-                # With auth disabled nothing was verified, but a coordinator may still check the token itself.
-                given = request.headers["Authorization"].encode("utf-8", "surrogateescape")
-                extra += b"Authorization: " + given + b"\r\n"
-        if body is None and request.body_exists:
-            await _continue(request)
-        return await self.upstream.forward(request, route, body, extra, rid)
-
-    async def _read_run_start(self, request: web.Request, rid: str) -> bytes | web.Response:
-        ctype = request.content_type
-        if ctype not in _JSON_TYPES and not (ctype.startswith("application/") and ctype.endswith("+json")):
-            return error_response(415, "unsupported_media_type", "Send the run start body as application/json",
-                                  request_id=rid, details={"content_type": ctype[:100]})
+            ctype = (request.content_type or b"").partition(b";")[0].strip().lower()
+            if ctype not in _JSON_TYPES and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
+                return error_answer(415, "unsupported_media_type", "Send the run start body as application/json",
+                                    request_id=rid, details={"content_type": ctype[:100].decode("latin-1")})
+            coding = request.content_encoding
+            if coding is not None and coding.strip().lower() != b"identity":
+                # The edge validates the run start, and it decompresses nothing.
+                return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
+                                    request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
         limit = self.cfg.limits.max_body_bytes
-        length = request.content_length
-        if length is not None and length > limit:
+        if request.content_length is not None and request.content_length > limit:
             return _too_large(limit, rid)
-        await _continue(request)
-        if length is not None:
-            # A small body usually arrived with the headers: take it without a wait.
-            body = request.content.read_nowait(length)
-            if len(body) < length:
-                try:
-                    body += await request.content.readexactly(length - len(body))
-                except asyncio.IncompleteReadError:
-                    return _invalid([{"path": "$", "message": "the body ended before Content-Length bytes"}], rid)
-        else:
-            body = await _read_limited(request.content, limit)
-            if body is None:
-                return _too_large(limit, rid)
+        try:
+            body = await request.read_body()
+        except BodyTooLarge:
+            return _too_large(limit, rid)
+        except BodyTimeout:
+            return error_answer(408, "request_timeout", "The request body did not arrive in time",
+                                request_id=rid, details={"body_timeout_s": self.cfg.limits.body_timeout_s})
+        except BodyIncomplete:
+            return error_answer(400, "invalid_request", "The request body ended before it was complete",
+                                request_id=rid, details={"reason": "incomplete_body"})
+        if route is START_RUN:
+            problems = self._run_start_problems(body)
+            if problems:
+                return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
+                                    request_id=rid, details={"errors": problems})
+        return body
+
+    def _run_start_problems(self, body: bytes) -> list[dict[str, str]]:
         try:
             document = _DECODE(body.decode("utf-8"))  # RFC 8259: JSON between systems is UTF-8
         except (ValueError, RecursionError) as exc:
             problem = {"path": "$", "message": f"not valid JSON: {type(exc).__name__}"}
             if isinstance(exc, json.JSONDecodeError):
                 problem["message"] = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            return _invalid([problem], rid)
-        problems = self.validate_run_start(document)
-        if problems:
-            return _invalid(problems, rid)
-        return body
+            return [problem]
+        return self.validate_run_start(document)
+
+    # ------------------------------------------------------------------ identity
+
+    async def _identity(self, request: Request, outcome: AuthOutcome) -> bytes | Answer:
+        """Every header line the coordinator learns about the caller: decided here and nowhere else."""
+        principal = outcome.principal
+        if principal is None:
+            return b""
+        extra = outcome.identity
+        mode = self.cfg.auth.forward_token
+        if mode == "exchange":
+            try:
+                token = await self.exchanger.token_for(principal.token)  # type: ignore[union-attr]
+            except ExchangeFailed as exc:
+                return error_answer(502, "token_exchange_failed", "Could not obtain a token for the Run Coordinator",
+                                    request_id=request.request_id, retryable=exc.retryable,
+                                    details={"reason": exc.reason})
+            extra += b"Authorization: Bearer " + token.encode() + b"\r\n"
+        elif mode == "passthrough" and principal.kind == "dev" and len(request.authorization) == 1:
+            # With auth disabled nothing was verified, but a coordinator may still check the token itself.
+            extra += b"Authorization: " + request.authorization[0] + b"\r\n"
+        return extra
 
 
-async def _continue(request: web.Request) -> None:
-    """Answers `Expect: 100-continue` once the body is wanted: only after auth and size checks passed,
-    so a refused client never sends it. Without this such clients wait a second before sending."""
-    if request.version == aiohttp.HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim answer is not the response
+_PROBES = (LIVEZ, READYZ, METRICS)
 
 
-def _invalid(problems: list[dict[str, str]], rid: str) -> web.Response:
-    return error_response(400, "invalid_request", "The run start request is not a valid RunStartRequest",
-                          request_id=rid, details={"errors": problems})
-
-
-def _too_large(limit: int, rid: str) -> web.Response:
-    return error_response(413, "payload_too_large", f"The request body exceeds {limit} bytes",
-                          request_id=rid, details={"max_body_bytes": limit})
-
-
-async def _read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
-    chunks = []
-    size = 0
-    while True:
-        chunk = await stream.readany()
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+def _too_large(limit: int, rid: str) -> Answer:
+    return error_answer(413, "payload_too_large", f"The request body exceeds {limit} bytes",
+                        request_id=rid, details={"max_body_bytes": limit})

@@ -5,22 +5,22 @@ It owns the wire behaviour of RFC 6750 and the ARP spec (which status, which
 `tokens.py`, key material in `jwks.py`, route rules in `access.py`.
 
     authn = Authenticator(cfg.auth, verifier, AccessPolicy(cfg.auth.rules))
-    outcome = await authn.authenticate(request, route)
+    outcome = await authn.authenticate(request, route, request_id)
     if outcome.refusal is not None:
-        return outcome.refusal                  # never forwarded
-    header_lines = authn.upstream_headers(outcome.principal)
+        request.respond(outcome.refusal)        # never forwarded
+    header_lines = outcome.identity             # what the coordinator learns about the caller
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from .access import AccessPolicy
+from .answers import Answer, error_answer
 from .config import AuthConfig
-from .errors import error_response
 from .jwks import KeysUnavailable
+from .listener import Request
 from .principal import Principal
 from .routes import Route
 from .tokens import TokenError, TokenVerifier
@@ -29,13 +29,16 @@ from .tokens import TokenError, TokenVerifier
 @dataclass(frozen=True, slots=True)
 class AuthOutcome:
     principal: Principal | None        # None on exempt routes and refusals
-    refusal: web.Response | None
+    refusal: Answer | None
     result: str                        # allowed, exempt, anonymous, dev, denied, unauthenticated, unavailable
     reason: str = ""
+    identity: bytes = b""              # identity header lines (and a passthrough token) for the coordinator
 
 
 EXEMPT = AuthOutcome(None, None, "exempt")
 IDENTITY_CACHE_SIZE = 10000
+# Longer identity values are refused rather than cut: two subjects must never become one.
+MAX_IDENTITY_VALUE = 8192
 
 
 def _quote(value: str) -> str:
@@ -49,15 +52,16 @@ class Authenticator:
         self._policy = policy
         self._exempt = frozenset(cfg.exempt_paths)
         self._realm = f'Bearer realm="{_quote(cfg.realm)}"'
-        self._dev = AuthOutcome(Principal(cfg.dev_subject, kind="dev"), None, "dev")
+        self._identity: dict[int, tuple[Principal, bytes | None]] = {}
+        dev = Principal(cfg.dev_subject, kind="dev")
+        self._dev = AuthOutcome(dev, None, "dev", identity=self.upstream_headers(dev) or b"")
         self._anonymous = Principal(cfg.anonymous_subject, kind="anonymous")
-        self._identity: dict[int, tuple[Principal, bytes]] = {}
 
     def is_exempt(self, raw_path: str) -> bool:
         return raw_path in self._exempt
 
-    async def authenticate(self, request: web.Request, route: Route, request_id: str) -> AuthOutcome:
-        values = request.headers.getall("Authorization", ())
+    async def authenticate(self, request: Request, route: Route, request_id: str) -> AuthOutcome:
+        values = request.authorization
         if self.cfg.mode == "disabled":
             return self._dev
         if len(values) > 1:
@@ -67,7 +71,7 @@ class Authenticator:
             if self.cfg.mode == "optional":
                 return self._authorize(self._anonymous, route, request.method, request_id, "anonymous")
             return self._challenge("missing_token", "A bearer token is required", request_id)
-        scheme, _, token = values[0].strip().partition(" ")
+        scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer":
             return self._challenge("unsupported_scheme", "Use the Bearer authentication scheme", request_id)
         token = token.strip()
@@ -79,7 +83,7 @@ class Authenticator:
         except TokenError as exc:
             return self._invalid(exc.reason, exc.description, request_id)
         except KeysUnavailable as exc:
-            return AuthOutcome(None, error_response(
+            return AuthOutcome(None, error_answer(
                 503, "auth_unavailable", "Signing keys of the token issuer are not available yet",
                 request_id=request_id, retryable=True, details={"reason": "keys_unavailable"},
                 headers={"Retry-After": str(exc.retry_after_s)}), "unavailable", "keys_unavailable")
@@ -89,7 +93,11 @@ class Authenticator:
                    result: str) -> AuthOutcome:
         denial = self._policy.check(route.template, method, principal)
         if denial is None:
-            return AuthOutcome(principal, None, result)
+            identity = self.upstream_headers(principal)
+            if identity is None:
+                return self._invalid("invalid_claims", "the token's claims cannot be passed on as identity headers",
+                                     request_id)
+            return AuthOutcome(principal, None, result, identity=identity)
         if principal.kind == "anonymous":
             # A token could grant what is missing: ask for one rather than forbid.
             return self._challenge("missing_token", "A bearer token is required for this route", request_id)
@@ -100,30 +108,32 @@ class Authenticator:
             details["required_scopes"] = list(denial.missing_scopes)
         if denial.failed_claims:
             details["required_claims"] = list(denial.failed_claims)
-        return AuthOutcome(None, error_response(
+        return AuthOutcome(None, error_answer(
             403, "forbidden", "The token does not grant access to this route", request_id=request_id,
             details=details, headers={"WWW-Authenticate": header}), "denied", denial.reason)
 
     def _challenge(self, reason: str, message: str, request_id: str) -> AuthOutcome:
-        return AuthOutcome(None, error_response(
+        return AuthOutcome(None, error_answer(
             401, "unauthorized", message, request_id=request_id, details={"reason": reason},
             headers={"WWW-Authenticate": self._realm}), "unauthenticated", reason)
 
     def _invalid(self, reason: str, description: str, request_id: str) -> AuthOutcome:
         header = f'{self._realm}, error="invalid_token", error_description="{_quote(description)}"'
-        return AuthOutcome(None, error_response(
+        return AuthOutcome(None, error_answer(
             401, "unauthorized", description, request_id=request_id, details={"reason": reason},
             headers={"WWW-Authenticate": header}), "unauthenticated", reason)
 
     def _bad_request(self, reason: str, message: str, request_id: str) -> AuthOutcome:
         header = f'{self._realm}, error="invalid_request", error_description="{_quote(message)}"'
-        return AuthOutcome(None, error_response(
+        return AuthOutcome(None, error_answer(
             400, "invalid_request", message, request_id=request_id, details={"reason": reason},
             headers={"WWW-Authenticate": header}), "unauthenticated", reason)
 
-    def upstream_headers(self, principal: Principal) -> bytes:
+    def upstream_headers(self, principal: Principal) -> bytes | None:
         """What the coordinator learns about the caller, as ready header lines: identity headers and,
-        with `forward_token: passthrough`, the verified token. The client's own X-Auth-* never get through.
+        with `forward_token: passthrough`, the verified token; None when a claim cannot be sent as
+        it is (control characters, or longer than MAX_IDENTITY_VALUE). Cleaning or cutting such a
+        value could make two callers look alike, so the token is refused instead.
 
         Cached per principal object: the token cache hands back the same Principal for a repeat
         token, so its lines are built and encoded once, not per request."""
@@ -131,30 +141,38 @@ class Authenticator:
         if cached is not None and cached[0] is principal:
             return cached[1]
         lines = self._build_identity(principal)
-        if self.cfg.forward_token == "passthrough" and principal.token is not None:
-            lines.append(("Authorization", f"Bearer {principal.token}"))
-        block = "".join(f"{name}: {value}\r\n" for name, value in lines).encode("utf-8")
+        block: bytes | None = None
+        if lines is not None:
+            if self.cfg.forward_token == "passthrough" and principal.token is not None:
+                lines.append(("Authorization", f"Bearer {principal.token}"))
+            block = "".join(f"{name}: {value}\r\n" for name, value in lines).encode("utf-8")
         if len(self._identity) >= IDENTITY_CACHE_SIZE:
             self._identity.clear()
         self._identity[id(principal)] = (principal, block)
         return block
 
-    def _build_identity(self, principal: Principal) -> list[tuple[str, str]]:
+    def _build_identity(self, principal: Principal) -> list[tuple[str, str]] | None:
         prefix = self.cfg.identity_header_prefix
-        headers = [(f"{prefix}Subject", _header_safe(principal.subject))]
+        headers = [(f"{prefix}Subject", principal.subject)]
         if principal.issuer:
-            headers.append((f"{prefix}Issuer", _header_safe(principal.issuer)))
+            headers.append((f"{prefix}Issuer", principal.issuer))
         if principal.scopes:
-            headers.append((f"{prefix}Scopes", _header_safe(" ".join(sorted(principal.scopes)))))
+            headers.append((f"{prefix}Scopes", " ".join(sorted(principal.scopes))))
         for claim, header in self.cfg.claim_headers:
             value = principal.claims.get(claim)
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)
             if value is not None and not isinstance(value, dict):
-                headers.append((header, _header_safe(str(value))))
-        return headers
+                headers.append((header, str(value)))
+        if all(_header_safe(value) for _, value in headers):
+            return headers
+        return None
 
 
-def _header_safe(value: str) -> str:
-    """Claims are attacker-influenced text: no CR/LF may reach a header line."""
-    return "".join(ch for ch in value if ch >= " " and ch != "\x7f")[:1024]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _header_safe(value: str) -> bool:
+    """Claims are attacker-influenced text: no control character (C0, DEL, C1) may reach a header line."""
+    return (len(value) <= MAX_IDENTITY_VALUE and _CONTROL.search(value) is None
+            and len(value.encode("utf-8")) <= MAX_IDENTITY_VALUE)

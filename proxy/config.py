@@ -48,8 +48,12 @@ class ConfigError(Exception):
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 1
+    workers: int = 1                    # processes sharing the port (SO_REUSEPORT)
     event_loop: str = "uvloop"
+    keepalive_timeout_s: float = 75.0   # an idle client keep-alive connection is closed after it
+    # Client connections at once; None: derived from the open-file limit, leaving room for the
+    # coordinator pool and the control plane. At the cap idle connections are reclaimed first.
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,11 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_body_bytes: int = MIB
+    max_body_bytes: int = MIB           # run start and cancel bodies; larger ones get 413
+    header_timeout_s: float = 10.0      # a request head must arrive whole within it, or the connection closes
+    body_timeout_s: float = 10.0        # a body must arrive whole within it once wanted, or 408
+    max_header_bytes: int = 64 * 1024   # the request target plus header lines; larger heads get 431
+    max_headers: int = 100              # header lines per request; more get 431
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,8 @@ def _listen(r: _Reader, raw: Any) -> ListenConfig:
         port=r.number(sec, "listen", "port", d.port, integer=True, minimum=0),
         workers=r.number(sec, "listen", "workers", d.workers, integer=True, minimum=1),
         event_loop=r.string(sec, "listen", "event_loop", d.event_loop, choices=EVENT_LOOPS),
+        keepalive_timeout_s=r.number(sec, "listen", "keepalive_timeout_s", d.keepalive_timeout_s, positive=True),
+        max_connections=r.number(sec, "listen", "max_connections", None, integer=True, minimum=1),
     )
 
 
@@ -308,6 +318,19 @@ def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
             backoff_initial_s=r.number(rsec, "upstream.retries", "backoff_initial_s", rd.backoff_initial_s),
             backoff_max_s=r.number(rsec, "upstream.retries", "backoff_max_s", rd.backoff_max_s),
         ),
+    )
+
+
+def _limits(r: _Reader, raw: Any) -> LimitsConfig:
+    p = "limits"
+    sec = r.section(raw, p, _known(LimitsConfig))
+    d = LimitsConfig()
+    return LimitsConfig(
+        max_body_bytes=r.number(sec, p, "max_body_bytes", d.max_body_bytes, integer=True, positive=True),
+        header_timeout_s=r.number(sec, p, "header_timeout_s", d.header_timeout_s, positive=True),
+        body_timeout_s=r.number(sec, p, "body_timeout_s", d.body_timeout_s, positive=True),
+        max_header_bytes=r.number(sec, p, "max_header_bytes", d.max_header_bytes, integer=True, minimum=1024),
+        max_headers=r.number(sec, p, "max_headers", d.max_headers, integer=True, minimum=8),
     )
 
 
@@ -461,16 +484,17 @@ def build_config(raw: Any, origins: Mapping[str, str] | None = None) -> GatewayC
     cfg = GatewayConfig(
         listen=_listen(r, top.get("listen")),
         upstream=_upstream(r, top.get("upstream")),
-        limits=LimitsConfig(
-            max_body_bytes=r.number(r.section(top.get("limits"), "limits", _known(LimitsConfig)),
-                                    "limits", "max_body_bytes", MIB, integer=True, positive=True)
-        ),
+        limits=_limits(r, top.get("limits")),
         auth=_auth(r, top.get("auth")),
         metrics=_metrics(r, top.get("metrics")),
         logging=_logging(r, top.get("logging")),
         shutdown_grace_s=r.number(top, "", "shutdown_grace_s", d.shutdown_grace_s),
         drain_delay_s=r.number(top, "", "drain_delay_s", d.drain_delay_s),
     )
+    if cfg.limits.max_header_bytes <= cfg.auth.max_token_bytes + 256:
+        r.fail("limits.max_header_bytes", f"must leave room for a token of auth.max_token_bytes "
+                                          f"({cfg.auth.max_token_bytes}) plus other headers, so an oversized "
+                                          "token gets its 401")
     if cfg.listen.workers > 1 and cfg.listen.port == 0:
         r.fail("listen.workers", "several workers need a fixed listen.port to share")
     if r.problems:

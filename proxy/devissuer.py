@@ -98,6 +98,6 @@ async def start(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> tuple[web.
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+    bound = runner.addresses[0]
     issuer.url = f"http://{host}:{bound[1]}"
     return runner, issuer

@@ -17,7 +17,7 @@ caches, the token cache) instead of counting it twice.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,6 +39,9 @@ PREFIX = "arp_gateway_"
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
+# Why the listener turned a connection away, or closed one that was not done with.
+CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit"),
+                     "connections_closed": ("reclaimed", "header_timeout", "body_timeout", "keepalive_timeout")}
 NO_ISSUER = "none"
 _TEMPLATES = frozenset(r.template for r in ALL_ROUTES)
 _FORWARDED = tuple(r.template for r in ALL_ROUTES if r.forward)
@@ -77,6 +80,9 @@ class GatewayMetrics:
         self._upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self._retries = dict.fromkeys(_FORWARDED, 0)
         self._auth: dict[tuple[str, str, str], int] = {}
+        self._connection_events = {(family, reason): 0 for family, reasons in CONNECTION_EVENTS.items()
+                                   for reason in reasons}
+        self.open_connections: Callable[[], int] = lambda: 0
         self._jwks_duration = Histogram(PREFIX + "jwks_fetch_duration_seconds", "JWKS (and discovery) fetch "
                                         "time", ("issuer",), registry=self.registry)
         for issuer in self.issuers:
@@ -127,6 +133,9 @@ class GatewayMetrics:
     def retried(self, template: str) -> None:
         self._retries[template] += 1
 
+    def connection_event(self, family: str, reason: str) -> None:
+        self._connection_events[(family, reason)] += 1
+
     # -- control plane
 
     def jwks_fetched(self, issuer: str, seconds: float) -> None:
@@ -173,6 +182,16 @@ class _HotPathCollector:
         for labels, count in sorted(m._auth.items()):
             auth.add_metric(labels, count)
         yield from (requests, durations, upstream, errors, retries, auth)
+        refused = CounterMetricFamily(PREFIX + "connections_refused", "Client connections turned away",
+                                      labels=("reason",))
+        closed = CounterMetricFamily(PREFIX + "connections_closed", "Client connections the gateway closed "
+                                     "before the client did: timeouts, and idle ones reclaimed at the cap",
+                                     labels=("reason",))
+        for (family, reason), count in m._connection_events.items():
+            (refused if family == "connections_refused" else closed).add_metric((reason,), count)
+        yield from (refused, closed)
+        yield GaugeMetricFamily(PREFIX + "connections_open", "Client connections open now",
+                                value=m.open_connections())
         yield GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests being handled now", value=m.in_flight)
         yield GaugeMetricFamily(PREFIX + "streams_open", "Event streams open now", value=m.streams_open)
         yield CounterMetricFamily(PREFIX + "stream_lines", "NDJSON lines relayed on event streams",

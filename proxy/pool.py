@@ -59,13 +59,14 @@ class StreamIdle(UpstreamError):
 class PoolResponse:
     """One response: headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "reason", "headers", "complete", "error", "keep_alive", "_conn",
+    __slots__ = ("status", "reason", "headers", "content_length", "complete", "error", "keep_alive", "_conn",
                  "_chunks", "_buffered", "_waiter", "_paused")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
         self.complete = False
         self.error: UpstreamError | None = None
         self.keep_alive = False
@@ -148,10 +149,9 @@ class _Connection(asyncio.Protocol):
         self.response: PoolResponse | None = None
         self._headers_ready: asyncio.Future[PoolResponse] | None = None
         self.closed = False
+        self.deadline = 0.0         # event-loop time the response headers are due by; 0: none
         self.idle_since = 0.0
         self.received_any = False
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
 
     # -- asyncio.Protocol
 
@@ -167,7 +167,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._error(BadResponse(f"invalid HTTP from the coordinator: {exc}"))
+            if not self.response.complete:
+                self._error(BadResponse(f"invalid HTTP from the coordinator: {exc}"))
             self._abort()
 
     def eof_received(self) -> bool | None:
@@ -179,24 +180,24 @@ class _Connection(asyncio.Protocol):
         self._parser_eof()
         if self.response is not None and not self.response.complete:
             self._error(ConnectionReset("the coordinator closed the connection", sent=True))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ConnectionReset("connection lost while sending"))
         self._pool.forget(self)
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
     # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response.complete:
+            # A second answer to one request: whatever it is, no client gets it, and the
+            # connection's framing can no longer be trusted.
+            self.closed = True
+            raise BadResponse("the coordinator sent an unrequested response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
         response.headers.append((name, value))
+        if len(name) == 14 and name.lower() == b"content-length":
+            response.content_length = int(value)  # llhttp has checked it
 
     def on_status(self, reason: bytes) -> None:
         assert self.response is not None
@@ -209,6 +210,7 @@ class _Connection(asyncio.Protocol):
         if response.status < 200:
             # An interim 1xx answer: its headers are not the response's.
             response.headers.clear()
+            response.content_length = None
             return
         response.keep_alive = self._parser.should_keep_alive()
         ready = self._headers_ready
@@ -257,40 +259,24 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool,
-                   deadline: float | None) -> PoolResponse:
+    async def send(self, head: bytes, body: bytes | None, deadline: float | None) -> PoolResponse:
         assert self.transport is not None
         self.response = PoolResponse(self)
         # The parser is the connection's: llhttp starts on the next message after a complete one,
         # and a connection whose exchange did not complete is never reused.
-        loop = self._loop
-        self._headers_ready = ready = loop.create_future()
-        timer = loop.call_at(deadline, _expire, ready) if deadline is not None else None
+        self._headers_ready = ready = self._loop.create_future()
+        self.deadline = deadline or 0.0  # kept by the pool's sweep: no timer armed per request
         self.received_any = False
-        if body is None or isinstance(body, bytes):
-            self.transport.write(head + body if body else head)
-        else:
-            self.transport.write(head)
-            async for chunk in body:
-                if self.closed:
-                    break
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                if self._write_paused:
-                    await self._wait_drain()
-            if chunked and not self.closed:
-                self.transport.write(b"0\r\n\r\n")
+        self.transport.write(head + body if body else head)
         try:
             return await ready
         finally:
-            if timer is not None:
-                timer.cancel()
+            self.deadline = 0.0
 
-    async def _wait_drain(self) -> None:
-        self._drain = asyncio.get_running_loop().create_future()
-        try:
-            await self._drain
-        finally:
-            self._drain = None
+    def expire(self) -> None:
+        ready = self._headers_ready
+        if ready is not None and not ready.done():
+            ready.set_exception(TimeoutError())
 
     def finish(self, *, reusable: bool) -> None:
         self.response = None
@@ -309,13 +295,13 @@ def _expire(future: asyncio.Future) -> None:
 
 class UpstreamPool:
     def __init__(self, url: str, *, max_connections: int, connect_timeout_s: float,
-                 idle_timeout_s: float = 4.0) -> None:
+                 idle_timeout_s: float = 4.0, sweep_interval_s: float = 0.1) -> None:
         parts = urlsplit(url)
         self._secure = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._secure else 80)
         self.host_header = parts.netloc.rsplit("@", 1)[-1].encode("idna")
-        self.base_path = parts.path.rstrip("/")
+        self.base_path = parts.path.rstrip("/").encode()
         self._max = max_connections
         self._connect_timeout = connect_timeout_s
         # Below common server keep-alive timeouts (uvicorn: 5 s), so we drop a connection before the
@@ -327,21 +313,25 @@ class UpstreamPool:
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._ssl = ssl.create_default_context() if self._secure else None
         self.closed = False
+        self._sweep_interval = sweep_interval_s
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def size(self) -> int:
         return len(self._all) + self._connecting
 
-    async def request(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
-                      chunked: bool = False, deadline: float | None = None) -> PoolResponse:
+    async def request(self, head: bytes, body: bytes | None, *, deadline: float | None = None) -> PoolResponse:
         """Sends one request and returns once the response headers are in.
 
         `deadline` (event-loop time) bounds the wait for a free connection and for the response
-        headers with one timer each, cheaper per request than an `asyncio.timeout` block;
-        TimeoutError when it passes. Connecting has its own connect timeout."""
+        headers; TimeoutError when it passes (to within `sweep_interval_s`: one periodic sweep
+        checks every connection, cheaper than a timer per request). Connecting has its own
+        connect timeout."""
+        if self._sweeper is None and deadline is not None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
         conn = await self._acquire(deadline)
         try:
-            return await conn.send(head, body, chunked, deadline)
+            return await conn.send(head, body, deadline)
         except BaseException:
             conn.finish(reusable=False)
             raise
@@ -403,7 +393,18 @@ class UpstreamPool:
                     waiter.set_result(None)
                     break
 
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in self._all:
+            if 0.0 < conn.deadline <= now:
+                conn.deadline = 0.0
+                conn.expire()
+        self._sweeper = None if self.closed else loop.call_later(self._sweep_interval, self._sweep)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.closed = True
         for conn in list(self._all):
             conn._abort()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # each route is one object: compared by identity
 class Route:
     name: str
     template: str           # a bounded label for metrics, logs and access rules

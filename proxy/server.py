@@ -22,32 +22,39 @@ from aiohttp import web
 
 from .app import Gateway
 from .clock import Clock, SystemClock
-from .routes import LIVEZ, METRICS, READYZ
 from .config import GatewayConfig, redacted
+from .listener import EdgeLimits, Listener, default_max_connections
+from .routes import LIVEZ, METRICS, READYZ
 
 log = logging.getLogger("proxy.server")
 T = TypeVar("T")
 
 
-def site_url(site: web.TCPSite) -> str:
-    """The URL a started site really listens on (port 0 resolved)."""
-    server = site._server  # aiohttp keeps the asyncio.Server here; it has no public accessor
-    assert server is not None and server.sockets
-    host, port = server.sockets[0].getsockname()[:2]
+def site_url(runner: web.AppRunner) -> str:
+    """The URL a started aiohttp runner really listens on (port 0 resolved)."""
+    host, port = runner.addresses[0][:2]
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def edge_limits(cfg: GatewayConfig) -> EdgeLimits:
+    return EdgeLimits(
+        header_timeout_s=cfg.limits.header_timeout_s, body_timeout_s=cfg.limits.body_timeout_s,
+        keepalive_timeout_s=cfg.listen.keepalive_timeout_s, max_header_bytes=cfg.limits.max_header_bytes,
+        max_headers=cfg.limits.max_headers, max_body_bytes=cfg.limits.max_body_bytes,
+        max_connections=cfg.listen.max_connections or default_max_connections(cfg.upstream.max_connections))
 
 
 class GatewayServer:
     """A started gateway: the public listener, the optional ops listener, and their shutdown."""
 
-    def __init__(self, gateway: Gateway, runner: web.ServerRunner, ops: web.AppRunner | None) -> None:
+    def __init__(self, gateway: Gateway, listener: Listener, ops: web.AppRunner | None) -> None:
         self.gateway = gateway
-        self._runner = runner
+        self.listener = listener
         self._ops = ops
 
     async def cleanup(self) -> None:
         """Stops accepting, lets in-flight work finish (shutdown_grace_s), then closes everything."""
-        await self._runner.cleanup()
+        await self.listener.close(self.gateway.cfg.shutdown_grace_s)
         await self.gateway.close()
         if self._ops is not None:
             await self._ops.cleanup()
@@ -60,30 +67,23 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
     Workers (`worker` = 0..N-1) share the public port through SO_REUSEPORT but each gets its own
     metrics port, `metrics.port + worker`: counters live per process, and a shared port would hand
     each scrape to a random worker, so counters would jump backwards between scrapes."""
-    reuse_port = worker is not None
     gateway = Gateway(cfg, clock or SystemClock())
     await gateway.start()
-    # Header limits above the token limit, so an oversized token gets the gateway's 401, not aiohttp's 400.
-    header_limit = max(64 * 1024, cfg.auth.max_token_bytes + 1024)
-    server = web.Server(gateway.handle, handler_cancellation=True, access_log=None,
-                        max_line_size=header_limit, max_field_size=header_limit)
-    runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_grace_s)
-    ops = None
+    listener = Listener(gateway.handle, edge_limits(cfg), gateway.metrics)
+    if gateway.metrics is not None:
+        gateway.metrics.open_connections = lambda: len(listener.connections)
+    server = GatewayServer(gateway, listener, None)
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_port=reuse_port or None,
-                           backlog=1024)
-        await site.start()
+        url = await listener.start(cfg.listen.host, cfg.listen.port, reuse_port=worker is not None)
         if cfg.metrics.enabled and cfg.metrics.port != 0:
-            ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
+            server._ops = ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
             await ops.setup()
-            ops_site = web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port + (worker or 0))
-            await ops_site.start()
-            gateway.ops_url = site_url(ops_site)
+            await web.TCPSite(ops, cfg.metrics.host, cfg.metrics.port + (worker or 0)).start()
+            gateway.ops_url = site_url(ops)
     except OSError:
-        await GatewayServer(gateway, runner, ops).cleanup()
+        await server.cleanup()
         raise
-    return GatewayServer(gateway, runner, ops), site_url(site)
+    return server, url
 
 
 def create_ops_app(gateway: Gateway) -> web.Application:
@@ -92,8 +92,9 @@ def create_ops_app(gateway: Gateway) -> web.Application:
         route = {"/metrics": METRICS, "/livez": LIVEZ, "/readyz": READYZ}.get(request.path)
         if route is None or request.method != "GET":
             return web.Response(status=404, text="not found\n")
-        response, _ = await gateway.local(request, route, request.path, "")
-        return response
+        answer = gateway.probe_answer(route)
+        return web.Response(status=answer.status, body=answer.body,
+                            headers={"Content-Type": answer.content_type.decode()})
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", ops)

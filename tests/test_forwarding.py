@@ -224,30 +224,24 @@ async def test_get_run_keeps_percent_encoded_path_and_query(through, upstream, h
     assert [(r["method"], r["path"]) for r in upstream.requests] == [("GET", target)]
 
 
-async def test_cancel_body_streams_to_the_coordinator_intact(gateway, http) -> None:
-    first_bytes_arrived = asyncio.Event()
-    digest, size = hashlib.sha256(), 0
+async def test_cancel_body_arriving_chunked_is_forwarded_whole_with_its_length(gateway, http) -> None:
+    seen: list[tuple[str | None, str | None, bytes]] = []
 
     async def cancel(request: web.Request) -> web.StreamResponse:
-        nonlocal size
-        async for chunk in request.content.iter_any():
-            digest.update(chunk)
-            size += len(chunk)
-            first_bytes_arrived.set()
+        seen.append((request.headers.get("Content-Length"), request.headers.get("Transfer-Encoding"),
+                     await request.read()))
         return json_response(200, {"run_id": request.match_info["run_id"], "state": "canceled"})
 
-    app = web.Application()  # its own server: the shared recorder buffers bodies and caps them at 1 MiB
+    app = web.Application()
     app.router.add_post("/v1/runs/{run_id}:cancel", cancel)
     runner, coordinator_url = await serve(app)
     rng = random.Random(7)
-    chunks = [rng.randbytes(64 * 1024) for _ in range(64)]  # 4 MiB
+    chunks = [rng.randbytes(16 * 1024) for _ in range(16)]  # 256 KiB, under limits.max_body_bytes
 
     async def body():
-        yield chunks[0]
-        # Held back until the coordinator has the first chunk: a gateway buffering the body deadlocks here.
-        await asyncio.wait_for(first_bytes_arrived.wait(), 5)
-        for chunk in chunks[1:]:
+        for chunk in chunks:
             yield chunk
+            await asyncio.sleep(0)
 
     try:
         url = await gateway(coordinator_url)
@@ -257,8 +251,24 @@ async def test_cancel_body_streams_to_the_coordinator_intact(gateway, http) -> N
             assert (await resp.json())["state"] == "canceled"
     finally:
         await runner.cleanup()
-    assert size == 4 * 1024 * 1024
-    assert digest.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    # The gateway frames what it forwards itself: the client's chunked framing never goes upstream.
+    ((length, transfer_encoding, forwarded),) = seen
+    assert forwarded == b"".join(chunks)
+    assert (length, transfer_encoding) == (str(len(forwarded)), None)
+
+
+async def test_cancel_body_over_the_limit_is_413_and_never_forwarded(gateway, upstream, http) -> None:
+    upstream.route("POST", "/v1/runs/{run_id}:cancel", lambda r: json_response(200, {}))
+    url = await gateway(await upstream.start(), limits={"max_body_bytes": 64 * 1024})
+
+    async def body():
+        for _ in range(64):  # 4 MiB, chunked: no Content-Length to refuse up front
+            yield b"x" * 64 * 1024
+
+    async with http.post(url + "/v1/runs/r1:cancel", data=body()) as resp:
+        error = await envelope(resp, 413, "payload_too_large")
+    assert error["details"]["max_body_bytes"] == 64 * 1024
+    assert upstream.requests == []
 
 
 # --------------------------------------------------------------------------- header hygiene

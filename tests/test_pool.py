@@ -187,14 +187,26 @@ async def test_a_slow_reader_pauses_the_coordinator_socket(served):
     response.release()
 
 
-async def test_streamed_request_body_with_a_known_length_is_sent_unframed(served):
+async def test_request_body_goes_in_the_same_write_with_the_length_the_head_declares(served):
     server, pool = await served()
-
-    async def body():
-        yield b"abc"
-        yield b"defg"
-
     request = b"POST /v1/runs/x:cancel HTTP/1.1\r\nHost: c\r\nContent-Length: 7\r\n\r\n"
-    response = await pool.request(request, body(), chunked=False)
+    response = await pool.request(request, b"abcdefg")
     response.release()
-    assert server.requests[0].endswith(b"\r\n\r\nabcdefg")
+    assert server.requests == [request + b"abcdefg"]
+
+
+async def test_an_unrequested_second_response_is_never_handed_out_and_the_connection_is_dropped(served):
+    async def two_answers(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"x\": 1}\n")
+        await writer.drain()
+
+    server, pool = await served(two_answers)
+    response = await pool.request(head(), None)
+    assert (response.status, response.body_if_complete()) == (200, b"{}")
+    response.release()
+    # The connection that carried the extra answer is not reused: the next request opens a new one.
+    response = await pool.request(head(), None)
+    assert response.body_if_complete() == b"{}"
+    response.release()
+    assert server.connections == 2

@@ -13,7 +13,7 @@ async def serve_app(app: web.Application, **runner_options) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # no public accessor
+    port = runner.addresses[0][1]
     return runner, f"http://127.0.0.1:{port}"
 
 

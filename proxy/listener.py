@@ -1,0 +1,834 @@
+"""The public listener: one asyncio Protocol per client connection, parsed by llhttp (httptools).
+
+Everything the edge decides about bytes happens here, before any gateway
+stage sees a request:
+- framing: llhttp parses in its strict mode and bodies are buffered whole (up
+  to `limits.max_body_bytes`), so whatever reaches the coordinator is framed by
+  the gateway alone; nothing is ever decompressed;
+- the target: origin-form, RFC 3986 characters only;
+- the head's size and line count (llhttp has no limit of its own), and the
+  header, body and keep-alive timeouts, kept by one periodic sweep per
+  listener rather than a timer per request;
+- the connection cap: idle connections are reclaimed, oldest first, before a
+  new client is turned away;
+- order: pipelined requests are answered strictly one after another.
+
+A request refused here still reaches the gateway, carrying its `refusal`, so
+it gets an ErrorEnvelope, an access-log line and a count like any other.
+
+    listener = Listener(gateway.handle, EdgeLimits.from_config(cfg), metrics)
+    url = await listener.start("127.0.0.1", 8080)
+    ...
+    await listener.close(grace_s=25)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import re
+import resource
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from enum import IntEnum
+from functools import lru_cache
+from http import HTTPStatus
+
+import httptools
+
+from .answers import Answer, error_answer
+
+log = logging.getLogger("proxy.listener")
+
+# Sockets the process needs besides client connections: the coordinator pool is added on top.
+FD_HEADROOM = 64
+# Pipelined requests parsed ahead of the one being answered; past it the connection
+# stops reading, answers what it has and closes.
+MAX_PIPELINED = 16
+LIMIT_LOG_INTERVAL_S = 10.0
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# RFC 3986 origin-form: "/" path characters (unreserved, sub-delims, ":", "@", "/", "%") and a
+# query that may also hold "?". Removing these must leave nothing.
+_TARGET_CHARS = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                 b"-._~!$&'()*+,;=:@/%?")
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_HOST_CHARS = _TARGET_CHARS.replace(b"/", b"").replace(b"?", b"") + b"[]"
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Phase(IntEnum):
+    IDLE = 0    # kept alive between requests
+    HEAD = 1    # a request head is arriving
+    BODY = 2    # the gateway waits for a request body
+    BUSY = 3    # a request is being answered
+
+
+class ClientGone(Exception):
+    """The client closed its connection."""
+
+
+class BodyTooLarge(Exception):
+    """The body grew past limits.max_body_bytes."""
+
+
+class BodyTimeout(Exception):
+    """The body did not arrive within limits.body_timeout_s."""
+
+
+class BodyIncomplete(Exception):
+    """The client ended its side of the connection before the whole body."""
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing with this answer."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = 1024 * 1024
+    max_connections: int = 1024
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """Timeouts are enforced to within a quarter of the shortest one (and a second at most)."""
+        shortest = min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s)
+        return max(0.01, min(1.0, shortest / 4))
+
+
+def default_max_connections(upstream_connections: int) -> int:
+    """Client connections that fit under the open-file limit beside the coordinator pool and
+    the control plane, so accept() never meets EMFILE from client sockets alone."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - upstream_connections - FD_HEADROOM)
+
+
+@lru_cache(maxsize=1)
+def http_date(second: int) -> bytes:
+    """An RFC 9110 Date header line for this second: formatted once, whatever the request rate."""
+    return b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
+
+
+@lru_cache(maxsize=128)
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def new_request_id(given: bytes | None) -> str:
+    # A client-chosen id is kept for correlation, but only if it is safe to log and echo.
+    if given is not None:
+        text = given.decode("latin-1")
+        if _REQUEST_ID.fullmatch(text):
+            return text
+    # Correlation ids need uniqueness, not secrecy: no urandom syscall per request.
+    return "%032x" % random.getrandbits(128)
+
+
+def valid_target(target: bytes) -> bool:
+    return (target[:1] == b"/" and not target.translate(None, _TARGET_CHARS)
+            and (b"%" not in target or _BAD_ESCAPE.search(target) is None))
+
+
+class Request:
+    """One client request as the gateway sees it: the parsed head, the body as it arrives, and
+    the calls that answer it on its connection."""
+
+    __slots__ = ("conn", "method", "target", "path", "version", "headers", "authorization", "content_type",
+                 "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
+                 "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_chunks",
+                 "_size", "_waiter", "_given_id", "_ids", "status", "bytes_out", "upstream_s", "head_sent",
+                 "will_close", "_chunked_out")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.method = ""
+        self.target = b""
+        self.path = ""
+        self.version = b"1.1"
+        self.headers: list[tuple[bytes, bytes]] = []   # as sent, in order, without Authorization
+        self.authorization: list[bytes] = []
+        self.content_type: bytes | None = None
+        self.content_encoding: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.host: bytes | None = None
+        self.hosts = 0
+        self.preflight = False                          # carries Access-Control-Request-Method
+        self.keep_alive = False
+        self.refusal: Answer | None = None              # decided by the listener: answer this, nothing else
+        self.request_id = ""
+        self.complete = False                           # the whole message, body included, has arrived
+        self.too_large = False
+        self.broken = False                             # the body ended or broke before its end
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._given_id: bytes | None = None
+        self._ids = 0
+        # What the access log learns.
+        self.status = 0
+        self.bytes_out = 0
+        self.upstream_s: float | None = None
+        self.head_sent = False
+        self.will_close = False
+        self._chunked_out = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def body_size(self) -> int:
+        return self._size
+
+    # -- the body
+
+    async def read_body(self) -> bytes:
+        """The whole body, once it has arrived. Sends `100 Continue` first when the client waits
+        for it. BodyTooLarge, BodyTimeout, BodyIncomplete or ClientGone otherwise."""
+        if self.broken:
+            raise BodyIncomplete()
+        if not self.complete and not self.too_large:
+            conn = self.conn
+            if conn.closed:
+                raise ClientGone()
+            if self.expect_continue and self.version == b"1.1":
+                self.expect_continue = False
+                conn.transport.write(_CONTINUE)
+            self._waiter = waiter = conn.loop.create_future()
+            conn.wait_for_body()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                conn.body_done()
+        if self.too_large:
+            raise BodyTooLarge()
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _feed(self, chunk: bytes, limit: int) -> bool:
+        self._size += len(chunk)
+        if self._size > limit:
+            self.too_large = True
+            self._chunks.clear()
+            self._wake(None)
+            return False
+        self._chunks.append(chunk)
+        return True
+
+    def _break(self) -> None:
+        self.broken = True
+        self._wake(BodyIncomplete())
+
+    def _wake(self, error: BaseException | None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    # -- the answer
+
+    def _head(self, status: int, reason: bytes, length: int | None) -> list[bytes]:
+        conn = self.conn
+        self.will_close = close = (not self.keep_alive or not self.complete or conn.closing
+                                   or (length is None and self.version == b"1.0"))
+        self.head_sent = True
+        self.status = status
+        parts = [b"HTTP/", self.version, b" %d " % status, reason, b"\r\nX-Request-ID: ",
+                 self.request_id.encode(), b"\r\n"]
+        if close:
+            if self.version == b"1.1":
+                parts.append(b"Connection: close\r\n")
+        elif self.version == b"1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        return parts
+
+    def respond(self, answer: Answer) -> None:
+        """Writes a gateway-made answer whole."""
+        body = answer.body
+        parts = self._head(answer.status, _reason(answer.status), len(body))
+        parts += (b"Content-Type: ", answer.content_type, b"\r\nContent-Length: %d\r\n" % len(body),
+                  http_date(int(time.time())))
+        for name, value in answer.headers:
+            parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+        parts.append(b"\r\n")
+        if self.method != "HEAD":
+            parts.append(body)
+            self.bytes_out = len(body)
+        self.conn.write(b"".join(parts))
+
+    def relay_whole(self, status: int, reason: bytes, block: bytes, dated: bool, body: bytes) -> None:
+        """Writes a coordinator answer that arrived whole, as one buffer: its filtered header bytes as
+        they came, framed for this hop."""
+        parts = self._head(status, reason, len(body))
+        parts.append(block)
+        if not dated:
+            parts.append(http_date(int(time.time())))  # RFC 9110 6.6.1: a proxy adds what a clockless origin left out
+        if status < 200 or status in (204, 304):
+            body = b""  # RFC 9110 6.4.1: these answers never have content
+        else:
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts += (b"\r\n", body)
+        self.bytes_out = len(body)
+        self.conn.write(b"".join(parts))
+
+    def start_stream(self, status: int, reason: bytes, block: bytes, dated: bool, length: int | None) -> None:
+        """Writes the head of an answer whose body follows in pieces: with the coordinator's
+        Content-Length, else chunked (HTTP/1.1), else delimited by closing the connection."""
+        parts = self._head(status, reason, length)
+        parts.append(block)
+        if not dated:
+            parts.append(http_date(int(time.time())))
+        if length is not None:
+            parts.append(b"Content-Length: %d\r\n" % length)
+        elif self.version == b"1.1":
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            self._chunked_out = True
+        parts.append(b"\r\n")
+        self.conn.write(b"".join(parts))
+
+    async def send(self, chunk: bytes) -> None:
+        """One piece of a streamed body, written as it came; waits while the client is slow to read."""
+        conn = self.conn
+        if conn.closed:
+            raise ClientGone()
+        if not chunk:
+            return  # an empty chunk would end a chunked body
+        conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked_out else chunk)
+        self.bytes_out += len(chunk)
+        if conn.write_paused:
+            await conn.drain()
+
+    def end_stream(self) -> None:
+        if self._chunked_out:
+            self.conn.write(b"0\r\n\r\n")
+        elif self.will_close:
+            self.conn.close()
+
+    def abort(self) -> None:
+        """Ends the answer abnormally: the client sees a broken response, never a short success."""
+        self.will_close = True
+        self.conn.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests as they arrive and answers them in order."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self._limits = listener.limits
+        self._handler = listener.handler
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self.peer = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self.phase = Phase.HEAD
+        self.deadline = 0.0
+        self.closing = False        # the listener is draining: answer what is in flight, then close
+        self.closed = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._parsing: Request | None = None
+        self._current: Request | None = None
+        self._queue: deque[Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._next: asyncio.Future[None] | None = None
+        self._url = b""
+        self._head_bytes = 0        # exact: the target and the header lines seen so far
+        self._head_seen = 0         # coarse: whole reads spent inside one head
+        self._in_head = False
+        self._stopped = False       # no more requests are parsed on this connection
+        self._reading = True
+        self._eof = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.deadline = self.loop.time() + self._limits.header_timeout_s
+        self.listener.admit(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        if self.phase is Phase.IDLE:
+            self.phase = Phase.HEAD
+            self.deadline = self.loop.time() + self._limits.header_timeout_s
+        was_in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrades are not offered: the request is answered as a plain one, then the connection
+            # closes, since what follows its head is some other protocol.
+            self._stop()
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.status, refused.reason, refused.message)
+            else:
+                self._refuse_parse(exc)
+        else:
+            if was_in_head and self._in_head:
+                # llhttp buffers a header line until it ends: bound it by what has arrived.
+                self._head_seen += len(data)
+                if self._head_seen > self._limits.max_header_bytes:
+                    self._refuse(431, "header_too_large", "The request head is too large")
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        parsing = self._parsing
+        if parsing is not None:
+            parsing._break()
+        # Keep the writing side open while an answer is owed.
+        return self._current is not None or bool(self._queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.forget(self)
+        for request in (self._current, self._parsing):
+            if request is not None:
+                request._wake(ClientGone())
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(ClientGone())
+        if self._task is not None:
+            self._task.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if len(self._queue) >= MAX_PIPELINED:
+            self._stopped = True
+            raise _Refused(0, "", "")  # stops the parser; nothing more is read (see _refuse)
+        self._parsing = Request(self)
+        self._in_head = True
+        self._url = b""
+        self._head_bytes = 0
+        self._head_seen = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._limits.max_header_bytes:
+            raise _Refused(414, "target_too_long", "The request target is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # trailer fields of a chunked body: never headers of the request
+        request = self._parsing
+        assert request is not None
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._limits.max_header_bytes:
+            raise _Refused(431, "header_too_large", "The request head is too large")
+        if len(request.headers) >= self._limits.max_headers:
+            raise _Refused(431, "too_many_headers", "The request has too many header fields")
+        low = name.lower()
+        if low == b"authorization":
+            request.authorization.append(value)
+            return  # kept out of `headers`, so no header cache ever holds a token
+        request.headers.append((name, value))
+        if low not in _NOTED:
+            return
+        if low == b"content-type":
+            request.content_type = value
+        elif low == b"content-length":
+            request.content_length = int(value)  # llhttp has checked it: digits, and only one
+        elif low == b"transfer-encoding":
+            request.chunked = True  # llhttp refuses a request whose last coding is not chunked
+        elif low == b"content-encoding":
+            request.content_encoding = value
+        elif low == b"host":
+            request.host = value
+            request.hosts += 1
+        elif low == b"x-request-id":
+            request._given_id = value
+            request._ids += 1
+        elif low == b"expect":
+            request.expect_continue = value.lower() == b"100-continue"
+        else:
+            request.preflight = True  # Access-Control-Request-Method
+
+    def on_headers_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        self._in_head = False
+        parser = self._parser
+        request.method = parser.get_method().decode("latin-1")
+        request.keep_alive = parser.should_keep_alive()
+        request.target = target = self._url
+        request.request_id = new_request_id(request._given_id if request._ids == 1 else None)
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            request.refusal = error_answer(505, "http_version_not_supported", "Use HTTP/1.1 or HTTP/1.0",
+                                           request_id=request.request_id)
+        else:
+            request.version = version
+            if not valid_target(target):
+                request.refusal = _bad(request, "invalid_target",
+                                       "The request target must be an origin-form path of RFC 3986 characters")
+            elif request.hosts > 1 or (request.hosts == 0 and version == b"1.1"):
+                request.refusal = _bad(request, "invalid_host", "Send exactly one Host header")
+            elif request.host is not None and request.host.translate(None, _HOST_CHARS):
+                request.refusal = _bad(request, "invalid_host", "The Host header is not a valid authority")
+            else:
+                request.path = target.partition(b"?")[0].decode("ascii")
+        self._dispatch(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        if not request._feed(body, self._limits.max_body_bytes):
+            self._stop()  # the answer is a 413; nothing more of this connection is worth reading
+            raise _Refused(0, "", "")
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        self._parsing = None
+        request.complete = True
+        request._wake(None)
+        if request is not self._current:
+            # A whole request waits its turn: read no further until it is answered.
+            self._pause_reading()
+
+    # -- answering, in order
+
+    def _dispatch(self, request: Request) -> None:
+        if self._current is not None:
+            self._queue.append(request)
+            return
+        self._current = request
+        self.phase = Phase.BUSY
+        self.deadline = 0.0
+        if self._task is None:
+            self._task = self.loop.create_task(self._serve())
+        else:
+            next_request = self._next
+            if next_request is not None and not next_request.done():
+                next_request.set_result(None)
+
+    async def _serve(self) -> None:
+        """Answers requests one after another; waits between them while the connection is kept alive."""
+        try:
+            while True:
+                request = self._current
+                assert request is not None
+                try:
+                    await self._handler(request)
+                except Exception:
+                    log.exception("request handling failed", extra={"event": "internal_error",
+                                                                    "request_id": request.request_id})
+                    if not request.head_sent and not self.closed:
+                        request.respond(error_answer(500, "internal_error", "The gateway failed to answer",
+                                                     request_id=request.request_id))
+                    request.will_close = True
+                if not request.head_sent and not self.closed:
+                    request.will_close = True  # a handler that wrote nothing: the client must not wait
+                if self.closed or request.will_close or self.closing or (self._eof and not self._queue):
+                    self.close()
+                    return
+                if self.write_paused:
+                    try:  # the client is slow to take large answers: answer nothing more until it has
+                        await self.drain()
+                    except ClientGone:
+                        return
+                if self._queue:
+                    self._current = self._queue.popleft()
+                    self.phase = Phase.BUSY
+                    continue
+                self._current = None
+                if self._stopped:
+                    self.close()
+                    return
+                self._resume_reading()
+                if self._in_head:
+                    self.phase = Phase.HEAD
+                    self.deadline = self.loop.time() + self._limits.header_timeout_s
+                else:
+                    self.phase = Phase.IDLE
+                    self.deadline = self.loop.time() + self._limits.keepalive_timeout_s
+                self._next = self.loop.create_future()
+                try:
+                    await self._next
+                finally:
+                    self._next = None
+        except asyncio.CancelledError:
+            pass  # the connection is gone
+        finally:
+            self._task = None
+
+    # -- refusals decided here
+
+    def _refuse_parse(self, exc: httptools.HttpParserError) -> None:
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+            self._refuse(501, "unknown_method", "The request method is not implemented")
+        elif "content-length" in message.lower() or "transfer-encoding" in message.lower():
+            self._refuse(400, "bad_framing", "The request framing is invalid")
+        else:
+            self._refuse(400, "malformed_request", "The request is not valid HTTP/1.1")
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Stops parsing; the request being parsed (or a stand-in) is answered with this, then the
+        connection closes."""
+        self._stop()
+        if status == 0:
+            return  # parsing stopped on purpose, the answer is already decided
+        request = self._parsing
+        self._parsing = None
+        if request is not None and (request is self._current or request in self._queue):
+            # Its head was fine and it is being answered: what broke is its body.
+            request._break()
+            request.keep_alive = False
+            if request is self._current:
+                return
+        if request is None or request.head_sent:
+            request = Request(self)
+        self._in_head = False
+        request.keep_alive = False
+        request.request_id = request.request_id or new_request_id(None)
+        code = {400: "invalid_request", 408: "request_timeout", 413: "payload_too_large",
+                414: "uri_too_long", 431: "request_header_fields_too_large",
+                501: "not_implemented", 505: "http_version_not_supported"}.get(status, "invalid_request")
+        request.refusal = error_answer(status, code, message, request_id=request.request_id,
+                                       details={"reason": reason})
+        if request is not self._current and request not in self._queue:
+            self._dispatch(request)
+
+    def _stop(self) -> None:
+        self._stopped = True
+        self._pause_reading()
+
+    # -- deadlines (checked by the listener's sweep)
+
+    def wait_for_body(self) -> None:
+        self.phase = Phase.BODY
+        self.deadline = self.loop.time() + self._limits.body_timeout_s
+        self._resume_reading()
+
+    def body_done(self) -> None:
+        self.phase = Phase.BUSY
+        self.deadline = 0.0
+
+    def expire(self) -> None:
+        """The deadline of the current phase passed."""
+        phase = self.phase
+        self.deadline = 0.0
+        if phase is Phase.BODY:
+            self.listener.closed_for("body_timeout")
+            if self._current is not None:
+                self._current._wake(BodyTimeout())
+        else:
+            self.listener.closed_for("keepalive_timeout" if phase is Phase.IDLE else "header_timeout")
+            self.close()
+
+    @property
+    def reclaimable(self) -> bool:
+        return self.phase is Phase.IDLE or (self.phase is Phase.HEAD and self._current is None)
+
+    # -- transport
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ClientGone()
+        if self.write_paused:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def _pause_reading(self) -> None:
+        if self._reading and not self.closed:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self.closed and not self._stopped:
+            self._reading = True
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.listener.forget(self)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+            self.listener.forget(self)
+
+    def shut_down(self) -> None:
+        """Draining: an idle connection closes now, a busy one after its answer."""
+        self.closing = True
+        if self.reclaimable:
+            self.close()
+
+
+_NOTED = frozenset({b"content-type", b"content-length", b"transfer-encoding", b"content-encoding", b"host",
+                    b"x-request-id", b"expect", b"access-control-request-method"})
+
+
+def _bad(request: Request, reason: str, message: str) -> Answer:
+    return error_answer(400, "invalid_request", message, request_id=request.request_id,
+                        details={"reason": reason})
+
+
+class Listener:
+    """The public port: accepts connections within the cap and keeps their deadlines."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[None]], limits: EdgeLimits,
+                 metrics: object | None = None) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.metrics = metrics
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+        self.connections: dict[ClientConnection, None] = {}  # insertion order: oldest first
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._last_warning = -LIMIT_LOG_INTERVAL_S
+        self._all_closed: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> str:
+        self.loop = loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: ClientConnection(self), host, port,
+                                                reuse_port=reuse_port or None, backlog=backlog)
+        self._watch_accept_errors()
+        self._sweeper = loop.call_later(self.limits.sweep_interval_s, self._sweep)
+        sock = self._server.sockets[0]
+        addr, bound = sock.getsockname()[:2]
+        return f"http://{'[' + addr + ']' if ':' in addr else addr}:{bound}"
+
+    # -- the connection cap
+
+    def admit(self, conn: ClientConnection) -> None:
+        if len(self.connections) >= self.limits.max_connections:
+            victim = self._oldest_reclaimable()
+            if victim is None:
+                self._limit_reached("max_connections")
+                self._count("connections_refused", "max_connections")
+                conn.closed = True
+                conn.transport.close()
+                return
+            self._limit_reached("reclaimed")
+            self.closed_for("reclaimed")
+            victim.close()
+        self.connections[conn] = None
+
+    def _oldest_reclaimable(self) -> ClientConnection | None:
+        fallback = None
+        for conn in self.connections:
+            if conn.phase is Phase.IDLE:
+                return conn
+            if fallback is None and conn.reclaimable:
+                fallback = conn
+        return fallback
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.pop(conn, None)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def closed_for(self, reason: str) -> None:
+        self._count("connections_closed", reason)
+
+    def _count(self, family: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connection_event(family, reason)  # type: ignore[attr-defined]
+
+    def _limit_reached(self, what: str) -> None:
+        now = self.loop.time()
+        if now - self._last_warning >= LIMIT_LOG_INTERVAL_S:
+            self._last_warning = now
+            log.warning("connection limit reached", extra={
+                "event": "connection_limit", "action": what, "open": len(self.connections),
+                "max_connections": self.limits.max_connections})
+
+    def _watch_accept_errors(self) -> None:
+        """At the file-descriptor limit accept() fails: count it and say so, at most every 10 s,
+        instead of asyncio's traceback per failed accept."""
+        loop = self.loop
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._count("connections_refused", "fd_limit")
+                self._limit_reached("fd_limit")
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+
+    # -- deadlines
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        expired = [conn for conn in self.connections if 0.0 < conn.deadline <= now]
+        for conn in expired:
+            conn.expire()
+        self._sweeper = self.loop.call_later(self.limits.sweep_interval_s, self._sweep)
+
+    # -- shutdown
+
+    async def close(self, grace_s: float) -> None:
+        """Stops accepting; in-flight answers (streams included) get `grace_s` to finish, then
+        whatever is left is cut."""
+        if self._server is not None:
+            self._server.close()
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.shut_down()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), grace_s)
+            except asyncio.TimeoutError:
+                for conn in list(self.connections):
+                    conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RUN_START
+from proxy.server import start_gateway
+from tests.conftest import RUN_START, gateway_config
 from tests.support.rawhttp import RawConnection, Response, chunked, gzip_bytes, request
 from tests.support.recording import StrictUpstream, strict_upstream  # noqa: F401  (fixture)
 from tests.support.servers import RawServer
@@ -257,8 +258,9 @@ PARSER_REFUSALS = [
                       b"Content-Length: 6\r\n\r\nhello!", {400}),
     ("CL list", b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\nhello!", {400}),
     ("signed CL", b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nhello", {400}),
+    # Dropping the gzip coding would hand the coordinator compressed bytes as if they were the body.
     ("gzip, chunked", b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-                      b"0\r\n\r\n", {400, 501}),
+                      + chunked(gzip_bytes(b'{"reason": "x"}')), {400, 501}),
     ("chunked, gzip", b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"
                       b"0\r\n\r\n", {400, 501}),
     ("bad chunk size", b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -271,7 +273,8 @@ PARSER_REFUSALS = [
     ("NUL in a header value", b"GET /v1/runs/r1 HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n", {400}),
     ("unknown method", b"FOO /v1/runs/r1 HTTP/1.1\r\nHost: h\r\n\r\n", {400, 405, 501}),
     ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", {400, 501, 505}),
-    ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, {400}),
+    # A TLS ClientHello: llhttp reads its first bytes as an unknown method.
+    ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, {400, 501}),
 ]
 
 
@@ -331,8 +334,17 @@ async def test_100_header_lines_are_accepted(gateway, strict_upstream):
 ACCESS_LINE = re.compile(r'^\{.*"type":"access".*\}$')
 
 
-async def test_every_refused_request_is_logged_and_counted(gateway, strict_upstream, capfd):
-    url = await gateway(strict_upstream.url, metrics={"enabled": True, "port": 0}, logging={"access_log": True})
+async def test_every_refused_request_is_logged_and_counted(capfd, strict_upstream):
+    # Started and stopped inside the test: the access log must flush while capfd still captures.
+    server, url = await start_gateway(gateway_config(strict_upstream.url, metrics={"enabled": True, "port": 0},
+                                                     logging={"access_log": True}))
+    try:
+        await _refusals_are_logged_and_counted(url, capfd)
+    finally:
+        await server.cleanup()
+
+
+async def _refusals_are_logged_and_counted(url: str, capfd: Any) -> None:
     capfd.readouterr()
     refusals = [b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",

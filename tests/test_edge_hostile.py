@@ -132,6 +132,54 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
         assert await conn.closed_by_peer(6), "idle keep-alive connection still open"
 
 
+# --------------------------------------------------------------------------- the connection cap
+
+
+async def _still_open(conn: RawConnection) -> bool:
+    return not await conn.closed_by_peer(0.3)
+
+
+async def test_at_the_cap_idle_keep_alive_goes_first_then_silent_connections_oldest_first(gateway,
+                                                                                         strict_upstream):
+    url = await gateway(strict_upstream.url, listen={"max_connections": 4, "keepalive_timeout_s": 60},
+                        limits={"header_timeout_s": 60})
+    opened: list[RawConnection] = []
+    try:
+        async def connect(sends_request: bool) -> RawConnection:
+            conn = await RawConnection.open(url)
+            opened.append(conn)
+            if sends_request:
+                await conn.send(request("GET", "/v1/runs/r1"))
+                resp = await conn.response()
+                assert resp is not None and resp.status == 200
+            await asyncio.sleep(0.05)  # admitted in this order
+            return conn
+
+        silent1 = await connect(False)
+        idle1 = await connect(True)
+        idle2 = await connect(True)
+        silent2 = await connect(False)
+
+        async def newcomer() -> None:
+            async with await RawConnection.open(url) as conn:
+                await conn.send(request("GET", "/v1/runs/new", [("Connection", "close")]))
+                resp = await conn.response()
+                assert resp is not None and resp.status == 200, "a new client was turned away at the cap"
+            await asyncio.sleep(0.1)  # its slot is free again once the gateway saw the close
+
+        await newcomer()
+        assert [await _still_open(c) for c in (silent1, idle1, idle2, silent2)] == [True, False, True, True]
+        silent3 = await connect(False)  # back at the cap: an idle keep-alive one is still reclaimed first
+        await newcomer()
+        assert [await _still_open(c) for c in (silent1, idle2, silent2, silent3)] == [True, False, True, True]
+        silent4 = await connect(False)  # at the cap with only connections that never sent a request
+        await newcomer()
+        assert [await _still_open(c) for c in (silent1, silent2, silent3, silent4)] == [False, True, True, True]
+    finally:
+        for conn in opened:
+            await conn.close()
+
+
 # --------------------------------------------------------------------------- the connection flood
 
 

@@ -18,7 +18,7 @@ import pytest
 from proxy.server import start_gateway
 from tests.conftest import RUN_START, gateway_config
 from tests.support.rawhttp import RawConnection, Response, chunked, gzip_bytes, request
-from tests.support.recording import StrictUpstream, strict_upstream  # noqa: F401  (fixture)
+from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
 from tests.support.servers import RawServer
 
 RUN_START_BODY = json.dumps(RUN_START).encode()

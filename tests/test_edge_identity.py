@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.support.rawhttp import RawConnection, Response, request
-from tests.support.recording import StrictUpstream, strict_upstream  # noqa: F401  (fixture)
+from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
 from tests.support.threadidp import ThreadIdp
 
 AUD = "arp-edge-identity"

@@ -177,6 +177,8 @@ def bad_framing(draw: Any, body: bytes) -> tuple[list[bytes], bytes, str, bool]:
         ([b"Transfer-Encoding: chunked, gzip"], chunks, "chunked not last", False),
         ([b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip"], chunks, "chunked not last (two lines)",
          False),
+        ([b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked"], draw(chunked_wire(gzip_bytes(body))),
+         "gzip, chunked (two lines)", False),
         ([b"Transfer-Encoding: gzip"], body, "gzip only", False),
         ([b"Transfer-Encoding: identity"], body, "identity TE", False),
         ([b"Transfer-Encoding: chunkedx"], chunks, "unknown coding", False),
@@ -198,7 +200,7 @@ def bad_framing(draw: Any, body: bytes) -> tuple[list[bytes], bytes, str, bool]:
 
 
 # Refused framings whose end is still certain (chunked is the last coding): closing is not required.
-KNOWN_BOUNDARY = {"gzip, chunked"}
+KNOWN_BOUNDARY = {"gzip, chunked", "gzip, chunked (two lines)"}
 
 BAD_HEADERS = [
     (b"X Bad: v", "space in header name", False), (b'X"Q: v', "quote in header name", False),
@@ -253,6 +255,7 @@ def requests(draw: Any, *, token: str | None) -> Req:
 
     framing = draw(st.sampled_from(["length", "chunked", "bad"] if body else ["none", "length", "chunked", "bad"]))
     any_code = (frozenset(range(400, 500)) | {501}, None)
+    framing_lines: list[bytes] = []
     if framing == "bad":
         carried = body or b"hello"
         lines, req.wire_body, why, maybe = draw(bad_framing(carried))
@@ -265,14 +268,14 @@ def requests(draw: Any, *, token: str | None) -> Req:
         else:
             req.framing_error = why not in KNOWN_BOUNDARY
             req.hard.append(any_code)
-        headers += lines
+        framing_lines = lines
     elif framing == "length":
         lines, req.wire_body, notes = draw(valid_length(body))
-        headers += lines
+        framing_lines = lines
         req.notes += notes
     elif framing == "chunked":
         lines, req.wire_body, notes, req.trailer_names = draw(valid_chunked(body))
-        headers += lines
+        framing_lines = lines
         req.notes += notes
         if b"content-length" in req.trailer_names:
             req.soft.append(any_code)  # a framing field in the trailers: ignoring or refusing it are both sane
@@ -282,7 +285,7 @@ def requests(draw: Any, *, token: str | None) -> Req:
             # An empty chunked body is no body, but refusing a GET that declares chunked framing is sane too.
             req.soft.append((frozenset({400}), "invalid_request"))
     elif req.method == b"POST":
-        headers.append(b"Content-Length: 0")
+        framing_lines = [b"Content-Length: 0"]
 
     for spoof in draw(st.lists(st.sampled_from(SPOOFS), max_size=2, unique=True)):
         headers.append(spoof + b": " + SPOOF)
@@ -306,7 +309,10 @@ def requests(draw: Any, *, token: str | None) -> Req:
                 req.hard.append((frozenset({401}), "unauthorized"))
         else:
             headers.append(b"Authorization: Bearer " + token.encode())
+    # Other headers in any order; the framing lines as one block, their order being part of the case.
     draw(st.randoms()).shuffle(headers)
+    at = draw(st.integers(0, len(headers)))
+    headers[at:at] = framing_lines
     return req
 
 

@@ -32,6 +32,7 @@ from .health import CoordinatorProbe, version_info
 from .jwks import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
+from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
 from .validation import load_run_start_validator
@@ -73,12 +74,17 @@ class Gateway:
             for jwks in self.registry:
                 jwks.on_fetch = lambda _result, seconds, issuer=jwks.issuer: self.metrics.jwks_fetched(issuer, seconds)
         self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
+        rate = cfg.limits.run_start_rate
+        self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
+            if rate is not None else None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Opens the coordinator pool and control-plane session, fetches keys; never fails on a down IdP."""
         await self.upstream.start()
+        if self.metrics is not None:
+            self.metrics.pool = self.upstream.pool
         self.control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.auth.jwks_fetch_timeout_s))
         if self.registry is not None:
             await self.registry.start(self.control)
@@ -109,65 +115,124 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
 
-    async def handle(self, request: Request) -> None:
-        """One request, stage by stage; every path ends in exactly one answer and one observation."""
-        started = time.perf_counter()
+    def handle(self, request: Request) -> None:
+        """Runs the stages in order: route, probes, authenticate, validate, build identity, forward,
+        observe. All of them run now when none has to wait (a token verified before, a body that
+        came with the head, an idle coordinator connection); otherwise the request continues in a
+        task from the first stage that waits."""
+        request.started = time.perf_counter()
         if self.metrics is not None:
             self.metrics.in_flight += 1
-        route = NOT_FOUND
-        outcome: AuthOutcome | None = None
-        failed = 0
+        request.route = NOT_FOUND
+        if request.refusal is not None:  # decided by the listener: framing, target, limits
+            return self._reply(request, request.refusal)
+        route = request.route = self.routes.resolve(request.path) or NOT_FOUND
+        if route is NOT_FOUND:
+            return self._reply(request, error_answer(404, "not_found", "No such route on the Run Gateway",
+                                                     request_id=request.request_id,
+                                                     details={"path": request.path[:256]}))
+        if request.method not in route.methods:
+            if self._is_bypassed_preflight(request, route):
+                return self.upstream.forward(request, route, None, b"", self._done)
+            return self._reply(request, error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
+                                                     request_id=request.request_id,
+                                                     headers={"Allow": route.allow}))
+        if route in _PROBES:
+            return self._reply(request, self.probe_answer(route))
+        outcome = EXEMPT if self.authn.is_exempt(request.path) else self.authn.authenticate_now(request, route)
+        if (outcome is None or not route.forward or self.exchanger is not None
+                or not (request.complete or request.too_large)):
+            request.spawn(self._handle_later(request, route, outcome))
+            return None
+        request.outcome = outcome
+        if outcome.refusal is not None:
+            return self._reply(request, outcome.refusal)
+        refusal = self._precheck(request, route, outcome)
+        if refusal is not None:
+            return self._reply(request, refusal)
         try:
-            if request.refusal is not None:  # decided by the listener: framing, target, limits
-                request.respond(request.refusal)
-                return
-            route = self.routes.resolve(request.path) or NOT_FOUND
-            if route is NOT_FOUND:
-                request.respond(error_answer(404, "not_found", "No such route on the Run Gateway",
-                                             request_id=request.request_id,
-                                             details={"path": request.path[:256]}))
-            elif request.method not in route.methods:
-                if self._is_bypassed_preflight(request, route):
-                    await self.upstream.forward(request, route, None, b"")
-                else:
-                    request.respond(error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
-                                                 request_id=request.request_id, headers={"Allow": route.allow}))
-            elif route in _PROBES:
-                request.respond(self.probe_answer(route))
-            else:
-                outcome = EXEMPT if self.authn.is_exempt(request.path) else await self.authn.authenticate(
-                    request, route, request.request_id)
-                if outcome.refusal is not None:
-                    request.respond(outcome.refusal)
-                elif not route.forward:
-                    request.respond(json_answer(200, await self.probe.health() if route is HEALTH
-                                                else version_info()))
-                else:
-                    await self._forward(request, route, outcome)
-        except asyncio.CancelledError:
-            failed = 499  # the client went away before an answer (nginx's convention)
-            raise
-        except Exception:
-            failed = 500
-            raise
-        finally:
-            self._observe(request, route, outcome, failed, time.perf_counter() - started)
+            raw = request.body_now()
+        except BodyTooLarge:
+            return self._reply(request, _too_large(self.cfg.limits.max_body_bytes, request.request_id))
+        body = self._postcheck(request, route, raw)
+        if body.__class__ is Answer:
+            return self._reply(request, body)  # type: ignore[arg-type]
+        return self.upstream.forward(request, route, body, self._identity_now(request, outcome),  # type: ignore[arg-type]
+                                   self._done)
 
-    async def _forward(self, request: Request, route: Route, outcome: AuthOutcome) -> None:
-        body = await self._read_body(request, route)
-        if body.__class__ is Answer:  # a refusal (isinstance would take the slow ABC path)
-            request.respond(body)  # type: ignore[arg-type]
-            return
+    async def _handle_later(self, request: Request, route: Route, outcome: AuthOutcome | None) -> None:
+        """The stages of handle(), for a request that has to wait in one of them."""
+        if outcome is None:
+            outcome = await self.authn.authenticate(request, route, request.request_id)
+        request.outcome = outcome
+        if outcome.refusal is not None:
+            return self._reply(request, outcome.refusal)
+        if not route.forward:
+            return self._reply(request, json_answer(200, await self.probe.health() if route is HEALTH
+                                                    else version_info()))
+        refusal = self._precheck(request, route, outcome)
+        if refusal is not None:
+            return self._reply(request, refusal)
+        rid = request.request_id
+        try:
+            raw = await request.read_body()
+        except BodyTooLarge:
+            return self._reply(request, _too_large(self.cfg.limits.max_body_bytes, rid))
+        except BodyTimeout:
+            return self._reply(request, error_answer(
+                408, "request_timeout", "The request body did not arrive in time", request_id=rid,
+                details={"body_timeout_s": self.cfg.limits.body_timeout_s}))
+        except BodyIncomplete as exc:
+            return self._reply(request, error_answer(
+                400, "invalid_request", "The request body is incomplete or its framing is invalid",
+                request_id=rid, details={"reason": exc.reason}))
+        body = self._postcheck(request, route, raw)
+        if body.__class__ is Answer:
+            return self._reply(request, body)  # type: ignore[arg-type]
         extra = await self._identity(request, outcome)
         if extra.__class__ is Answer:
-            request.respond(extra)  # type: ignore[arg-type]
-            return
-        await self.upstream.forward(request, route, body, extra)  # type: ignore[arg-type]
+            return self._reply(request, extra)  # type: ignore[arg-type]
+        return self.upstream.forward(request, route, body, extra, self._done)  # type: ignore[arg-type]
 
-    def _observe(self, request: Request, route: Route, outcome: AuthOutcome | None, failed: int,
-                 seconds: float) -> None:
+    def _reply(self, request: Request, answer: Answer) -> None:
+        request.respond(answer)
+        self._done(request, 0)
+
+    def _done(self, request: Request, failed: int) -> None:
+        """The answer is written: observe it, and let the connection go on."""
+        if not request.finished:
+            self._observe(request, failed, time.perf_counter() - request.started)
+            request.finish()
+
+    def abandoned(self, request: Request, status: int) -> None:
+        """The client left (499) or answering failed (500) before `_done`."""
+        self._observe(request, status, time.perf_counter() - request.started)
+
+    def _rate_limited(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+        limiter = self.run_start_limiter
+        assert limiter is not None
+        principal = outcome.principal
+        if principal is None or principal.kind == "anonymous":
+            # Anonymous callers share a subject, so each client address gets its own bucket.
+            key = "addr\x00" + request.conn.peer
+        else:
+            # The same subject at two issuers is two principals.
+            key = "sub\x00" + (principal.issuer or "") + "\x00" + principal.subject
+        wait = limiter.take(key)
+        if not wait:
+            return None
+        if self.metrics is not None:
+            self.metrics.rate_limited[route.template] = self.metrics.rate_limited.get(route.template, 0) + 1
+        retry_after = limiter.retry_after(wait)
+        return error_answer(429, "rate_limited", "Too many run starts; retry after the given delay",
+                            request_id=request.request_id, retryable=True,
+                            details={"retry_after_s": int(retry_after)}, headers={"Retry-After": retry_after})
+
+    def _observe(self, request: Request, failed: int, seconds: float) -> None:
         """Metrics and the access log, once per request, whatever happened to it."""
         status = failed or request.status or 500
+        route: Route = request.route  # type: ignore[assignment]
+        outcome: AuthOutcome | None = request.outcome  # type: ignore[assignment]
         principal = outcome.principal if outcome is not None else None
         if self.metrics is not None:
             self.metrics.request(route.template, request.method, status, seconds,
@@ -198,15 +263,20 @@ class Gateway:
 
     # ------------------------------------------------------------------ validate
 
-    async def _read_body(self, request: Request, route: Route) -> bytes | None | Answer:
-        """The body to forward, whole and checked; or the refusal. Only POST routes take one."""
+    def _precheck(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+        """What refuses a request before its body is read (so a refused client is never sent
+        `100 Continue`): the run-start rate, a body where none belongs, its type and declared size."""
         rid = request.request_id
         if request.method != "POST":
-            if request.has_body:
-                return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
-                                    request_id=rid, details={"reason": "unexpected_body"})
+            if request.content_length:
+                return _no_body(request, route)
             return None
         if route is START_RUN:
+            if self.run_start_limiter is not None:
+                # Before the body is read or validated: a flood costs the gateway as little as possible.
+                limited = self._rate_limited(request, route, outcome)
+                if limited is not None:
+                    return limited
             ctype = (request.content_type or b"").partition(b";")[0].strip().lower()
             if ctype not in _JSON_TYPES and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
                 return error_answer(415, "unsupported_media_type", "Send the run start body as application/json",
@@ -219,21 +289,18 @@ class Gateway:
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return _too_large(limit, rid)
-        try:
-            body = await request.read_body()
-        except BodyTooLarge:
-            return _too_large(limit, rid)
-        except BodyTimeout:
-            return error_answer(408, "request_timeout", "The request body did not arrive in time",
-                                request_id=rid, details={"body_timeout_s": self.cfg.limits.body_timeout_s})
-        except BodyIncomplete:
-            return error_answer(400, "invalid_request", "The request body ended before it was complete",
-                                request_id=rid, details={"reason": "incomplete_body"})
+        return None
+
+    def _postcheck(self, request: Request, route: Route, body: bytes) -> bytes | None | Answer:
+        """The body to forward once it is whole: none on GET routes (an empty chunked body is no
+        body), a valid RunStartRequest on a run start, as it came on a cancel."""
+        if request.method != "POST":
+            return _no_body(request, route) if body else None
         if route is START_RUN:
             problems = self._run_start_problems(body)
             if problems:
                 return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
-                                    request_id=rid, details={"errors": problems})
+                                    request_id=request.request_id, details={"errors": problems})
         return body
 
     def _run_start_problems(self, body: bytes) -> list[dict[str, str]]:
@@ -248,28 +315,37 @@ class Gateway:
 
     # ------------------------------------------------------------------ identity
 
-    async def _identity(self, request: Request, outcome: AuthOutcome) -> bytes | Answer:
-        """Every header line the coordinator learns about the caller: decided here and nowhere else."""
+    def _identity_now(self, request: Request, outcome: AuthOutcome) -> bytes:
+        """Every header line the coordinator learns about the caller: decided here and nowhere else
+        (with `forward_token: exchange`, _identity adds the exchanged token)."""
         principal = outcome.principal
         if principal is None:
             return b""
-        extra = outcome.identity
-        mode = self.cfg.auth.forward_token
-        if mode == "exchange":
-            try:
-                token = await self.exchanger.token_for(principal.token)  # type: ignore[union-attr]
-            except ExchangeFailed as exc:
-                return error_answer(502, "token_exchange_failed", "Could not obtain a token for the Run Coordinator",
-                                    request_id=request.request_id, retryable=exc.retryable,
-                                    details={"reason": exc.reason})
-            extra += b"Authorization: Bearer " + token.encode() + b"\r\n"
-        elif mode == "passthrough" and principal.kind == "dev" and len(request.authorization) == 1:
+        if principal.kind == "dev" and self.cfg.auth.forward_token == "passthrough" and len(request.authorization) == 1:
             # With auth disabled nothing was verified, but a coordinator may still check the token itself.
-            extra += b"Authorization: " + request.authorization[0] + b"\r\n"
-        return extra
+            return outcome.identity + b"Authorization: " + request.authorization[0] + b"\r\n"
+        return outcome.identity
+
+    async def _identity(self, request: Request, outcome: AuthOutcome) -> bytes | Answer:
+        extra = self._identity_now(request, outcome)
+        principal = outcome.principal
+        if self.exchanger is None or principal is None:
+            return extra
+        try:
+            token = await self.exchanger.token_for(principal.token)
+        except ExchangeFailed as exc:
+            return error_answer(502, "token_exchange_failed", "Could not obtain a token for the Run Coordinator",
+                                request_id=request.request_id, retryable=exc.retryable,
+                                details={"reason": exc.reason})
+        return extra + b"Authorization: Bearer " + token.encode() + b"\r\n"
 
 
 _PROBES = (LIVEZ, READYZ, METRICS)
+
+
+def _no_body(request: Request, route: Route) -> Answer:
+    return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
+                        request_id=request.request_id, details={"reason": "unexpected_body"})
 
 
 def _too_large(limit: int, rid: str) -> Answer:

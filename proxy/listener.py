@@ -16,7 +16,7 @@ stage sees a request:
 A request refused here still reaches the gateway, carrying its `refusal`, so
 it gets an ErrorEnvelope, an access-log line and a count like any other.
 
-    listener = Listener(gateway.handle, EdgeLimits.from_config(cfg), metrics)
+    listener = Listener(gateway, limits, metrics)
     url = await listener.start("127.0.0.1", 8080)
     ...
     await listener.close(grace_s=25)
@@ -32,12 +32,13 @@ import re
 import resource
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import IntEnum
 from functools import lru_cache
 from http import HTTPStatus
+from typing import Any, Protocol
 
 import httptools
 
@@ -57,6 +58,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _TARGET_CHARS = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
                  b"-._~!$&'()*+,;=:@/%?")
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# A well-formed request line: an unknown method in it is 501, anything else the parser refuses is 400.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r?\n")
 _HOST_CHARS = _TARGET_CHARS.replace(b"/", b"").replace(b"?", b"") + b"[]"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -82,7 +85,12 @@ class BodyTimeout(Exception):
 
 
 class BodyIncomplete(Exception):
-    """The client ended its side of the connection before the whole body."""
+    """The body ended before its end: the client closed its side (`incomplete_body`), or its framing
+    broke (`bad_framing`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Refused(Exception):
@@ -156,7 +164,7 @@ class Request:
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_chunks",
                  "_size", "_waiter", "_given_id", "_ids", "status", "bytes_out", "upstream_s", "head_sent",
-                 "will_close", "_chunked_out")
+                 "will_close", "_chunked_out", "finished", "aborter", "started", "route", "outcome")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -179,7 +187,7 @@ class Request:
         self.request_id = ""
         self.complete = False                           # the whole message, body included, has arrived
         self.too_large = False
-        self.broken = False                             # the body ended or broke before its end
+        self.broken = ""                                # why the body ended or broke before its end
         self._chunks: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -192,6 +200,12 @@ class Request:
         self.head_sent = False
         self.will_close = False
         self._chunked_out = False
+        # Kept by the gateway while it answers.
+        self.finished = False                           # the answer is written and observed
+        self.aborter: Callable[[], None] | None = None  # stops work in flight outside a task if the client leaves
+        self.started = 0.0
+        self.route: object = None
+        self.outcome: object = None
 
     @property
     def has_body(self) -> bool:
@@ -207,7 +221,7 @@ class Request:
         """The whole body, once it has arrived. Sends `100 Continue` first when the client waits
         for it. BodyTooLarge, BodyTimeout, BodyIncomplete or ClientGone otherwise."""
         if self.broken:
-            raise BodyIncomplete()
+            raise BodyIncomplete(self.broken)
         if not self.complete and not self.too_large:
             conn = self.conn
             if conn.closed:
@@ -222,6 +236,10 @@ class Request:
             finally:
                 self._waiter = None
                 conn.body_done()
+        return self.body_now()
+
+    def body_now(self) -> bytes:
+        """The whole body of a complete request (BodyTooLarge past limits.max_body_bytes)."""
         if self.too_large:
             raise BodyTooLarge()
         chunks = self._chunks
@@ -237,9 +255,9 @@ class Request:
         self._chunks.append(chunk)
         return True
 
-    def _break(self) -> None:
-        self.broken = True
-        self._wake(BodyIncomplete())
+    def _break(self, reason: str) -> None:
+        self.broken = reason
+        self._wake(BodyIncomplete(reason))
 
     def _wake(self, error: BaseException | None) -> None:
         waiter = self._waiter
@@ -333,6 +351,17 @@ class Request:
         self.will_close = True
         self.conn.abort()
 
+    # -- its life on the connection
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Continues answering in a task: for the stages that have to wait."""
+        self.conn.spawn(self, work)
+
+    def finish(self) -> None:
+        """The answer is complete: the connection moves on to the next request, or closes."""
+        self.finished = True
+        self.conn.finished(self)
+
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests as they arrive and answers them in order."""
@@ -341,7 +370,7 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.loop = listener.loop
         self._limits = listener.limits
-        self._handler = listener.handler
+        self._handler = listener.handler.handle
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.peer = ""
         self._parser = httptools.HttpRequestParser(self)
@@ -355,7 +384,7 @@ class ClientConnection(asyncio.Protocol):
         self._current: Request | None = None
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._next: asyncio.Future[None] | None = None
+        self._advance_when_drained = False
         self._url = b""
         self._head_bytes = 0        # exact: the target and the header lines seen so far
         self._head_seen = 0         # coarse: whole reads spent inside one head
@@ -391,19 +420,23 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(refused, _Refused):
                 self._refuse(refused.status, refused.reason, refused.message)
             else:
-                self._refuse_parse(exc)
+                self._refuse_parse(exc, data)
         else:
             if was_in_head and self._in_head:
                 # llhttp buffers a header line until it ends: bound it by what has arrived.
                 self._head_seen += len(data)
                 if self._head_seen > self._limits.max_header_bytes:
                     self._refuse(431, "header_too_large", "The request head is too large")
+        if self._current is None and self._queue and not self.closed:
+            # Begun after the whole read is parsed, never from inside llhttp: a request whose body
+            # came in the same read is complete by now.
+            self._begin(self._queue.popleft())
 
     def eof_received(self) -> bool:
         self._eof = True
         parsing = self._parsing
         if parsing is not None:
-            parsing._break()
+            parsing._break("incomplete_body")
         # Keep the writing side open while an answer is owed.
         return self._current is not None or bool(self._queue)
 
@@ -416,8 +449,15 @@ class ClientConnection(asyncio.Protocol):
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_exception(ClientGone())
-        if self._task is not None:
-            self._task.cancel()
+        current = self._current
+        if current is not None and not current.finished:
+            aborter, current.aborter = current.aborter, None
+            if aborter is not None:
+                aborter()
+            if self._task is not None:
+                self._task.cancel()
+            self.listener.abandoned(current, 499)  # nginx's status for a client that left first
+            current.finished = True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -427,11 +467,14 @@ class ClientConnection(asyncio.Protocol):
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
+        if self._advance_when_drained:
+            self._advance_when_drained = False
+            self._advance()
 
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
-        if len(self._queue) >= MAX_PIPELINED:
+        if len(self._queue) >= MAX_PIPELINED or self.closed:
             self._stopped = True
             raise _Refused(0, "", "")  # stops the parser; nothing more is read (see _refuse)
         self._parsing = Request(self)
@@ -468,7 +511,10 @@ class ClientConnection(asyncio.Protocol):
         elif low == b"content-length":
             request.content_length = int(value)  # llhttp has checked it: digits, and only one
         elif low == b"transfer-encoding":
-            request.chunked = True  # llhttp refuses a request whose last coding is not chunked
+            if value.strip().lower() != b"chunked":
+                # Other codings would have to be undone before the body means anything; the edge undoes none.
+                raise _Refused(501, "unsupported_transfer_coding", "Only the chunked transfer coding is accepted")
+            request.chunked = True
         elif low == b"content-encoding":
             request.content_encoding = value
         elif low == b"host":
@@ -506,7 +552,7 @@ class ClientConnection(asyncio.Protocol):
                 request.refusal = _bad(request, "invalid_host", "The Host header is not a valid authority")
             else:
                 request.path = target.partition(b"?")[0].decode("ascii")
-        self._dispatch(request)
+        self._queue.append(request)  # begun once this read is parsed, when its turn comes
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -521,81 +567,81 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = None
         request.complete = True
         request._wake(None)
-        if request is not self._current:
+        if self._current is not None and request is not self._current:
             # A whole request waits its turn: read no further until it is answered.
             self._pause_reading()
 
     # -- answering, in order
 
-    def _dispatch(self, request: Request) -> None:
-        if self._current is not None:
-            self._queue.append(request)
-            return
+    def _begin(self, request: Request) -> None:
+        """Answers `request` now: the gateway runs every stage it can without waiting, and
+        continues in a task (spawn) only for those that must."""
         self._current = request
         self.phase = Phase.BUSY
         self.deadline = 0.0
-        if self._task is None:
-            self._task = self.loop.create_task(self._serve())
-        else:
-            next_request = self._next
-            if next_request is not None and not next_request.done():
-                next_request.set_result(None)
-
-    async def _serve(self) -> None:
-        """Answers requests one after another; waits between them while the connection is kept alive."""
         try:
-            while True:
-                request = self._current
-                assert request is not None
-                try:
-                    await self._handler(request)
-                except Exception:
-                    log.exception("request handling failed", extra={"event": "internal_error",
-                                                                    "request_id": request.request_id})
-                    if not request.head_sent and not self.closed:
-                        request.respond(error_answer(500, "internal_error", "The gateway failed to answer",
-                                                     request_id=request.request_id))
-                    request.will_close = True
-                if not request.head_sent and not self.closed:
-                    request.will_close = True  # a handler that wrote nothing: the client must not wait
-                if self.closed or request.will_close or self.closing or (self._eof and not self._queue):
-                    self.close()
-                    return
-                if self.write_paused:
-                    try:  # the client is slow to take large answers: answer nothing more until it has
-                        await self.drain()
-                    except ClientGone:
-                        return
-                if self._queue:
-                    self._current = self._queue.popleft()
-                    self.phase = Phase.BUSY
-                    continue
-                self._current = None
-                if self._stopped:
-                    self.close()
-                    return
-                self._resume_reading()
-                if self._in_head:
-                    self.phase = Phase.HEAD
-                    self.deadline = self.loop.time() + self._limits.header_timeout_s
-                else:
-                    self.phase = Phase.IDLE
-                    self.deadline = self.loop.time() + self._limits.keepalive_timeout_s
-                self._next = self.loop.create_future()
-                try:
-                    await self._next
-                finally:
-                    self._next = None
-        except asyncio.CancelledError:
-            pass  # the connection is gone
+            self._handler(request)
+        except Exception:
+            self._internal_error(request)
+
+    def spawn(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
+        self._task = self.loop.create_task(self._run(request, work))
+
+    async def _run(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
+        task = self._task
+        try:
+            await work
+        except (asyncio.CancelledError, ClientGone):
+            pass  # the client left: connection_lost has reported it
+        except Exception:
+            self._internal_error(request)
         finally:
-            self._task = None
+            if self._task is task:
+                self._task = None
+
+    def _internal_error(self, request: Request) -> None:
+        log.exception("request handling failed", extra={"event": "internal_error",
+                                                        "request_id": request.request_id})
+        if request.finished:
+            return
+        if not request.head_sent and not self.closed:
+            request.respond(error_answer(500, "internal_error", "The gateway failed to answer",
+                                         request_id=request.request_id))
+        request.will_close = True
+        self.listener.abandoned(request, 500)
+        request.finish()
+
+    def finished(self, request: Request) -> None:
+        if request is not self._current or self.closed:
+            return
+        if request.will_close or self.closing or (self._eof and not self._queue):
+            self.close()
+        elif self.write_paused:
+            self._advance_when_drained = True  # the client is slow to take large answers: wait for it
+        else:
+            self._advance()
+
+    def _advance(self) -> None:
+        if self._queue:
+            self._begin(self._queue.popleft())
+            return
+        self._current = None
+        if self._stopped:
+            self.close()
+            return
+        self._resume_reading()
+        if self._in_head:
+            self.phase = Phase.HEAD
+            self.deadline = self.loop.time() + self._limits.header_timeout_s
+        else:
+            self.phase = Phase.IDLE
+            self.deadline = self.loop.time() + self._limits.keepalive_timeout_s
 
     # -- refusals decided here
 
-    def _refuse_parse(self, exc: httptools.HttpParserError) -> None:
+    def _refuse_parse(self, exc: httptools.HttpParserError, data: bytes) -> None:
         message = str(exc) or type(exc).__name__
-        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        if isinstance(exc, httptools.HttpParserInvalidMethodError) and _REQUEST_LINE.match(data):
             self._refuse(501, "unknown_method", "The request method is not implemented")
         elif "content-length" in message.lower() or "transfer-encoding" in message.lower():
             self._refuse(400, "bad_framing", "The request framing is invalid")
@@ -612,7 +658,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = None
         if request is not None and (request is self._current or request in self._queue):
             # Its head was fine and it is being answered: what broke is its body.
-            request._break()
+            request._break("bad_framing")
             request.keep_alive = False
             if request is self._current:
                 return
@@ -627,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
         request.refusal = error_answer(status, code, message, request_id=request.request_id,
                                        details={"reason": reason})
         if request is not self._current and request not in self._queue:
-            self._dispatch(request)
+            self._queue.append(request)
 
     def _stop(self) -> None:
         self._stopped = True
@@ -714,11 +760,20 @@ def _bad(request: Request, reason: str, message: str) -> Answer:
                         details={"reason": reason})
 
 
+class Handler(Protocol):
+    """What the listener hands requests to: the gateway."""
+
+    def handle(self, request: Request) -> None:
+        """Answers `request`, then calls `request.finish()`; may continue in `request.spawn(...)`."""
+
+    def abandoned(self, request: Request, status: int) -> None:
+        """`request` ended without `finish()`: the client left (499), or handling failed (500)."""
+
+
 class Listener:
     """The public port: accepts connections within the cap and keeps their deadlines."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[None]], limits: EdgeLimits,
-                 metrics: object | None = None) -> None:
+    def __init__(self, handler: Handler, limits: EdgeLimits, metrics: object | None = None) -> None:
         self.handler = handler
         self.limits = limits
         self.metrics = metrics
@@ -768,6 +823,9 @@ class Listener:
         self.connections.pop(conn, None)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
+
+    def abandoned(self, request: Request, status: int) -> None:
+        self.handler.abandoned(request, status)
 
     def closed_for(self, reason: str) -> None:
         self._count("connections_closed", reason)

@@ -36,7 +36,7 @@ class Response:
     version: str
     headers: list[tuple[str, str]]
     body: bytes = b""
-    interim: list["Response"] = field(default_factory=list)  # 1xx answers that came before this one
+    interim: list[Response] = field(default_factory=list)  # 1xx answers that came before this one
 
     def header(self, name: str) -> str | None:
         values = self.headers_all(name)

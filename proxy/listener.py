@@ -62,6 +62,7 @@ _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r?\n")
 _HOST_CHARS = _TARGET_CHARS.replace(b"/", b"").replace(b"?", b"") + b"[]"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_IDS = random.Random()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -147,8 +148,9 @@ def new_request_id(given: bytes | None) -> str:
         text = given.decode("latin-1")
         if _REQUEST_ID.fullmatch(text):
             return text
-    # Correlation ids need uniqueness, not secrecy: no urandom syscall per request.
-    return "%032x" % random.getrandbits(128)
+    # Correlation ids need uniqueness, not secrecy: no urandom syscall per request. A generator of
+    # our own, seeded from the OS once: whoever calls random.seed() cannot make ids repeat.
+    return "%032x" % _IDS.getrandbits(128)
 
 
 def valid_target(target: bytes) -> bool:

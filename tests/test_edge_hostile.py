@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 from tests.conftest import RUN_START
 from tests.support.rawhttp import RawConnection, Response, request
 from tests.support.recording import strict_upstream  # noqa: F401  (fixture)

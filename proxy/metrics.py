@@ -4,8 +4,8 @@ Labels are bounded by construction: route templates (never raw paths),
 configured issuers (never the token's claim), a fixed set of methods and
 reasons. The request path only bumps plain integers in pre-built slots (one
 dict lookup, one `bisect` for a histogram bucket, no lock, no label dict):
-prometheus-client's own metric objects take a lock per update, which cost
-7% of throughput in the benchmark. A collector turns the slots into metric
+prometheus-client's own metric objects take a lock per update, a measurable
+share of throughput in the benchmark. A collector turns the slots into metric
 families at scrape time, and reads state the gateway already keeps (JWKS
 caches, the token cache) instead of counting it twice.
 

@@ -28,7 +28,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import RUN_START, SPEC, gateway_config, json_response
 from jsonschema import Draft202012Validator
 from multidict import CIMultiDict
 from referencing import Registry, Resource
@@ -38,6 +37,7 @@ from yarl import URL
 from proxy import devcoordinator
 from proxy.config import RetryConfig
 from proxy.server import start_gateway
+from tests.support.gateway import RUN_START, SPEC, gateway_config, json_response
 from tests.support.servers import RawServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

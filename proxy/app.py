@@ -29,7 +29,7 @@ from .config import GatewayConfig
 from .exchange import ExchangeFailed, TokenExchanger
 from .forwarding import Upstream
 from .health import CoordinatorProbe, version_info
-from .jwks import JwksRegistry
+from .jwks_refresh import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable

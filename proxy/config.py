@@ -466,14 +466,14 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
 
 
 def _check_auth(r: _Reader, cfg: AuthConfig) -> None:
-    if cfg.mode is not AuthMode.DISABLED and not cfg.issuers:
+    if cfg.mode != AuthMode.DISABLED and not cfg.issuers:
         r.fail("auth.issuers", f"auth.mode is {cfg.mode.value!r} but no issuer is configured "
                                "(set auth.issuers or ARP_AUTH_ISSUER, or auth.mode: disabled)")
     if cfg.jwks_min_ttl_s > cfg.jwks_max_ttl_s:
         r.fail("auth.jwks_min_ttl_s", "must not exceed auth.jwks_max_ttl_s")
     if not cfg.identity_header_prefix.lower().startswith("x-"):
         r.fail("auth.identity_header_prefix", "must start with 'X-'")
-    if cfg.forward_token is ForwardToken.EXCHANGE:
+    if cfg.forward_token == ForwardToken.EXCHANGE:
         x = cfg.exchange
         for key in ("token_endpoint", "client_id", "client_secret"):
             if not getattr(x, key):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from .answers import error_answer
+from .backoff import full_jitter
 from .config import UpstreamConfig
 from .listener import ClientGone, Request
 from .metrics import GatewayMetrics
@@ -236,7 +236,7 @@ class Upstream:
             if self.metrics is not None:
                 self.metrics.retried(route.template)
             retries = self.cfg.retries
-            pause = random.uniform(0, min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (attempt - 1)))
+            pause = full_jitter(attempt, retries.backoff_initial_s, retries.backoff_max_s)
             if self._loop.time() + pause >= deadline:
                 raise TimeoutError()
             await asyncio.sleep(pause)

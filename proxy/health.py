@@ -19,6 +19,7 @@ import aiohttp
 from . import __version__
 from .clock import Clock
 from .forwarding import Upstream
+from .singleflight import SingleFlight
 
 SERVICE_NAME = "arp-run-gateway"
 PROBE_TTL_S = 1.0
@@ -38,7 +39,7 @@ class CoordinatorProbe:
         self._clock = clock
         self._ttl = ttl_s
         self._cached: tuple[float, dict[str, Any]] | None = None
-        self._inflight: asyncio.Future[dict[str, Any]] | None = None
+        self._flight: SingleFlight[str, dict[str, Any]] = SingleFlight()
 
     async def health(self) -> dict[str, Any]:
         check = await self._check()
@@ -48,15 +49,12 @@ class CoordinatorProbe:
         now = self._clock.monotonic()
         if self._cached is not None and now - self._cached[0] < self._ttl:
             return self._cached[1]
-        if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._probe())
-            self._inflight.add_done_callback(self._store)
-        return await asyncio.shield(self._inflight)
+        return await self._flight.do("coordinator", self._probe_and_keep)
 
-    def _store(self, fut: asyncio.Future[dict[str, Any]]) -> None:
-        self._inflight = None
-        if not fut.cancelled() and fut.exception() is None:
-            self._cached = (self._clock.monotonic(), fut.result())
+    async def _probe_and_keep(self) -> dict[str, Any]:
+        check = await self._probe()
+        self._cached = (self._clock.monotonic(), check)
+        return check
 
     async def _probe(self) -> dict[str, Any]:
         name = "run_coordinator"

@@ -13,8 +13,12 @@ import pytest
 from aiohttp import web
 
 from proxy import devcoordinator
+from proxy.clock import FakeClock
+from proxy.config import AuthConfig
+from proxy.jwks_refresh import JwksRegistry
 from proxy.server import start_gateway
 from tests.support.gateway import Upstream, gateway_config
+from tests.support.keys import IdP, Registries, park, signer
 
 
 @pytest.fixture
@@ -53,3 +57,45 @@ async def upstream() -> AsyncIterator[Upstream]:
     server = Upstream()
     yield server
     await server.close()
+
+
+# --------------------------------------------------------------------------- keys (tests/support/keys.py)
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[IdP]:
+    """The JWKS fake with tenant "a" publishing key a-rsa and tenant "b" publishing b-rsa."""
+    server = IdP()
+    await server.start()
+    server.publish("a", signer("a-rsa"))
+    server.publish("b", signer("b-rsa"))
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def registries(session: aiohttp.ClientSession, clock: FakeClock) -> AsyncIterator[Registries]:
+    """Builds and starts registries (background loops parked); closes them all at the end of the test."""
+    made: list[JwksRegistry] = []
+
+    async def make(auth: AuthConfig, **kwargs: Any) -> JwksRegistry:
+        kwargs.setdefault("sleep", park)
+        registry = JwksRegistry(auth, clock, **kwargs)
+        made.append(registry)
+        await registry.start(session)
+        return registry
+
+    yield make
+    for registry in made:
+        await registry.close()

@@ -70,6 +70,9 @@ class Authenticator:
         self._optional = cfg.mode == AuthMode.OPTIONAL
         self._passthrough = cfg.forward_token == ForwardToken.PASSTHROUGH
         self._identity: BoundedCache[int, tuple[Principal, bytes | None]] = BoundedCache(IDENTITY_CACHE_SIZE)
+        # An admitted principal on a route is admitted the same way every time: the token cache hands
+        # back the same Principal for a repeat token, so its outcome is built once, not per request.
+        self._allowed: BoundedCache[tuple[int, Route, str], AuthOutcome] = BoundedCache(IDENTITY_CACHE_SIZE)
         dev = Principal(cfg.dev_subject, kind=PrincipalKind.DEV)
         self._dev = AuthOutcome(dev, None, AuthResult.DEV, identity=self.upstream_headers(dev) or b"")
         self._anonymous = Principal(cfg.anonymous_subject, kind=PrincipalKind.ANONYMOUS)
@@ -108,13 +111,19 @@ class Authenticator:
 
     def _authorize(self, principal: Principal, route: Route, method: str, request_id: str,
                    result: AuthResult) -> AuthOutcome:
+        key = (id(principal), route, method)
+        known = self._allowed.get(key)
+        if known is not None and known.principal is principal:
+            return known
         denial = self._policy.check(route.template, method, principal)
         if denial is None:
             identity = self.upstream_headers(principal)
             if identity is None:
                 return self._invalid("invalid_claims", "the token's claims cannot be passed on as identity headers",
                                      request_id)
-            return AuthOutcome(principal, None, result, identity=identity)
+            outcome = AuthOutcome(principal, None, result, identity=identity)
+            self._allowed.put(key, outcome)  # holds the principal, so its id stays its own while cached
+            return outcome
         if principal.kind == PrincipalKind.ANONYMOUS:
             # A token could grant what is missing: ask for one rather than forbid.
             return self._challenge("missing_token", "A bearer token is required for this route", request_id)

@@ -89,11 +89,6 @@ class IssuerKeys:
         """The keys held, by kid, with the JWK each came from."""
         return self._source
 
-    @property
-    def installed_at(self) -> float | None:
-        """Monotonic time of the last set_keys; None before any."""
-        return self._installed_at
-
     def is_expired(self) -> bool:
         """The TTL has passed: time to refetch (the keys are still served until max-stale)."""
         if not self.needs_fetch:

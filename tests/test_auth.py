@@ -79,7 +79,9 @@ async def test_valid_token_is_allowed_with_identity_lines(clock: FakeClock) -> N
     assert "X-Auth-Scopes: runs:read runs:write" in lines
     assert bearer.decode() in "\n".join(lines)          # forward_token: passthrough
     again = await outcome(authn, request("GET", bearer))
-    assert again.identity is out.identity               # built once per principal (cached)
+    assert again is out and again.identity is out.identity   # built once per principal and route (cached)
+    denied = await outcome(authn, request("POST", bearer), START_RUN)   # another route: its own rules apply
+    assert denied.result is AuthResult.DENIED
 
 
 async def test_strip_sends_no_token_upstream(clock: FakeClock) -> None:

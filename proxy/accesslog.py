@@ -50,9 +50,13 @@ class AccessLog:
             self._handle.cancel()
             self._handle = None
         if self._pending:
-            self._out.write("\n".join(self._pending) + "\n")
+            lines = "\n".join(self._pending) + "\n"
             self._pending.clear()
-            self._out.flush()
+            try:
+                self._out.write(lines)
+                self._out.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken stdout must never fail a request; the lines are lost
 
 
 _LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'

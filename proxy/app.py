@@ -32,6 +32,7 @@ from .health import CoordinatorProbe, version_info
 from .jwks_refresh import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
+from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
 from .validation import load_run_start_validator
@@ -73,12 +74,17 @@ class Gateway:
             for jwks in self.registry:
                 jwks.on_fetch = lambda _result, seconds, issuer=jwks.issuer: self.metrics.jwks_fetched(issuer, seconds)
         self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
+        rate = cfg.limits.run_start_rate
+        self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
+            if rate is not None else None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Opens the coordinator pool and control-plane session, fetches keys; never fails on a down IdP."""
         await self.upstream.start()
+        if self.metrics is not None:
+            self.metrics.pool = self.upstream.pool
         self.control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.auth.jwks_fetch_timeout_s))
         if self.registry is not None:
             await self.registry.start(self.control)
@@ -154,6 +160,12 @@ class Gateway:
             self._observe(request, route, outcome, failed, time.perf_counter() - started)
 
     async def _forward(self, request: Request, route: Route, outcome: AuthOutcome) -> None:
+        if route is START_RUN and self.run_start_limiter is not None:
+            # Before the body is read or validated: a flood costs the gateway as little as possible.
+            limited = self._rate_limited(request, route, outcome)
+            if limited is not None:
+                request.respond(limited)
+                return
         body = await self._read_body(request, route)
         if body.__class__ is Answer:  # a refusal (isinstance would take the slow ABC path)
             request.respond(body)  # type: ignore[arg-type]
@@ -163,6 +175,26 @@ class Gateway:
             request.respond(extra)  # type: ignore[arg-type]
             return
         await self.upstream.forward(request, route, body, extra)  # type: ignore[arg-type]
+
+    def _rate_limited(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+        limiter = self.run_start_limiter
+        assert limiter is not None
+        principal = outcome.principal
+        if principal is None or principal.kind == "anonymous":
+            # Anonymous callers share a subject, so each client address gets its own bucket.
+            key = "addr\x00" + request.conn.peer
+        else:
+            # The same subject at two issuers is two principals.
+            key = "sub\x00" + (principal.issuer or "") + "\x00" + principal.subject
+        wait = limiter.take(key)
+        if not wait:
+            return None
+        if self.metrics is not None:
+            self.metrics.rate_limited[route.template] = self.metrics.rate_limited.get(route.template, 0) + 1
+        retry_after = limiter.retry_after(wait)
+        return error_answer(429, "rate_limited", "Too many run starts; retry after the given delay",
+                            request_id=request.request_id, retryable=True,
+                            details={"retry_after_s": int(retry_after)}, headers={"Retry-After": retry_after})
 
     def _observe(self, request: Request, route: Route, outcome: AuthOutcome | None, failed: int,
                  seconds: float) -> None:
@@ -202,7 +234,11 @@ class Gateway:
         """The body to forward, whole and checked; or the refusal. Only POST routes take one."""
         rid = request.request_id
         if request.method != "POST":
-            if request.has_body:
+            # An empty chunked body is no body; anything else on a GET route is refused.
+            body = await self._receive(request) if request.chunked else b""
+            if body.__class__ is Answer:
+                return body
+            if request.content_length or body:
                 return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
                                     request_id=rid, details={"reason": "unexpected_body"})
             return None
@@ -216,25 +252,31 @@ class Gateway:
                 # The edge validates the run start, and it decompresses nothing.
                 return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
                                     request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
+        body = await self._receive(request)
+        if body.__class__ is Answer or route is not START_RUN:
+            return body
+        problems = self._run_start_problems(body)  # type: ignore[arg-type]
+        if problems:
+            return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
+                                request_id=rid, details={"errors": problems})
+        return body
+
+    async def _receive(self, request: Request) -> bytes | Answer:
+        """The whole body within limits.max_body_bytes and limits.body_timeout_s, or the refusal."""
+        rid = request.request_id
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return _too_large(limit, rid)
+            return _too_large(limit, rid)  # refused before `100 Continue`: the client never sends it
         try:
-            body = await request.read_body()
+            return await request.read_body()
         except BodyTooLarge:
             return _too_large(limit, rid)
         except BodyTimeout:
             return error_answer(408, "request_timeout", "The request body did not arrive in time",
                                 request_id=rid, details={"body_timeout_s": self.cfg.limits.body_timeout_s})
-        except BodyIncomplete:
-            return error_answer(400, "invalid_request", "The request body ended before it was complete",
-                                request_id=rid, details={"reason": "incomplete_body"})
-        if route is START_RUN:
-            problems = self._run_start_problems(body)
-            if problems:
-                return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
-                                    request_id=rid, details={"errors": problems})
-        return body
+        except BodyIncomplete as exc:
+            return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
+                                request_id=rid, details={"reason": exc.reason})
 
     def _run_start_problems(self, body: bytes) -> list[dict[str, str]]:
         try:

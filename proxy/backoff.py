@@ -27,5 +27,5 @@ def backoff_cap(attempt: int, base_s: float, max_s: float) -> float:
     return min(max_s, base_s * 2 ** min(max(attempt - 1, 0), _MAX_EXPONENT))
 
 
-def full_jitter(attempt: int, base_s: float, max_s: float, rng: Uniform = random) -> float:  # type: ignore[assignment]
+def full_jitter(attempt: int, base_s: float, max_s: float, rng: Uniform = random) -> float:
     return rng.uniform(0.0, backoff_cap(attempt, base_s, max_s))

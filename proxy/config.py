@@ -59,7 +59,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_LOOPS = tuple(m.value for m in EventLoop)
 PROFILES = ("dev-insecure", "dev-secure-keycloak", "enterprise")
 KEYCLOAK_DEV_ISSUER = "http://localhost:8080/realms/arp-dev"
-SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})
+SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})  # client_secret_file is a path, shown
+
+
+# Far above any sane setting; beyond it an int no longer converts to float.
+_INT_LIMIT = 2**63
 
 
 class ConfigError(Exception):
@@ -98,7 +102,14 @@ class UpstreamConfig:
     max_connections: int = 100          # pooled keep-alive connections to the coordinator
     health_timeout_s: float = 1.0       # the coordinator's /v1/health probe behind our /v1/health
     keepalive_idle_s: float = 4.0       # an idle pooled connection is closed before the coordinator would
+    queue_timeout_s: float = 1.0        # all connections busy: the longest a request waits for one, then 503
     retries: RetryConfig = field(default_factory=RetryConfig)  # retries of failed coordinator requests
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    per_second: float                   # tokens added to each subject's bucket per second
+    burst: int                          # the bucket's size: run starts allowed at once after a quiet spell
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class LimitsConfig:
     body_timeout_s: float = 10.0        # a body must arrive whole within it once wanted, or 408
     max_header_bytes: int = 64 * 1024   # the request target plus header lines; larger heads get 431
     max_headers: int = 100              # header lines per request; more get 431
+    run_start_rate: RateConfig | None = None  # None: run starts are not rate limited
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,9 @@ class ExchangeConfig:
     token_endpoint: str | None = None   # the STS's OAuth token endpoint (required for forward_token: exchange)
     client_id: str | None = None        # the gateway's client at the STS
     client_secret: str | None = None    # its secret; never logged or printed
+    # A file holding the secret (a mounted Kubernetes Secret), read once at start-up; its content
+    # becomes client_secret, so no secret needs to sit in the YAML or in an environment literal.
+    client_secret_file: str | None = None
     audience: str = "arp-run-coordinator"  # the audience asked for: the coordinator
     scope: str | None = None            # scopes asked for, space-separated; None: the STS's default
 
@@ -214,10 +229,10 @@ class _Reader:
             return {}
         for key in raw:
             if key not in known:
-                self.fail(_join(path, str(key)), "unknown key")
+                self.fail(_join(path, _key_name(key)), "unknown key")
         return raw
 
-    def number(self, sec: dict, path: str, key: str, default: float, *, minimum: float = 0.0,
+    def number(self, sec: dict, path: str, key: str, default: float | None, *, minimum: float = 0.0,
                positive: bool = False, integer: bool = False) -> Any:
         full = _join(path, key)
         if key not in sec or sec[key] is None:
@@ -231,6 +246,11 @@ class _Reader:
                 return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(full, f"not a{'n integer' if integer else ' number'}: {value!r}")
+            return default
+        if isinstance(value, int) and not -_INT_LIMIT <= value <= _INT_LIMIT:
+            # float() of such an int raises OverflowError, and its repr may be refused too.
+            digits = len(str(abs(value))) if abs(value) < 10**4000 else "over 4000"
+            self.fail(full, f"out of range: an integer of {digits} digits")
             return default
         if integer and not float(value).is_integer():
             self.fail(full, f"not an integer: {value!r}")
@@ -282,6 +302,15 @@ class _Reader:
             self.fail(_join(path, key), f"not an http(s) URL: {value!r}")
             return default
         return value
+
+
+def _key_name(key: Any) -> str:
+    """An unknown key as the operator can find it: quoted when it is empty, padded or would read as
+    a path (an empty key would otherwise print as `: unknown key`)."""
+    name = str(key)
+    if not name or name != name.strip() or any(c in name for c in ".:[]#\n"):
+        return repr(name)
+    return name
 
 
 def _join(path: str, key: str) -> str:
@@ -339,6 +368,7 @@ def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
         max_connections=r.number(sec, p, "max_connections", d.max_connections, integer=True, minimum=1),
         health_timeout_s=r.number(sec, p, "health_timeout_s", d.health_timeout_s, positive=True),
         keepalive_idle_s=r.number(sec, p, "keepalive_idle_s", d.keepalive_idle_s, positive=True),
+        queue_timeout_s=r.number(sec, p, "queue_timeout_s", d.queue_timeout_s, positive=True),
         retries=RetryConfig(
             attempts=r.number(rsec, "upstream.retries", "attempts", rd.attempts, integer=True, minimum=1),
             backoff_initial_s=r.number(rsec, "upstream.retries", "backoff_initial_s", rd.backoff_initial_s),
@@ -357,7 +387,22 @@ def _limits(r: _Reader, raw: Any) -> LimitsConfig:
         body_timeout_s=r.number(sec, p, "body_timeout_s", d.body_timeout_s, positive=True),
         max_header_bytes=r.number(sec, p, "max_header_bytes", d.max_header_bytes, integer=True, minimum=1024),
         max_headers=r.number(sec, p, "max_headers", d.max_headers, integer=True, minimum=8),
+        run_start_rate=_rate(r, sec.get("run_start_rate"), "limits.run_start_rate"),
     )
+
+
+def _rate(r: _Reader, raw: Any, path: str) -> RateConfig | None:
+    if raw is None:
+        return None
+    sec = r.section(raw, path, _known(RateConfig))
+    if not isinstance(raw, dict):
+        return None
+    for key in ("per_second", "burst"):
+        if sec.get(key) is None:
+            r.fail(_join(path, key), f"required when {path} is set")
+    per_second = r.number(sec, path, "per_second", 0.0, positive=True)
+    burst = r.number(sec, path, "burst", 0, integer=True, minimum=1)
+    return RateConfig(per_second=per_second, burst=burst) if per_second > 0 and burst >= 1 else None
 
 
 def _issuer(r: _Reader, raw: Any, path: str) -> IssuerConfig | None:
@@ -429,7 +474,8 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
     exchange = ExchangeConfig(
         token_endpoint=r.url(xsec, "auth.exchange", "token_endpoint"),
         client_id=r.string(xsec, "auth.exchange", "client_id", None),
-        client_secret=r.string(xsec, "auth.exchange", "client_secret", None),
+        client_secret=_client_secret(r, xsec),
+        client_secret_file=r.string(xsec, "auth.exchange", "client_secret_file", None),
         audience=r.string(xsec, "auth.exchange", "audience", xd.audience),
         scope=r.string(xsec, "auth.exchange", "scope", None),
     )
@@ -463,6 +509,28 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
     )
     _check_auth(r, cfg)
     return cfg
+
+
+def _client_secret(r: _Reader, xsec: dict) -> str | None:
+    """auth.exchange.client_secret, or the content of auth.exchange.client_secret_file."""
+    secret = r.string(xsec, "auth.exchange", "client_secret", None)
+    path = r.string(xsec, "auth.exchange", "client_secret_file", None)
+    if path is None:
+        return secret
+    key = "auth.exchange.client_secret_file"
+    if secret is not None:
+        r.fail(key, "set either auth.exchange.client_secret or auth.exchange.client_secret_file, not both")
+        return secret
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        r.fail(key, f"cannot read {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}")
+        return None
+    content = content.rstrip("\r\n")  # `echo secret > file` and editors add a final newline
+    if not content:
+        r.fail(key, f"{path} is empty")
+        return None
+    return content
 
 
 def _check_auth(r: _Reader, cfg: AuthConfig) -> None:
@@ -611,6 +679,11 @@ def apply_environment(raw: dict, env: Mapping[str, str], origins: dict[str, str]
     for name, path in plain.items():
         if v := env.get(name):
             put(path, name, v)
+    if env.get("ARP_AUTH_CLIENT_SECRET"):
+        # The environment outranks the YAML, including a YAML client_secret_file.
+        exchange = raw.get("auth", {}).get("exchange") if isinstance(raw.get("auth"), dict) else None
+        if isinstance(exchange, dict):
+            exchange.pop("client_secret_file", None)
     # JARVIS derives the Keycloak token endpoint from the issuer when none is given.
     if env.get("ARP_AUTH_CLIENT_ID") and not env.get("ARP_AUTH_TOKEN_ENDPOINT") and env.get("ARP_AUTH_ISSUER"):
         put("auth.exchange.token_endpoint", "ARP_AUTH_ISSUER",
@@ -622,10 +695,15 @@ def read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"--config: cannot read {path}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"--config: {path} is not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"--config: {path} is not valid YAML: {exc}"]) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # PyYAML lets int() refuse a number of over 4300 digits (ValueError) and deep nesting
+        # overflow the stack; both are a bad file, not a crash.
+        reason = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise ConfigError([f"--config: {path} is not valid YAML: {reason}"]) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

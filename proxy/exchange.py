@@ -85,7 +85,9 @@ class TokenExchanger:
             raise ExchangeFailed(f"token endpoint unreachable: {type(exc).__name__}", retryable=True) from None
         if status != 200:
             raise ExchangeFailed(f"token endpoint answered HTTP {status}", retryable=status >= 500 or status == 429)
-        token = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise ExchangeFailed("token endpoint answered without an access_token", retryable=False)
+        token = body.get("access_token")
         if not isinstance(token, str) or not token:
             raise ExchangeFailed("token endpoint answered without an access_token", retryable=False)
         lifetime = body.get("expires_in", DEFAULT_LIFETIME_S)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .backoff import full_jitter
 from .config import UpstreamConfig
 from .listener import ClientGone, Request
 from .metrics import GatewayMetrics
-from .pool import ConnectFailed, PoolResponse, UpstreamError, UpstreamPool
+from .pool import ConnectFailed, PoolBusy, PoolResponse, UpstreamError, UpstreamPool
 from .routes import Route
 
 log = logging.getLogger("proxy.forwarding")
@@ -127,7 +128,8 @@ class Upstream:
             self.pool = UpstreamPool(self.base_url, max_connections=self.cfg.max_connections,
                                      connect_timeout_s=self.cfg.connect_timeout_s,
                                      idle_timeout_s=self.cfg.keepalive_idle_s,
-                                     sweep_interval_s=min(1.0, self.cfg.request_timeout_s / 10))
+                                     sweep_interval_s=min(1.0, self.cfg.request_timeout_s / 10),
+                                     queue_timeout_s=self.cfg.queue_timeout_s)
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -203,6 +205,15 @@ class Upstream:
         try:
             upstream = await self._send(pool, route, head, body, idempotent,
                                         self._loop.time() + self.cfg.request_timeout_s)
+        except PoolBusy:
+            # Every coordinator connection stayed busy for queue_timeout_s: shed instead of queueing
+            # without bound. The request never left, so any method may be retried by the client.
+            request.respond(error_answer(
+                503, "run_coordinator_busy", "The Run Coordinator is at capacity; retry shortly",
+                request_id=request.request_id, retryable=True,
+                details={"max_connections": self.cfg.max_connections},
+                headers={"Retry-After": str(max(1, math.ceil(self.cfg.queue_timeout_s)))}))
+            return
         except (UpstreamError, TimeoutError) as exc:
             failure = classify(exc, idempotent=idempotent)
             if self.metrics is not None:

@@ -34,29 +34,42 @@ def version_info() -> dict[str, Any]:
 
 
 class CoordinatorProbe:
+    """The coordinator's `GET /v1/health`, for the gateway's `/v1/health` and the ops listener's
+    `/readyz/coordinator`. Each probe yields the ARP Health check and whether the coordinator is ready:
+    it answered HTTP 200 with status `ok` or `degraded`."""
+
     def __init__(self, upstream: Upstream, clock: Clock, ttl_s: float = PROBE_TTL_S) -> None:
         self._upstream = upstream
         self._clock = clock
         self._ttl = ttl_s
-        self._cached: tuple[float, dict[str, Any]] | None = None
-        self._flight: SingleFlight[str, dict[str, Any]] = SingleFlight()
+        self._cached: tuple[float, tuple[dict[str, Any], bool]] | None = None
+        self._flight: SingleFlight[str, tuple[dict[str, Any], bool]] = SingleFlight()
 
     async def health(self) -> dict[str, Any]:
-        check = await self._check()
+        check, _ = await self._check()
         return {"status": check["status"], "time": rfc3339(self._clock.time()), "checks": [check]}
 
-    async def _check(self) -> dict[str, Any]:
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the coordinator can take work now, and the check that says so."""
+        check, ready = await self._check()
+        return ready, check
+
+    async def _check(self) -> tuple[dict[str, Any], bool]:
         now = self._clock.monotonic()
         if self._cached is not None and now - self._cached[0] < self._ttl:
             return self._cached[1]
         return await self._flight.do("coordinator", self._probe_and_keep)
 
-    async def _probe_and_keep(self) -> dict[str, Any]:
-        check = await self._probe()
-        self._cached = (self._clock.monotonic(), check)
-        return check
+    async def _probe_and_keep(self) -> tuple[dict[str, Any], bool]:
+        result = await self._probe()
+        self._cached = (self._clock.monotonic(), result)
+        return result
 
-    async def _probe(self) -> dict[str, Any]:
+    async def _probe(self) -> tuple[dict[str, Any], bool]:
+        check = await self._probe_check()
+        return check, check["status"] in ("ok", "degraded") and "message" not in check
+
+    async def _probe_check(self) -> dict[str, Any]:
         name = "run_coordinator"
         if self._upstream.base_url is None:
             return {"name": name, "status": "down", "message": "run_coordinator_missing: no upstream.url"}

@@ -50,7 +50,7 @@ BACKOFF_MAX_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class RefreshSettings:
-    refetch_cooldown_s: float               # at most one unknown-kid refetch per cooldown (auth.jwks_refetch_cooldown_s)
+    refetch_cooldown_s: float               # one unknown-kid refetch per cooldown (auth.jwks_refetch_cooldown_s)
     backoff_base_s: float = BACKOFF_BASE_S  # full-jitter backoff after failed fetches: the first cap
     backoff_max_s: float = BACKOFF_MAX_S    # and the largest
     refresh_at_fraction: float = REFRESH_AT_FRACTION  # refresh when this share of the TTL has passed
@@ -184,9 +184,9 @@ class RefreshScheduler:
             raise
         except Exception as exc:  # a bug must not kill the refresh loop
             log.exception("unexpected error fetching JWKS for %s", self.issuer)
-            err = JwksFetchError(self.issuer, FetchErrorKind.INTERNAL, type(exc).__name__)
-            self._record_failure(err, started)
-            raise err from exc
+            failure = JwksFetchError(self.issuer, FetchErrorKind.INTERNAL, type(exc).__name__)
+            self._record_failure(failure, started)
+            raise failure from exc
         self._install(fetched.keys, fetched.ttl_s, started)
 
     def _install(self, source: dict[str | None, Imported], ttl: float, started: float) -> None:

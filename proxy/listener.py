@@ -57,6 +57,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _TARGET_CHARS = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
                  b"-._~!$&'()*+,;=:@/%?")
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# A well-formed request line: an unknown method in it is 501, anything else the parser refuses is 400.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r?\n")
 _HOST_CHARS = _TARGET_CHARS.replace(b"/", b"").replace(b"?", b"") + b"[]"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -82,7 +84,12 @@ class BodyTimeout(Exception):
 
 
 class BodyIncomplete(Exception):
-    """The client ended its side of the connection before the whole body."""
+    """The body ended before its end: the client closed its side (`incomplete_body`), or its framing
+    broke (`bad_framing`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Refused(Exception):
@@ -179,7 +186,7 @@ class Request:
         self.request_id = ""
         self.complete = False                           # the whole message, body included, has arrived
         self.too_large = False
-        self.broken = False                             # the body ended or broke before its end
+        self.broken = ""                                # why the body ended or broke before its end
         self._chunks: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -207,7 +214,7 @@ class Request:
         """The whole body, once it has arrived. Sends `100 Continue` first when the client waits
         for it. BodyTooLarge, BodyTimeout, BodyIncomplete or ClientGone otherwise."""
         if self.broken:
-            raise BodyIncomplete()
+            raise BodyIncomplete(self.broken)
         if not self.complete and not self.too_large:
             conn = self.conn
             if conn.closed:
@@ -237,9 +244,9 @@ class Request:
         self._chunks.append(chunk)
         return True
 
-    def _break(self) -> None:
-        self.broken = True
-        self._wake(BodyIncomplete())
+    def _break(self, reason: str) -> None:
+        self.broken = reason
+        self._wake(BodyIncomplete(reason))
 
     def _wake(self, error: BaseException | None) -> None:
         waiter = self._waiter
@@ -391,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(refused, _Refused):
                 self._refuse(refused.status, refused.reason, refused.message)
             else:
-                self._refuse_parse(exc)
+                self._refuse_parse(exc, data)
         else:
             if was_in_head and self._in_head:
                 # llhttp buffers a header line until it ends: bound it by what has arrived.
@@ -403,7 +410,7 @@ class ClientConnection(asyncio.Protocol):
         self._eof = True
         parsing = self._parsing
         if parsing is not None:
-            parsing._break()
+            parsing._break("incomplete_body")
         # Keep the writing side open while an answer is owed.
         return self._current is not None or bool(self._queue)
 
@@ -468,7 +475,10 @@ class ClientConnection(asyncio.Protocol):
         elif low == b"content-length":
             request.content_length = int(value)  # llhttp has checked it: digits, and only one
         elif low == b"transfer-encoding":
-            request.chunked = True  # llhttp refuses a request whose last coding is not chunked
+            if value.strip().lower() != b"chunked":
+                # Other codings would have to be undone before the body means anything; the edge undoes none.
+                raise _Refused(501, "unsupported_transfer_coding", "Only the chunked transfer coding is accepted")
+            request.chunked = True
         elif low == b"content-encoding":
             request.content_encoding = value
         elif low == b"host":
@@ -593,9 +603,9 @@ class ClientConnection(asyncio.Protocol):
 
     # -- refusals decided here
 
-    def _refuse_parse(self, exc: httptools.HttpParserError) -> None:
+    def _refuse_parse(self, exc: httptools.HttpParserError, data: bytes) -> None:
         message = str(exc) or type(exc).__name__
-        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        if isinstance(exc, httptools.HttpParserInvalidMethodError) and _REQUEST_LINE.match(data):
             self._refuse(501, "unknown_method", "The request method is not implemented")
         elif "content-length" in message.lower() or "transfer-encoding" in message.lower():
             self._refuse(400, "bad_framing", "The request framing is invalid")
@@ -612,7 +622,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = None
         if request is not None and (request is self._current or request in self._queue):
             # Its head was fine and it is being answered: what broke is its body.
-            request._break()
+            request._break("bad_framing")
             request.keep_alive = False
             if request is self._current:
                 return

@@ -16,6 +16,7 @@ caches, the token cache) instead of counting it twice.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
@@ -73,6 +74,8 @@ class GatewayMetrics:
         self.streams_open = 0
         self.stream_lines = 0
         self.stream_bytes = 0
+        self.rate_limited: dict[str, int] = {}
+        self.pool = None  # the coordinator pool, read at scrape time for its queue counters
         self._requests: dict[tuple[str, str, int], list[int]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
         self._request_slots: dict[tuple[str, str, int], tuple[list[int], _Histogram]] = {}
@@ -190,9 +193,30 @@ class _HotPathCollector:
         for (family, reason), count in m._connection_events.items():
             (refused if family == "connections_refused" else closed).add_metric((reason,), count)
         yield from (refused, closed)
+        limited = CounterMetricFamily(PREFIX + "rate_limited", "Requests refused with 429 by the run-start rate "
+                                      "limit", labels=("route",))
+        for route, count in sorted(m.rate_limited.items()):
+            limited.add_metric((route,), count)
+        yield limited
+        pool = m.pool
+        yield CounterMetricFamily(PREFIX + "upstream_queued", "Requests that waited for a coordinator connection "
+                                  "because upstream.max_connections were busy", value=pool.queued if pool else 0)
+        yield CounterMetricFamily(PREFIX + "upstream_shed", "Requests answered 503 run_coordinator_busy after "
+                                  "waiting upstream.queue_timeout_s", value=pool.refused if pool else 0)
+        yield GaugeMetricFamily(PREFIX + "upstream_waiting", "Requests waiting for a coordinator connection now",
+                                value=pool.waiting if pool else 0)
+        yield CounterMetricFamily(PREFIX + "upstream_stale_dropped", "Idle coordinator connections dropped "
+                                  "because a sibling was reset (a coordinator restart)",
+                                  value=pool.dropped_stale if pool else 0)
         yield GaugeMetricFamily(PREFIX + "connections_open", "Client connections open now",
                                 value=m.open_connections())
         yield GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests being handled now", value=m.in_flight)
+        # Read at scrape time only: a leak of tasks (a stuck stream, a forgotten timer) shows as growth here.
+        try:
+            alive = len(asyncio.all_tasks())
+        except RuntimeError:  # collected outside the event loop (tools, tests): no tasks to count
+            alive = 0
+        yield GaugeMetricFamily(PREFIX + "asyncio_tasks", "asyncio tasks alive in this process", value=alive)
         yield GaugeMetricFamily(PREFIX + "streams_open", "Event streams open now", value=m.streams_open)
         yield CounterMetricFamily(PREFIX + "stream_lines", "NDJSON lines relayed on event streams",
                                   value=m.stream_lines)

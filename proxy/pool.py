@@ -56,6 +56,17 @@ class StreamIdle(UpstreamError):
     kind = "timeout"
 
 
+class PoolBusy(TimeoutError):
+    """Every connection stayed busy for `queue_timeout_s`: the coordinator is saturated, so the
+    request is shed instead of queueing without bound. The request never left the gateway.
+
+    A TimeoutError on purpose: a caller that does not know this class yet still answers a timeout
+    and, as for any timeout, does not retry it (a retry would only queue again)."""
+
+    kind = "busy"
+    sent = False
+
+
 class PoolResponse:
     """One response: headers at once, the body as it arrives."""
 
@@ -295,7 +306,8 @@ def _expire(future: asyncio.Future) -> None:
 
 class UpstreamPool:
     def __init__(self, url: str, *, max_connections: int, connect_timeout_s: float,
-                 idle_timeout_s: float = 4.0, sweep_interval_s: float = 0.1) -> None:
+                 idle_timeout_s: float = 4.0, sweep_interval_s: float = 0.1,
+                 queue_timeout_s: float | None = 1.0) -> None:
         parts = urlsplit(url)
         self._secure = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -315,10 +327,22 @@ class UpstreamPool:
         self.closed = False
         self._sweep_interval = sweep_interval_s
         self._sweeper: asyncio.TimerHandle | None = None
+        # None: wait for a connection until the request's own deadline (the old behaviour).
+        self._queue_timeout = queue_timeout_s
+        # Counters for metrics: requests that had to wait for a connection, and those shed after waiting.
+        self.queued = 0
+        self.refused = 0
+        # Connections dropped because a sibling proved the coordinator had restarted under them.
+        self.dropped_stale = 0
 
     @property
     def size(self) -> int:
         return len(self._all) + self._connecting
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a connection right now."""
+        return len(self._waiters)
 
     async def request(self, head: bytes, body: bytes | None, *, deadline: float | None = None) -> PoolResponse:
         """Sends one request and returns once the response headers are in.
@@ -326,37 +350,72 @@ class UpstreamPool:
         `deadline` (event-loop time) bounds the wait for a free connection and for the response
         headers; TimeoutError when it passes (to within `sweep_interval_s`: one periodic sweep
         checks every connection, cheaper than a timer per request). Connecting has its own
-        connect timeout."""
+        connect timeout. PoolBusy when every connection stayed busy for `queue_timeout_s`."""
         if self._sweeper is None and deadline is not None:
             self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
-        conn = await self._acquire(deadline)
+        conn, reused = await self._acquire(deadline)
         try:
             return await conn.send(head, body, deadline)
-        except BaseException:
+        except BaseException as exc:
+            if reused and isinstance(exc, ConnectionReset) and not conn.received_any:
+                self._drop_idle()
             conn.finish(reusable=False)
             raise
 
-    async def _acquire(self, deadline: float | None) -> _Connection:
+    def _drop_idle(self) -> None:
+        """A reused connection died before a single response byte: the coordinator most likely
+        restarted without this pool noticing, and every connection now idle is older than that
+        failure, so as likely dead. Dropped at once, they cannot absorb the retries of a GET one
+        after another; the retry opens a fresh connection. Connections busy right now are left
+        alone: they either fail on their own or have proven to be alive when they come back."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self.dropped_stale += 1
+            conn.finish(reusable=False)
+
+    async def _acquire(self, deadline: float | None) -> tuple[_Connection, bool]:
+        """A connection, and whether it has carried a request before."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and now - conn.idle_since < self._idle_timeout:
-                return conn
+                return conn, True
             conn.finish(reusable=False)
         if self.size < self._max:
-            return await self._connect()
+            return await self._connect(), False
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
         self._waiters.append(waiter)
+        self.queued += 1
+        busy = False
+        if self._queue_timeout is not None:
+            limit = loop.time() + self._queue_timeout
+            if deadline is None or limit < deadline:
+                deadline, busy = limit, True
         timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:
             conn = await waiter
+        except TimeoutError:
+            if busy:
+                self.refused += 1
+                raise PoolBusy(f"all {self._max} coordinator connections stayed busy for "
+                               f"{self._queue_timeout:g} s") from None
+            raise
+        except asyncio.CancelledError:
+            # A connection handed over in the same loop turn as the cancellation must not leak.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()
+                if handed is not None:
+                    self.give_back(handed)
+                else:
+                    self._wake_one()
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-        return conn if conn is not None else await self._connect()
+        return (conn, True) if conn is not None else (await self._connect(), False)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -387,11 +446,14 @@ class UpstreamPool:
         if conn in self._all:
             self._all.discard(conn)
             # A slot freed up: let one waiter open a fresh connection.
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()

@@ -25,10 +25,12 @@ class Principal:
 
 
 def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
-    """OAuth `scope` is a space-separated string; some IdPs send `scp` as a list or string."""
+    """OAuth `scope` is a space-separated string; some IdPs send `scp` as a list or string.
+    Split on the space alone (RFC 6749 3.3): any other whitespace stays inside a scope, where
+    the identity check refuses it rather than letting it pass as a separator."""
     raw = claims.get("scope", claims.get("scp"))
     if isinstance(raw, str):
-        return frozenset(raw.split())
+        return frozenset(s for s in raw.split(" ") if s)
     if isinstance(raw, list):
         return frozenset(s for s in raw if isinstance(s, str))
     return frozenset()

@@ -24,6 +24,7 @@ from .app import Gateway
 from .clock import Clock, SystemClock
 from .config import GatewayConfig, redacted
 from .listener import EdgeLimits, Listener, default_max_connections
+from .ops import create_ops_app
 from .routes import LIVEZ, METRICS, READYZ
 
 log = logging.getLogger("proxy.server")
@@ -84,21 +85,6 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
         await server.cleanup()
         raise
     return server, url
-
-
-def create_ops_app(gateway: Gateway) -> web.Application:
-    """/metrics, /livez and /readyz on their own port: the public port never exposes metrics."""
-    async def ops(request: web.Request) -> web.StreamResponse:
-        route = {"/metrics": METRICS, "/livez": LIVEZ, "/readyz": READYZ}.get(request.path)
-        if route is None or request.method != "GET":
-            return web.Response(status=404, text="not found\n")
-        answer = gateway.probe_answer(route)
-        return web.Response(status=answer.status, body=answer.body,
-                            headers={"Content-Type": answer.content_type.decode()})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ops)
-    return app
 
 
 async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | None = None,

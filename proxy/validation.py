@@ -84,13 +84,16 @@ def _problems(error: ValidationError) -> list[Problem]:
     """One jsonschema error as problems named by instance path; `required` and
     `additionalProperties` become one problem per property, at that property's path."""
     at = list(error.absolute_path)
-    kind, expected, value = error.validator, error.validator_value, error.instance
+    kind: Any = error.validator
+    expected: Any = error.validator_value
+    schema: Any = error.schema
+    value = error.instance
     if kind == "required":
         return [{"path": _render([*at, name]), "message": "is required"}
                 for name in expected if isinstance(value, dict) and name not in value]
     if kind == "additionalProperties" and expected is False and isinstance(value, dict):
-        known = error.schema.get("properties", {})
-        patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
+        known = schema.get("properties", {})
+        patterns = [re.compile(p) for p in schema.get("patternProperties", {})]
         return [{"path": _render([*at, name]), "message": "is not an allowed field"}
                 for name in value if name not in known and not any(p.search(name) for p in patterns)]
     if kind == "type":
@@ -102,7 +105,7 @@ def _problems(error: ValidationError) -> list[Problem]:
         message = f"must be >= {expected}"
     elif kind == "minItems":
         message = f"must have at least {expected} items"
-    elif kind is False or (kind is None and error.validator_value is False):
+    elif schema is False:
         message = "is not allowed"
     else:
         message = error.message

@@ -1111,22 +1111,22 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         metrics_note = "n/a: metrics not implemented (no /metrics listener)"
 
     rows = [
-        ("gateway-auth / HAProxy-jwt req/s (back-to-back pairs)", haproxy_ratio, ">= 0.5", lambda v: v >= 0.5, "x"),
+        ("gateway-auth / HAProxy-jwt req/s (back-to-back pairs)", haproxy_ratio, ">= 1.0", lambda v: v >= 1.0, "x"),
         ("(gateway-auth / HAProxy-jwt, main-table rounds)", None if paired_ratio(tp, "gw_auth", "haproxy") is None
          else f"{paired_ratio(tp, 'gw_auth', 'haproxy'):.2f}", "reference", None, "x"),
         ("gateway-auth / JARVIS req/s", paired_ratio(tp, "gw_auth", "jarvis"), ">= 200", lambda v: v >= 200, "x"),
-        ("gateway-auth CPU per request", tp["gw_auth"]["cpu_us_per_req"] if rps("gw_auth") else None, "<= 150 µs",
-         lambda v: v <= 150, "µs"),
-        ("added p50 vs direct @1k req/s", added(gw, "p50_ms"), "<= +0.5 ms", lambda v: v <= 0.5, "ms"),
-        ("added p99 vs direct @1k req/s", added(gw, "p99_ms"), "<= +2 ms", lambda v: v <= 2.0, "ms"),
+        ("gateway-auth CPU per request", tp["gw_auth"]["cpu_us_per_req"] if rps("gw_auth") else None, "<= 50 µs",
+         lambda v: v <= 50, "µs"),
+        ("added p50 vs direct @1k req/s", added(gw, "p50_ms"), "<= +0.4 ms", lambda v: v <= 0.4, "ms"),
+        ("added p99 vs direct @1k req/s", added(gw, "p99_ms"), "<= +1 ms", lambda v: v <= 1.0, "ms"),
         ("(HAProxy added p50 / p99 @1k req/s)", None if added(hap, "p50_ms") is None else
          f"{added(hap, 'p50_ms'):+.3f} / {added(hap, 'p99_ms'):+.3f}", "reference", None, "ms"),
-        ("stream byte rate gateway / nginx", ratio(bulk.get("gateway"), bulk.get("nginx")), ">= 0.5",
-         lambda v: v >= 0.5, "x"),
+        ("stream byte rate gateway / nginx", ratio(bulk.get("gateway"), bulk.get("nginx")), ">= 1.0",
+         lambda v: v >= 1.0, "x"),
         ("gateway RSS growth on the big stream", stream.get("bulk", {}).get("gateway_rss_growth_mib"),
          "<= 16 MiB", lambda v: v <= 16, "MiB"),
         ("gateway RSS for 1,000 open streams", many.get("rss_delta_mib") if many.get("opened") else None,
-         "<= 100 MiB", lambda v: v <= 100, "MiB"),
+         "<= 64 MiB", lambda v: v <= 64, "MiB"),
         ("line latency p50 through the gateway", line.get("p50_ms"), "<= 1 ms", lambda v: v <= 1.0, "ms"),
         ("start-up to ready (median)", s.get("startup", {}).get("median_s"), "<= 1 s", lambda v: v <= 1.0, "s"),
         ("metrics on / off req/s (back-to-back pairs)", metrics_ratio, "within 5%", lambda v: abs(v - 1) <= 0.05, "x"),

@@ -81,6 +81,16 @@ class RotatingIssuer extends OAuth2Issuer {
 const issuer = new RotatingIssuer(false);
 const service = new OAuth2Service(issuer);
 const server = createServer(service.requestHandler);
+
+// A client-credentials token names its client in `sub`, as real IdPs do (Keycloak: the service
+// account, Auth0: "<client_id>@clients"); the library leaves `sub` out, which a gateway refuses.
+service.on('beforeTokenSigning', (token, req) => {
+  if (req?.body?.grant_type !== 'client_credentials' || token.payload.sub !== undefined) return;
+  const basic = /^Basic\s+(.+)$/i.exec(req.headers?.authorization ?? '');
+  const fromBasic = basic ? decodeURIComponent(Buffer.from(basic[1], 'base64').toString().split(':')[0]) : undefined;
+  const clientId = fromBasic ?? req.body.client_id;
+  if (typeof clientId === 'string' && clientId) token.payload.sub = clientId;
+});
 let port = 0;
 
 function listen(p) {

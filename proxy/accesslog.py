@@ -7,7 +7,8 @@ produced are logged (ids, route templates, sizes, auth reasons), never a
 header, so no token can leak here; the subject only when configured.
 
     log = AccessLog(sys.stdout, log_subject=False)
-    log.record(rid, "POST", "/v1/runs", 200, 0.0021, 0.0015, 120, 180, "allowed", "", None)
+    log.record(request_id=rid, method="POST", route="/v1/runs", status=200, seconds=0.0021, upstream_s=0.0015,
+               bytes_in=120, bytes_out=180, auth_result="allowed", auth_reason="", subject=None)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class AccessLog:
         self._pending: list[str] = []
         self._handle: asyncio.TimerHandle | None = None
 
-    def record(self, request_id: str, method: str, route: str, status: int, seconds: float,
+    def record(self, *, request_id: str, method: str, route: str, status: int, seconds: float,
                upstream_s: float | None, bytes_in: int, bytes_out: int, auth_result: str,
                auth_reason: str, subject: str | None) -> None:
         # A %-template, not json.dumps of a dict: every field is a number or a gateway-made token

@@ -12,11 +12,9 @@ itself.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
-import time
 
 import aiohttp
 
@@ -32,6 +30,7 @@ from .health import CoordinatorProbe, version_info
 from .jwks_refresh import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
+from .observer import RequestObserver
 from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
@@ -58,6 +57,7 @@ class Gateway:
         self.metrics = GatewayMetrics(i.issuer for i in cfg.auth.issuers) if cfg.metrics.enabled else None
         self.access_log = AccessLog(sys.stdout, log_subject=cfg.logging.log_subject) \
             if cfg.logging.access_log else None
+        self.observer = RequestObserver(self.metrics, self.access_log)
         self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
                                  strip_names=(header for _, header in cfg.auth.claim_headers))
         self.probe = CoordinatorProbe(self.upstream, clock)
@@ -115,66 +115,96 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
 
-    async def handle(self, request: Request) -> None:
-        """One request, stage by stage; every path ends in exactly one answer and one observation."""
-        started = time.perf_counter()
-        if self.metrics is not None:
-            self.metrics.in_flight += 1
-        route = NOT_FOUND
-        outcome: AuthOutcome | None = None
-        failed = 0
+    def handle(self, request: Request) -> None:
+        """Runs the stages in order: route, probes, authenticate, validate, build identity, forward,
+        observe. All of them run now when none has to wait (a token verified before, a body that
+        came with the head, an idle coordinator connection); otherwise the request continues in a
+        task from the first stage that waits."""
+        self.observer.begin(request)
+        request.route = NOT_FOUND
+        if request.refusal is not None:  # decided by the listener: framing, target, limits
+            return self._reply(request, request.refusal)
+        route = request.route = self.routes.resolve(request.path) or NOT_FOUND
+        if route is NOT_FOUND:
+            return self._reply(request, error_answer(404, "not_found", "No such route on the Run Gateway",
+                                                     request_id=request.request_id,
+                                                     details={"path": request.path[:256]}))
+        if request.method not in route.methods:
+            if self._is_bypassed_preflight(request, route):
+                return self.upstream.forward(request, route, None, b"", self._done)
+            return self._reply(request, error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
+                                                     request_id=request.request_id,
+                                                     headers={"Allow": route.allow}))
+        if route in _PROBES:
+            return self._reply(request, self.probe_answer(route))
+        outcome = EXEMPT if self.authn.is_exempt(request.path) else self.authn.authenticate_now(request, route)
+        if (outcome is None or not route.forward or self.exchanger is not None
+                or not (request.complete or request.too_large)):
+            request.spawn(self._handle_later(request, route, outcome))
+            return None
+        request.outcome = outcome
+        if outcome.refusal is not None:
+            return self._reply(request, outcome.refusal)
+        refusal = self._precheck(request, route, outcome)
+        if refusal is not None:
+            return self._reply(request, refusal)
         try:
-            if request.refusal is not None:  # decided by the listener: framing, target, limits
-                request.respond(request.refusal)
-                return
-            route = self.routes.resolve(request.path) or NOT_FOUND
-            if route is NOT_FOUND:
-                request.respond(error_answer(404, "not_found", "No such route on the Run Gateway",
-                                             request_id=request.request_id,
-                                             details={"path": request.path[:256]}))
-            elif request.method not in route.methods:
-                if self._is_bypassed_preflight(request, route):
-                    await self.upstream.forward(request, route, None, b"")
-                else:
-                    request.respond(error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
-                                                 request_id=request.request_id, headers={"Allow": route.allow}))
-            elif route in _PROBES:
-                request.respond(self.probe_answer(route))
-            else:
-                outcome = EXEMPT if self.authn.is_exempt(request.path) else await self.authn.authenticate(
-                    request, route, request.request_id)
-                if outcome.refusal is not None:
-                    request.respond(outcome.refusal)
-                elif not route.forward:
-                    request.respond(json_answer(200, await self.probe.health() if route is HEALTH
-                                                else version_info()))
-                else:
-                    await self._forward(request, route, outcome)
-        except asyncio.CancelledError:
-            failed = 499  # the client went away before an answer (nginx's convention)
-            raise
-        except Exception:
-            failed = 500
-            raise
-        finally:
-            self._observe(request, route, outcome, failed, time.perf_counter() - started)
+            raw = request.body_now()
+        except BodyTooLarge:
+            return self._reply(request, _too_large(self.cfg.limits.max_body_bytes, request.request_id))
+        body = self._postcheck(request, route, raw)
+        if body.__class__ is Answer:
+            return self._reply(request, body)
+        return self.upstream.forward(request, route, body, self._identity_now(request, outcome),  # type: ignore[arg-type]
+                                   self._done)
 
-    async def _forward(self, request: Request, route: Route, outcome: AuthOutcome) -> None:
-        if route is START_RUN and self.run_start_limiter is not None:
-            # Before the body is read or validated: a flood costs the gateway as little as possible.
-            limited = self._rate_limited(request, route, outcome)
-            if limited is not None:
-                request.respond(limited)
-                return
-        body = await self._read_body(request, route)
-        if body.__class__ is Answer:  # a refusal (isinstance would take the slow ABC path)
-            request.respond(body)  # type: ignore[arg-type]
-            return
+    async def _handle_later(self, request: Request, route: Route, outcome: AuthOutcome | None) -> None:
+        """The stages of handle(), for a request that has to wait in one of them."""
+        if outcome is None:
+            outcome = await self.authn.authenticate(request, route, request.request_id)
+        request.outcome = outcome
+        if outcome.refusal is not None:
+            return self._reply(request, outcome.refusal)
+        if not route.forward:
+            return self._reply(request, json_answer(200, await self.probe.health() if route is HEALTH
+                                                    else version_info()))
+        refusal = self._precheck(request, route, outcome)
+        if refusal is not None:
+            return self._reply(request, refusal)
+        rid = request.request_id
+        try:
+            raw = await request.read_body()
+        except BodyTooLarge:
+            return self._reply(request, _too_large(self.cfg.limits.max_body_bytes, rid))
+        except BodyTimeout:
+            return self._reply(request, error_answer(
+                408, "request_timeout", "The request body did not arrive in time", request_id=rid,
+                details={"body_timeout_s": self.cfg.limits.body_timeout_s}))
+        except BodyIncomplete as exc:
+            return self._reply(request, error_answer(
+                400, "invalid_request", "The request body is incomplete or its framing is invalid",
+                request_id=rid, details={"reason": exc.reason}))
+        body = self._postcheck(request, route, raw)
+        if body.__class__ is Answer:
+            return self._reply(request, body)
         extra = await self._identity(request, outcome)
         if extra.__class__ is Answer:
-            request.respond(extra)  # type: ignore[arg-type]
-            return
-        await self.upstream.forward(request, route, body, extra)  # type: ignore[arg-type]
+            return self._reply(request, extra)
+        return self.upstream.forward(request, route, body, extra, self._done)  # type: ignore[arg-type]
+
+    def _reply(self, request: Request, answer: Answer) -> None:
+        request.respond(answer)
+        self._done(request, 0)
+
+    def _done(self, request: Request, failed: int) -> None:
+        """The answer is written: observe it, and let the connection go on."""
+        if not request.finished:
+            self.observer.end(request, failed)
+            request.finish()
+
+    def abandoned(self, request: Request, status: int) -> None:
+        """The client left (499) or answering failed (500) before `_done`."""
+        self.observer.end(request, status)
 
     def _rate_limited(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
         limiter = self.run_start_limiter
@@ -196,21 +226,6 @@ class Gateway:
                             request_id=request.request_id, retryable=True,
                             details={"retry_after_s": int(retry_after)}, headers={"Retry-After": retry_after})
 
-    def _observe(self, request: Request, route: Route, outcome: AuthOutcome | None, failed: int,
-                 seconds: float) -> None:
-        """Metrics and the access log, once per request, whatever happened to it."""
-        status = failed or request.status or 500
-        principal = outcome.principal if outcome is not None else None
-        if self.metrics is not None:
-            self.metrics.request(route.template, request.method, status, seconds,
-                                 None if outcome is None or outcome is EXEMPT else
-                                 (principal.issuer if principal else None, outcome.result, outcome.reason))
-        if self.access_log is not None:
-            self.access_log.record(request.request_id, request.method or "-", route.template, status, seconds,
-                                   request.upstream_s, request.body_size, request.bytes_out,
-                                   outcome.result if outcome else "none", outcome.reason if outcome else "",
-                                   principal.subject if principal else None)
-
     def _is_bypassed_preflight(self, request: Request, route: Route) -> bool:
         """CORS preflights carry no credentials by design; forward them only when configured to."""
         return (request.method == "OPTIONS" and route.forward and self.cfg.auth.cors_preflight_bypass
@@ -230,19 +245,20 @@ class Gateway:
 
     # ------------------------------------------------------------------ validate
 
-    async def _read_body(self, request: Request, route: Route) -> bytes | None | Answer:
-        """The body to forward, whole and checked; or the refusal. Only POST routes take one."""
+    def _precheck(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+        """What refuses a request before its body is read (so a refused client is never sent
+        `100 Continue`): the run-start rate, a body where none belongs, its type and declared size."""
         rid = request.request_id
         if request.method != "POST":
-            # An empty chunked body is no body; anything else on a GET route is refused.
-            body = await self._receive(request) if request.chunked else b""
-            if body.__class__ is Answer:
-                return body
-            if request.content_length or body:
-                return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
-                                    request_id=rid, details={"reason": "unexpected_body"})
+            if request.content_length:
+                return _no_body(request, route)
             return None
         if route is START_RUN:
+            if self.run_start_limiter is not None:
+                # Before the body is read or validated: a flood costs the gateway as little as possible.
+                limited = self._rate_limited(request, route, outcome)
+                if limited is not None:
+                    return limited
             ctype = (request.content_type or b"").partition(b";")[0].strip().lower()
             if ctype not in _JSON_TYPES and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
                 return error_answer(415, "unsupported_media_type", "Send the run start body as application/json",
@@ -252,31 +268,22 @@ class Gateway:
                 # The edge validates the run start, and it decompresses nothing.
                 return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
                                     request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
-        body = await self._receive(request)
-        if body.__class__ is Answer or route is not START_RUN:
-            return body
-        problems = self._run_start_problems(body)  # type: ignore[arg-type]
-        if problems:
-            return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
-                                request_id=rid, details={"errors": problems})
-        return body
-
-    async def _receive(self, request: Request) -> bytes | Answer:
-        """The whole body within limits.max_body_bytes and limits.body_timeout_s, or the refusal."""
-        rid = request.request_id
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return _too_large(limit, rid)  # refused before `100 Continue`: the client never sends it
-        try:
-            return await request.read_body()
-        except BodyTooLarge:
             return _too_large(limit, rid)
-        except BodyTimeout:
-            return error_answer(408, "request_timeout", "The request body did not arrive in time",
-                                request_id=rid, details={"body_timeout_s": self.cfg.limits.body_timeout_s})
-        except BodyIncomplete as exc:
-            return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
-                                request_id=rid, details={"reason": exc.reason})
+        return None
+
+    def _postcheck(self, request: Request, route: Route, body: bytes) -> bytes | None | Answer:
+        """The body to forward once it is whole: none on GET routes (an empty chunked body is no
+        body), a valid RunStartRequest on a run start, as it came on a cancel."""
+        if request.method != "POST":
+            return _no_body(request, route) if body else None
+        if route is START_RUN:
+            problems = self._run_start_problems(body)
+            if problems:
+                return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
+                                    request_id=request.request_id, details={"errors": problems})
+        return body
 
     def _run_start_problems(self, body: bytes) -> list[dict[str, str]]:
         try:
@@ -290,28 +297,37 @@ class Gateway:
 
     # ------------------------------------------------------------------ identity
 
-    async def _identity(self, request: Request, outcome: AuthOutcome) -> bytes | Answer:
-        """Every header line the coordinator learns about the caller: decided here and nowhere else."""
+    def _identity_now(self, request: Request, outcome: AuthOutcome) -> bytes:
+        """Every header line the coordinator learns about the caller: decided here and nowhere else
+        (with `forward_token: exchange`, _identity adds the exchanged token)."""
         principal = outcome.principal
         if principal is None:
             return b""
-        extra = outcome.identity
-        mode = self.cfg.auth.forward_token
-        if mode == "exchange":
-            try:
-                token = await self.exchanger.token_for(principal.token)  # type: ignore[union-attr]
-            except ExchangeFailed as exc:
-                return error_answer(502, "token_exchange_failed", "Could not obtain a token for the Run Coordinator",
-                                    request_id=request.request_id, retryable=exc.retryable,
-                                    details={"reason": exc.reason})
-            extra += b"Authorization: Bearer " + token.encode() + b"\r\n"
-        elif mode == "passthrough" and principal.kind == "dev" and len(request.authorization) == 1:
+        if principal.kind == "dev" and self.cfg.auth.forward_token == "passthrough" and len(request.authorization) == 1:
             # With auth disabled nothing was verified, but a coordinator may still check the token itself.
-            extra += b"Authorization: " + request.authorization[0] + b"\r\n"
-        return extra
+            return outcome.identity + b"Authorization: " + request.authorization[0] + b"\r\n"
+        return outcome.identity
+
+    async def _identity(self, request: Request, outcome: AuthOutcome) -> bytes | Answer:
+        extra = self._identity_now(request, outcome)
+        principal = outcome.principal
+        if self.exchanger is None or principal is None:
+            return extra
+        try:
+            token = await self.exchanger.token_for(principal.token)
+        except ExchangeFailed as exc:
+            return error_answer(502, "token_exchange_failed", "Could not obtain a token for the Run Coordinator",
+                                request_id=request.request_id, retryable=exc.retryable,
+                                details={"reason": exc.reason})
+        return extra + b"Authorization: Bearer " + token.encode() + b"\r\n"
 
 
 _PROBES = (LIVEZ, READYZ, METRICS)
+
+
+def _no_body(request: Request, route: Route) -> Answer:
+    return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
+                        request_id=request.request_id, details={"reason": "unexpected_body"})
 
 
 def _too_large(limit: int, rid: str) -> Answer:

@@ -80,8 +80,38 @@ class Authenticator:
     def is_exempt(self, raw_path: str) -> bool:
         return raw_path in self._exempt
 
+    def authenticate_now(self, request: Request, route: Route) -> AuthOutcome | None:
+        """The outcome when it needs no wait (no credentials, bad ones, a token verified before);
+        None when authenticate() has to verify the token."""
+        decided = self._read_credentials(request, route)
+        if decided.__class__ is AuthOutcome:
+            return decided
+        assert self._verifier is not None
+        principal = self._verifier.verify_cached(decided)  # type: ignore[arg-type]
+        if principal is None:
+            return None
+        return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
+
     async def authenticate(self, request: Request, route: Route, request_id: str) -> AuthOutcome:
+        decided = self._read_credentials(request, route)
+        if decided.__class__ is AuthOutcome:
+            return decided
+        assert self._verifier is not None
+        try:
+            principal = await self._verifier.verify(decided)  # type: ignore[arg-type]
+        except TokenError as exc:
+            return self._invalid(exc.reason, exc.description, request_id)
+        except KeysUnavailable as exc:
+            return AuthOutcome(None, error_answer(
+                503, "auth_unavailable", "Signing keys of the token issuer are not available yet",
+                request_id=request_id, retryable=True, details={"reason": "keys_unavailable"},
+                headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable")
+        return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
+
+    def _read_credentials(self, request: Request, route: Route) -> AuthOutcome | str:
+        """The bearer token to verify, or the outcome when the Authorization header alone decides."""
         values = request.authorization
+        request_id = request.request_id
         if self._disabled:
             return self._dev
         if len(values) > 1:
@@ -97,17 +127,7 @@ class Authenticator:
         token = token.strip()
         if not token:
             return self._bad_request("empty_token", "The Bearer token is empty", request_id)
-        assert self._verifier is not None
-        try:
-            principal = await self._verifier.verify(token)
-        except TokenError as exc:
-            return self._invalid(exc.reason, exc.description, request_id)
-        except KeysUnavailable as exc:
-            return AuthOutcome(None, error_answer(
-                503, "auth_unavailable", "Signing keys of the token issuer are not available yet",
-                request_id=request_id, retryable=True, details={"reason": "keys_unavailable"},
-                headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable")
-        return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
+        return token
 
     def _authorize(self, principal: Principal, route: Route, method: str, request_id: str,
                    result: AuthResult) -> AuthOutcome:
@@ -129,7 +149,7 @@ class Authenticator:
             return self._challenge("missing_token", "A bearer token is required for this route", request_id)
         scope = " ".join(denial.missing_scopes)
         header = f'{self._realm}, error="insufficient_scope"' + (f', scope="{_quote(scope)}"' if scope else "")
-        details = {"reason": denial.reason}
+        details: dict[str, object] = {"reason": denial.reason}
         if denial.missing_scopes:
             details["required_scopes"] = list(denial.missing_scopes)
         if denial.failed_claims:

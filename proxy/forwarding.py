@@ -2,7 +2,7 @@
 
     upstream = Upstream(cfg.upstream, metrics, strip_prefix="X-Auth-")
     await upstream.start()
-    await upstream.forward(request, route, body, header_lines)    # answers `request` itself
+    upstream.forward(request, route, body, header_lines, done)    # answers `request`, then done(request, 0)
 
 Requests go out on the keep-alive pool of `pool.py`, framed by the gateway
 alone: the listener has the whole body, so it goes with its exact
@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,6 +49,10 @@ CLIENT_HEADER_CACHE = 1024
 # X-Request-ID is the gateway's, and this hop frames the body itself.
 _REFRAMED = HOP_BY_HOP | {b"x-request-id", b"content-length"}
 RESPONSE_HEADER_CACHE = 256
+
+
+# Called once a request's answer is written (or the client has left: failed 499).
+Done = Callable[[Request, int], None]
 
 
 def fold(name: bytes) -> bytes:
@@ -186,26 +190,98 @@ class Upstream:
             self._response_blocks[key] = block
         return block
 
-    async def forward(self, request: Request, route: Route, body: bytes | None, extra: bytes) -> None:
-        """Sends the request (its whole body, if any) and relays the coordinator's answer to the client."""
+    def forward(self, request: Request, route: Route, body: bytes | None, extra: bytes, done: Done) -> None:
+        """Sends the request (its whole body, if any) and answers the client with what the coordinator
+        says; calls `done(request, failed)` once the answer is written.
+
+        The usual exchange runs on callbacks alone: an idle pooled connection, one write, and the
+        answer relayed from the coordinator connection's own read. Waiting for a connection,
+        retries and streamed bodies continue in a task."""
         pool = self.pool
         if pool is None:
             request.respond(error_answer(
                 503, "run_coordinator_missing",
                 "No Run Coordinator is configured: set upstream.url or JARVIS_RUN_COORDINATOR_URL",
                 request_id=request.request_id, retryable=False))
+            done(request, 0)
             return
-        idempotent = request.method == "GET"
         if body is not None:
             framing = b"Content-Length: %d\r\n" % len(body)
         else:
             framing = b"Content-Length: 0\r\n" if request.method == "POST" else b""
         head = self._head(request, pool, extra, framing)
-        started = time.perf_counter()
+        deadline = self._loop.time() + self.cfg.request_timeout_s
+        request.upstream_s = time.perf_counter()  # the start, until the headers are in
+        conn = pool.idle_connection(deadline)
+        if conn is None:
+            request.spawn(self._exchange(request, route, head, body, deadline, done, 1))
+            return
+
+        def on_headers(response: PoolResponse | None, error: UpstreamError | TimeoutError | None) -> None:
+            request.aborter = None
+            if response is None:
+                conn.finish(reusable=False)
+                assert error is not None
+                if self._retryable(request, error, 1):
+                    request.spawn(self._exchange(request, route, head, body, deadline, done, 2))
+                else:
+                    self._refuse(request, error)
+                    done(request, 0)
+            elif self._retry_status(request, response, 1):
+                response.release()
+                request.spawn(self._exchange(request, route, head, body, deadline, done, 2))
+            else:
+                self._answer(request, route, response, done)
+
+        def abandon() -> None:  # the client left first
+            conn.finish(reusable=False)
+            done(request, 499)
+
+        request.aborter = abandon
+        conn.start(head, body, deadline, on_headers)
+
+    async def _exchange(self, request: Request, route: Route, head: bytes, body: bytes | None, deadline: float,
+                        done: Done, attempt: int) -> None:
+        """The same exchange, for when it has to wait: for a pool connection, or between retries."""
+        pool = self.pool
+        assert pool is not None
+        if attempt > 1:
+            if self.metrics is not None:
+                self.metrics.retried(route.template)
+            if not await self._pause(attempt - 1, deadline):
+                self._refuse(request, TimeoutError())
+                done(request, 0)
+                return
         try:
-            upstream = await self._send(pool, route, head, body, idempotent,
-                                        self._loop.time() + self.cfg.request_timeout_s)
-        except PoolBusy:
+            upstream = await self._send(pool, route, head, body, request.method == "GET", deadline, attempt)
+        except (UpstreamError, TimeoutError) as exc:
+            self._refuse(request, exc)
+            done(request, 0)
+            return
+        self._answer(request, route, upstream, done)
+
+    def _retryable(self, request: Request, error: UpstreamError | TimeoutError, attempt: int) -> bool:
+        """A refused connection is retried for any method (the request never left); a reset only
+        for GET, so a run is never started twice."""
+        return (attempt < self.cfg.retries.attempts and isinstance(error, UpstreamError)
+                and not isinstance(error, PoolBusy) and (request.method == "GET" or not error.sent))
+
+    def _retry_status(self, request: Request, response: PoolResponse, attempt: int) -> bool:
+        return (request.method == "GET" and response.status in _RETRYABLE_STATUSES
+                and attempt < self.cfg.retries.attempts)
+
+    async def _pause(self, retry: int, deadline: float) -> bool:
+        """Full-jitter exponential backoff before retry number `retry`; False if it would pass the deadline."""
+        retries = self.cfg.retries
+        pause = full_jitter(retry, retries.backoff_initial_s, retries.backoff_max_s)
+        if self._loop.time() + pause >= deadline:
+            return False
+        await asyncio.sleep(pause)
+        return True
+
+    def _refuse(self, request: Request, exc: BaseException) -> None:
+        """The ErrorEnvelope for an exchange that failed before the coordinator answered."""
+        if isinstance(exc, PoolBusy):
             # Every coordinator connection stayed busy for queue_timeout_s: shed instead of queueing
             # without bound. The request never left, so any method may be retried by the client.
             request.respond(error_answer(
@@ -214,29 +290,48 @@ class Upstream:
                 details={"max_connections": self.cfg.max_connections},
                 headers={"Retry-After": str(max(1, math.ceil(self.cfg.queue_timeout_s)))}))
             return
-        except (UpstreamError, TimeoutError) as exc:
-            failure = classify(exc, idempotent=idempotent)
-            if self.metrics is not None:
-                self.metrics.upstream_failed(failure.kind)
-            log.warning("upstream request failed", extra={"event": "upstream_error", "kind": failure.kind,
-                                                          "error": str(exc) or type(exc).__name__,
-                                                          "request_id": request.request_id})
-            request.respond(error_answer(failure.status, failure.code, failure.message,
-                                         request_id=request.request_id, retryable=failure.retryable))
-            return
-        request.upstream_s = upstream_s = time.perf_counter() - started
+        failure = classify(exc, idempotent=request.method == "GET")
+        if self.metrics is not None:
+            self.metrics.upstream_failed(failure.kind)
+        log.warning("upstream request failed", extra={"event": "upstream_error", "kind": failure.kind,
+                                                      "error": str(exc) or type(exc).__name__,
+                                                      "request_id": request.request_id})
+        request.respond(error_answer(failure.status, failure.code, failure.message,
+                                     request_id=request.request_id, retryable=failure.retryable))
+
+    def _answer(self, request: Request, route: Route, upstream: PoolResponse, done: Done) -> None:
+        request.upstream_s = upstream_s = time.perf_counter() - (request.upstream_s or 0.0)
         if self.metrics is not None:
             self.metrics.upstream(route.template, upstream.status, upstream_s)
-        await self._relay(request, route, upstream)
+        reason = upstream.reason.encode("latin-1")
+        block, dated = self._response_block(upstream.headers)
+        whole = upstream.body_if_complete()
+        if whole is None:
+            request.spawn(self._relay(request, route, upstream, reason, block, dated, done))
+            return
+        # The usual JSON answer (and a finished run's events) arrived with its headers: one write.
+        upstream.release()
+        request.relay_whole(upstream.status, reason, block, dated, whole)
+        if route.streaming and self.metrics is not None:
+            self.metrics.stream_lines += whole.count(b"\n")
+            self.metrics.stream_bytes += len(whole)
+        done(request, 0)
 
     async def _send(self, pool: UpstreamPool, route: Route, head: bytes, body: bytes | None,
-                    idempotent: bool, deadline: float) -> PoolResponse:
-        """Sends with retries: a refused connection for any method (the request never left);
-        a reset or a 502/503/504 only for GET, so a run is never started twice."""
+                    idempotent: bool, deadline: float, first: int) -> PoolResponse:
+        """Sends with retries, from attempt `first` on: a refused connection for any method (the
+        request never left); a reset or a 502/503/504 only for GET, so a run is never started twice."""
         attempts = self.cfg.retries.attempts
-        for attempt in range(1, attempts + 1):
+        for attempt in range(first, attempts + 1):
+            if attempt > first:
+                if self.metrics is not None:
+                    self.metrics.retried(route.template)
+                if not await self._pause(attempt - 1, deadline):
+                    raise TimeoutError()
             try:
                 response = await pool.request(head, body, deadline=deadline)
+            except PoolBusy:
+                raise
             except UpstreamError as exc:
                 if attempt == attempts or not (idempotent or not exc.sent):
                     raise
@@ -244,28 +339,12 @@ class Upstream:
                 if not (idempotent and response.status in _RETRYABLE_STATUSES and attempt < attempts):
                     return response
                 response.release()
-            if self.metrics is not None:
-                self.metrics.retried(route.template)
-            retries = self.cfg.retries
-            pause = full_jitter(attempt, retries.backoff_initial_s, retries.backoff_max_s)
-            if self._loop.time() + pause >= deadline:
-                raise TimeoutError()
-            await asyncio.sleep(pause)
         raise AssertionError("unreachable")
 
-    async def _relay(self, request: Request, route: Route, upstream: PoolResponse) -> None:
+    async def _relay(self, request: Request, route: Route, upstream: PoolResponse, reason: bytes, block: bytes,
+                     dated: bool, done: Done) -> None:
+        """A body that is still arriving: each piece goes to the client as it comes."""
         stream_metrics = self.metrics if route.streaming else None
-        reason = upstream.reason.encode("latin-1")
-        block, dated = self._response_block(upstream.headers)
-        whole = upstream.body_if_complete()
-        if whole is not None:
-            # The usual JSON answer (and a finished run's events) arrived with its headers: one write.
-            upstream.release()
-            request.relay_whole(upstream.status, reason, block, dated, whole)
-            if stream_metrics is not None:
-                stream_metrics.stream_lines += whole.count(b"\n")
-                stream_metrics.stream_bytes += len(whole)
-            return
         if stream_metrics is not None:
             stream_metrics.streams_open += 1
         completed = False
@@ -294,3 +373,4 @@ class Upstream:
                 upstream.release()
             else:
                 upstream.close()
+        done(request, 0)

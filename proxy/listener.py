@@ -16,7 +16,7 @@ stage sees a request:
 A request refused here still reaches the gateway, carrying its `refusal`, so
 it gets an ErrorEnvelope, an access-log line and a count like any other.
 
-    listener = Listener(gateway.handle, EdgeLimits.from_config(cfg), metrics)
+    listener = Listener(gateway, limits, metrics)
     url = await listener.start("127.0.0.1", 8080)
     ...
     await listener.close(grace_s=25)
@@ -32,12 +32,13 @@ import re
 import resource
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import IntEnum
 from functools import lru_cache
 from http import HTTPStatus
+from typing import Any, Protocol
 
 import httptools
 
@@ -163,7 +164,7 @@ class Request:
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_chunks",
                  "_size", "_waiter", "_given_id", "_ids", "status", "bytes_out", "upstream_s", "head_sent",
-                 "will_close", "_chunked_out")
+                 "will_close", "_chunked_out", "finished", "aborter", "started", "route", "outcome")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -199,6 +200,12 @@ class Request:
         self.head_sent = False
         self.will_close = False
         self._chunked_out = False
+        # Kept by the gateway while it answers.
+        self.finished = False                           # the answer is written and observed
+        self.aborter: Callable[[], None] | None = None  # stops work in flight outside a task if the client leaves
+        self.started = 0.0
+        self.route: object = None
+        self.outcome: object = None
 
     @property
     def has_body(self) -> bool:
@@ -229,6 +236,10 @@ class Request:
             finally:
                 self._waiter = None
                 conn.body_done()
+        return self.body_now()
+
+    def body_now(self) -> bytes:
+        """The whole body of a complete request (BodyTooLarge past limits.max_body_bytes)."""
         if self.too_large:
             raise BodyTooLarge()
         chunks = self._chunks
@@ -340,6 +351,17 @@ class Request:
         self.will_close = True
         self.conn.abort()
 
+    # -- its life on the connection
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Continues answering in a task: for the stages that have to wait."""
+        self.conn.spawn(self, work)
+
+    def finish(self) -> None:
+        """The answer is complete: the connection moves on to the next request, or closes."""
+        self.finished = True
+        self.conn.finished(self)
+
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests as they arrive and answers them in order."""
@@ -348,7 +370,7 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.loop = listener.loop
         self._limits = listener.limits
-        self._handler = listener.handler
+        self._handler = listener.handler.handle
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.peer = ""
         self._parser = httptools.HttpRequestParser(self)
@@ -362,7 +384,7 @@ class ClientConnection(asyncio.Protocol):
         self._current: Request | None = None
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._next: asyncio.Future[None] | None = None
+        self._advance_when_drained = False
         self._url = b""
         self._head_bytes = 0        # exact: the target and the header lines seen so far
         self._head_seen = 0         # coarse: whole reads spent inside one head
@@ -405,6 +427,10 @@ class ClientConnection(asyncio.Protocol):
                 self._head_seen += len(data)
                 if self._head_seen > self._limits.max_header_bytes:
                     self._refuse(431, "header_too_large", "The request head is too large")
+        if self._current is None and self._queue and not self.closed:
+            # Begun after the whole read is parsed, never from inside llhttp: a request whose body
+            # came in the same read is complete by now.
+            self._begin(self._queue.popleft())
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -423,8 +449,15 @@ class ClientConnection(asyncio.Protocol):
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_exception(ClientGone())
-        if self._task is not None:
-            self._task.cancel()
+        current = self._current
+        if current is not None and not current.finished:
+            aborter, current.aborter = current.aborter, None
+            if aborter is not None:
+                aborter()
+            if self._task is not None:
+                self._task.cancel()
+            self.listener.abandoned(current, 499)  # nginx's status for a client that left first
+            current.finished = True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -434,11 +467,14 @@ class ClientConnection(asyncio.Protocol):
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
+        if self._advance_when_drained:
+            self._advance_when_drained = False
+            self._advance()
 
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
-        if len(self._queue) >= MAX_PIPELINED:
+        if len(self._queue) >= MAX_PIPELINED or self.closed:
             self._stopped = True
             raise _Refused(0, "", "")  # stops the parser; nothing more is read (see _refuse)
         self._parsing = Request(self)
@@ -516,7 +552,7 @@ class ClientConnection(asyncio.Protocol):
                 request.refusal = _bad(request, "invalid_host", "The Host header is not a valid authority")
             else:
                 request.path = target.partition(b"?")[0].decode("ascii")
-        self._dispatch(request)
+        self._queue.append(request)  # begun once this read is parsed, when its turn comes
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -531,75 +567,75 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = None
         request.complete = True
         request._wake(None)
-        if request is not self._current:
+        if self._current is not None and request is not self._current:
             # A whole request waits its turn: read no further until it is answered.
             self._pause_reading()
 
     # -- answering, in order
 
-    def _dispatch(self, request: Request) -> None:
-        if self._current is not None:
-            self._queue.append(request)
-            return
+    def _begin(self, request: Request) -> None:
+        """Answers `request` now: the gateway runs every stage it can without waiting, and
+        continues in a task (spawn) only for those that must."""
         self._current = request
         self.phase = Phase.BUSY
         self.deadline = 0.0
-        if self._task is None:
-            self._task = self.loop.create_task(self._serve())
-        else:
-            next_request = self._next
-            if next_request is not None and not next_request.done():
-                next_request.set_result(None)
-
-    async def _serve(self) -> None:
-        """Answers requests one after another; waits between them while the connection is kept alive."""
         try:
-            while True:
-                request = self._current
-                assert request is not None
-                try:
-                    await self._handler(request)
-                except Exception:
-                    log.exception("request handling failed", extra={"event": "internal_error",
-                                                                    "request_id": request.request_id})
-                    if not request.head_sent and not self.closed:
-                        request.respond(error_answer(500, "internal_error", "The gateway failed to answer",
-                                                     request_id=request.request_id))
-                    request.will_close = True
-                if not request.head_sent and not self.closed:
-                    request.will_close = True  # a handler that wrote nothing: the client must not wait
-                if self.closed or request.will_close or self.closing or (self._eof and not self._queue):
-                    self.close()
-                    return
-                if self.write_paused:
-                    try:  # the client is slow to take large answers: answer nothing more until it has
-                        await self.drain()
-                    except ClientGone:
-                        return
-                if self._queue:
-                    self._current = self._queue.popleft()
-                    self.phase = Phase.BUSY
-                    continue
-                self._current = None
-                if self._stopped:
-                    self.close()
-                    return
-                self._resume_reading()
-                if self._in_head:
-                    self.phase = Phase.HEAD
-                    self.deadline = self.loop.time() + self._limits.header_timeout_s
-                else:
-                    self.phase = Phase.IDLE
-                    self.deadline = self.loop.time() + self._limits.keepalive_timeout_s
-                self._next = self.loop.create_future()
-                try:
-                    await self._next
-                finally:
-                    self._next = None
-        except asyncio.CancelledError:
-            pass  # the connection is gone
+            self._handler(request)
+        except Exception:
+            self._internal_error(request)
+
+    def spawn(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
+        self._task = self.loop.create_task(self._run(request, work))
+
+    async def _run(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
+        task = self._task
+        try:
+            await work
+        except (asyncio.CancelledError, ClientGone):
+            pass  # the client left: connection_lost has reported it
+        except Exception:
+            self._internal_error(request)
         finally:
-            self._task = None
+            if self._task is task:
+                self._task = None
+
+    def _internal_error(self, request: Request) -> None:
+        log.exception("request handling failed", extra={"event": "internal_error",
+                                                        "request_id": request.request_id})
+        if request.finished:
+            return
+        if not request.head_sent and not self.closed:
+            request.respond(error_answer(500, "internal_error", "The gateway failed to answer",
+                                         request_id=request.request_id))
+        request.will_close = True
+        self.listener.abandoned(request, 500)
+        request.finish()
+
+    def finished(self, request: Request) -> None:
+        if request is not self._current or self.closed:
+            return
+        if request.will_close or self.closing or (self._eof and not self._queue):
+            self.close()
+        elif self.write_paused:
+            self._advance_when_drained = True  # the client is slow to take large answers: wait for it
+        else:
+            self._advance()
+
+    def _advance(self) -> None:
+        if self._queue:
+            self._begin(self._queue.popleft())
+            return
+        self._current = None
+        if self._stopped:
+            self.close()
+            return
+        self._resume_reading()
+        if self._in_head:
+            self.phase = Phase.HEAD
+            self.deadline = self.loop.time() + self._limits.header_timeout_s
+        else:
+            self.phase = Phase.IDLE
+            self.deadline = self.loop.time() + self._limits.keepalive_timeout_s
 
     # -- refusals decided here
 
@@ -637,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
         request.refusal = error_answer(status, code, message, request_id=request.request_id,
                                        details={"reason": reason})
         if request is not self._current and request not in self._queue:
-            self._dispatch(request)
+            self._queue.append(request)
 
     def _stop(self) -> None:
         self._stopped = True
@@ -724,11 +760,20 @@ def _bad(request: Request, reason: str, message: str) -> Answer:
                         details={"reason": reason})
 
 
+class Handler(Protocol):
+    """What the listener hands requests to: the gateway."""
+
+    def handle(self, request: Request) -> None:
+        """Answers `request`, then calls `request.finish()`; may continue in `request.spawn(...)`."""
+
+    def abandoned(self, request: Request, status: int) -> None:
+        """`request` ended without `finish()`: the client left (499), or handling failed (500)."""
+
+
 class Listener:
     """The public port: accepts connections within the cap and keeps their deadlines."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[None]], limits: EdgeLimits,
-                 metrics: object | None = None) -> None:
+    def __init__(self, handler: Handler, limits: EdgeLimits, metrics: object | None = None) -> None:
         self.handler = handler
         self.limits = limits
         self.metrics = metrics
@@ -778,6 +823,9 @@ class Listener:
         self.connections.pop(conn, None)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
+
+    def abandoned(self, request: Request, status: int) -> None:
+        self.handler.abandoned(request, status)
 
     def closed_for(self, reason: str) -> None:
         self._count("connections_closed", reason)

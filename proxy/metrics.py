@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,6 +36,9 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .routes import ALL_ROUTES, NOT_FOUND
+
+if TYPE_CHECKING:
+    from .pool import UpstreamPool
 
 PREFIX = "arp_gateway_"
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -60,7 +64,7 @@ class _Histogram:
 
     def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
         cumulative, buckets = 0, []
-        for bound, count in zip((*REQUEST_BUCKETS, float("inf")), self.counts):
+        for bound, count in zip((*REQUEST_BUCKETS, float("inf")), self.counts, strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
         family.add_metric(labels, buckets, self.total)
@@ -75,7 +79,7 @@ class GatewayMetrics:
         self.stream_lines = 0
         self.stream_bytes = 0
         self.rate_limited: dict[str, int] = {}
-        self.pool = None  # the coordinator pool, read at scrape time for its queue counters
+        self.pool: UpstreamPool | None = None  # the coordinator pool, read at scrape time for its queue counters
         self._requests: dict[tuple[str, str, int], list[int]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
         self._request_slots: dict[tuple[str, str, int], tuple[list[int], _Histogram]] = {}
@@ -102,7 +106,6 @@ class GatewayMetrics:
                 auth: tuple[str | None, str, str] | None = None) -> None:
         """Once per finished request: its count and duration and, when auth ran, (issuer, result, reason).
         One call with the histogram inlined: this runs for every request the gateway serves."""
-        self.in_flight -= 1
         slots = self._request_slots.get((template, method, status))
         if slots is None:
             slots = self._new_request_slots(template, method, status)
@@ -111,9 +114,8 @@ class GatewayMetrics:
         histogram.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
         histogram.total += seconds
         if auth is not None:
-            if auth[0] not in self.issuers:
-                auth = (NO_ISSUER, auth[1], auth[2])
-            self._auth[auth] = self._auth.get(auth, 0) + 1
+            key = (auth[0] if auth[0] in self.issuers else NO_ISSUER, auth[1], auth[2])
+            self._auth[key] = self._auth.get(key, 0) + 1
 
     def _new_request_slots(self, template: str, method: str, status: int) -> tuple[list[int], _Histogram]:
         label_method = method if method in KNOWN_METHODS else "other"

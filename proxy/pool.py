@@ -20,7 +20,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -150,6 +150,9 @@ class PoolResponse:
             waiter.set_result(None)
 
 
+HeadersCallback = Callable[["PoolResponse | None", "UpstreamError | TimeoutError | None"], None]
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -159,6 +162,10 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.response: PoolResponse | None = None
         self._headers_ready: asyncio.Future[PoolResponse] | None = None
+        # Callback mode (start()): called once with the response when its headers are in, or with the
+        # error that ended the exchange first. No future and no task between request and answer.
+        self._on_headers: HeadersCallback | None = None
+        self.reused = False
         self.closed = False
         self.deadline = 0.0         # event-loop time the response headers are due by; 0: none
         self.idle_since = 0.0
@@ -181,6 +188,13 @@ class _Connection(asyncio.Protocol):
             if not self.response.complete:
                 self._error(BadResponse(f"invalid HTTP from the coordinator: {exc}"))
             self._abort()
+            return
+        callback = self._on_headers
+        if callback is not None and self.response.status >= 200:
+            # Called after the whole read is parsed, so an answer that came in one piece is complete.
+            self._on_headers = None
+            self.deadline = 0.0
+            callback(self.response, None)
 
     def eof_received(self) -> bool | None:
         self._parser_eof()
@@ -250,11 +264,18 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             pass
 
-    def _error(self, error: UpstreamError) -> None:
+    def _error(self, error: UpstreamError | TimeoutError) -> None:
         ready = self._headers_ready
         if ready is not None and not ready.done():
             ready.set_exception(error)
-        if self.response is not None:
+        callback = self._on_headers
+        if callback is not None:
+            self._on_headers = None
+            self.deadline = 0.0
+            if self.reused and isinstance(error, ConnectionReset) and not self.received_any:
+                self._pool._drop_idle()
+            callback(None, error)
+        elif self.response is not None and isinstance(error, UpstreamError):
             self.response._fail(error)
 
     def _abort(self) -> None:
@@ -284,14 +305,23 @@ class _Connection(asyncio.Protocol):
         finally:
             self.deadline = 0.0
 
+    def start(self, head: bytes, body: bytes | None, deadline: float, on_headers: HeadersCallback) -> None:
+        """Sends one request; `on_headers` gets the response once its headers are in (with as much
+        of the body as came with them), or the error that ended the exchange before that."""
+        assert self.transport is not None
+        self.response = PoolResponse(self)
+        self._on_headers = on_headers
+        self.deadline = deadline
+        self.received_any = False
+        self.transport.write(head + body if body else head)
+
     def expire(self) -> None:
-        ready = self._headers_ready
-        if ready is not None and not ready.done():
-            ready.set_exception(TimeoutError())
+        self._error(TimeoutError())
 
     def finish(self, *, reusable: bool) -> None:
         self.response = None
         self._headers_ready = None
+        self._on_headers = None
         if reusable and not self.closed:
             self._pool.give_back(self)
         else:
@@ -362,6 +392,19 @@ class UpstreamPool:
             conn.finish(reusable=False)
             raise
 
+    def idle_connection(self, deadline: float) -> _Connection | None:
+        """A live idle connection to send on now, or None when the caller has to wait for one."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < self._idle_timeout:
+                conn.reused = True
+                return conn
+            conn.finish(reusable=False)
+        return None
+
     def _drop_idle(self) -> None:
         """A reused connection died before a single response byte: the coordinator most likely
         restarted without this pool noticing, and every connection now idle is older than that
@@ -394,7 +437,7 @@ class UpstreamPool:
                 deadline, busy = limit, True
         timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:
-            conn = await waiter
+            handed = await waiter
         except TimeoutError:
             if busy:
                 self.refused += 1
@@ -404,9 +447,9 @@ class UpstreamPool:
         except asyncio.CancelledError:
             # A connection handed over in the same loop turn as the cancellation must not leak.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                handed = waiter.result()
-                if handed is not None:
-                    self.give_back(handed)
+                given = waiter.result()
+                if given is not None:
+                    self.give_back(given)
                 else:
                     self._wake_one()
             raise
@@ -415,7 +458,7 @@ class UpstreamPool:
                 timer.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-        return (conn, True) if conn is not None else (await self._connect(), False)
+        return (handed, True) if handed is not None else (await self._connect(), False)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

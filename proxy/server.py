@@ -25,7 +25,6 @@ from .clock import Clock, SystemClock
 from .config import GatewayConfig, redacted
 from .listener import EdgeLimits, Listener, default_max_connections
 from .ops import create_ops_app
-from .routes import LIVEZ, METRICS, READYZ
 
 log = logging.getLogger("proxy.server")
 T = TypeVar("T")
@@ -70,7 +69,7 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
     each scrape to a random worker, so counters would jump backwards between scrapes."""
     gateway = Gateway(cfg, clock or SystemClock())
     await gateway.start()
-    listener = Listener(gateway.handle, edge_limits(cfg), gateway.metrics)
+    listener = Listener(gateway, edge_limits(cfg), gateway.metrics)
     if gateway.metrics is not None:
         gateway.metrics.open_connections = lambda: len(listener.connections)
     server = GatewayServer(gateway, listener, None)
@@ -101,9 +100,9 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     if on_ready is not None:
         on_ready(url)
     try:
-        sig = await signals.get()
+        received = await signals.get()
         gateway.begin_drain()
-        log.info("draining", extra={"event": "drain", "signal": signal.Signals(sig).name,
+        log.info("draining", extra={"event": "drain", "signal": signal.Signals(received).name,
                                     "drain_delay_s": cfg.drain_delay_s})
         try:
             await asyncio.wait_for(signals.get(), cfg.drain_delay_s)

@@ -42,6 +42,7 @@ def authenticator(clock: FakeClock, *, keys: bool = True, **auth: Any) -> Authen
 def request(method: str = "GET", *authorization: bytes) -> Request:
     req = Request(None)  # type: ignore[arg-type]  # the authenticator reads no connection
     req.method = method
+    req.request_id = "rid-1"
     req.authorization = list(authorization)
     return req
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
-import hashlib
 import itertools
 import json
 import random

@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from . import __version__, devcoordinator, devissuer
+from . import __version__
 from .config import ConfigError, GatewayConfig, load_config, redacted
+from .dev import ISSUER_AUDIENCE, ISSUER_PORT
 from .logs import setup_logging
 from .server import run as run_on_loop
 from .server import run_gateway, serve
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--metrics-port", type=int, default=9464,
                    help="port of /metrics, /livez, /readyz (default 9464; 0: any free port)")
     d.add_argument("--auth", choices=("required", "optional", "disabled"), default="optional")
-    d.add_argument("--issuer-port", type=int, default=devissuer.DEFAULT_PORT)
+    d.add_argument("--issuer-port", type=int, default=ISSUER_PORT)
     d.add_argument("--step-delay", type=float, default=0.5, help="seconds between a dev run's events")
     d.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
 
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Without --client-id: mint a token from the running `arp-gateway dev` issuer. "
         "With --client-id and --client-secret-file: get one from the IdP at --issuer by the OAuth 2.0 "
         "client-credentials grant (token endpoint from OIDC discovery). The token goes to stdout.")
-    t.add_argument("--issuer", default=f"http://127.0.0.1:{devissuer.DEFAULT_PORT}",
+    t.add_argument("--issuer", default=f"http://127.0.0.1:{ISSUER_PORT}",
                    help="the dev issuer, or the IdP's issuer URL (discovery at /.well-known/openid-configuration)")
     t.add_argument("--aud", "--audience", dest="aud", help="audience of the token")
     t.add_argument("--scope", help="space-separated scopes")
@@ -125,10 +126,13 @@ def _dev(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
 
+    from .dev import coordinator as dev_coordinator  # dev-only: imported by `dev` alone
+    from .dev import issuer as dev_issuer
+
     async def run() -> int:
-        coordinator, coordinator_url = await devcoordinator.start(step_delay_s=args.step_delay)
+        coordinator, coordinator_url = await dev_coordinator.start(step_delay_s=args.step_delay)
         try:
-            issuer_runner, issuer = await devissuer.start(port=args.issuer_port)
+            issuer_runner, issuer = await dev_issuer.start(port=args.issuer_port)
         except OSError as exc:
             await coordinator.cleanup()
             print(f"cannot listen for the dev issuer on 127.0.0.1:{args.issuer_port}: {exc.strerror}",
@@ -136,7 +140,7 @@ def _dev(args: argparse.Namespace) -> int:
             return 1
         flags = {"listen.host": "127.0.0.1", "listen.port": args.port, "upstream.url": coordinator_url,
                  "metrics.host": "127.0.0.1", "metrics.port": args.metrics_port, "auth.mode": args.auth,
-                 "auth.issuers": [{"issuer": issuer.url, "audiences": [devissuer.DEFAULT_AUDIENCE]}]}
+                 "auth.issuers": [{"issuer": issuer.url, "audiences": [ISSUER_AUDIENCE]}]}
         cfg = _config(DEV_CONFIG, flags)
         if cfg is None:
             await issuer_runner.cleanup()
@@ -189,7 +193,7 @@ Ctrl-C to stop.
 def _token(args: argparse.Namespace) -> int:
     if args.client_id or args.client_secret_file:
         return _client_credentials(args)
-    payload: dict[str, Any] = {"sub": args.sub, "aud": args.aud or devissuer.DEFAULT_AUDIENCE, "ttl": args.ttl}
+    payload: dict[str, Any] = {"sub": args.sub, "aud": args.aud or ISSUER_AUDIENCE, "ttl": args.ttl}
     if args.scope:
         payload["scope"] = args.scope
     request = urllib.request.Request(args.issuer.rstrip("/") + "/dev/token", data=json.dumps(payload).encode(),

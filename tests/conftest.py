@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import devcoordinator
 from proxy.clock import FakeClock
 from proxy.config import AuthConfig
+from proxy.dev import coordinator as devcoordinator
 from proxy.jwks_refresh import JwksRegistry
 from proxy.server import start_gateway
 from tests.support.gateway import Upstream, gateway_config

@@ -38,7 +38,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import devissuer
+from proxy.dev import issuer as devissuer
 from proxy.config import build_config
 from proxy.server import start_gateway
 from tests.support.servers import serve_app

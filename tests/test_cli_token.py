@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 from proxy.config import load_config
 from proxy.server import start_gateway
 from tests.support.gateway import RUN_START

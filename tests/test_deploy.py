@@ -480,7 +480,7 @@ def test_local_port_forward_config_validates_tokens_like_production():
 COORDINATOR_SCRIPT = """
 import asyncio, signal, sys
 from aiohttp import web
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 
 async def main():
     # A coordinator with a 1 s shutdown grace, as kubelet's SIGTERM would find it.

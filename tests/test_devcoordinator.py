@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from proxy.devcoordinator import create_app, start
+from proxy.dev.coordinator import create_app, start
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "arp-spec-v1"
 SCHEMAS = SPEC_DIR / "schemas"

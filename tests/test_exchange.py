@@ -1,6 +1,6 @@
 """`auth.forward_token: exchange`: the coordinator gets a token from an RFC 8693 STS, never the caller's.
 
-The caller's tokens come from the dev issuer (`proxy.devissuer`, in this loop, so the
+The caller's tokens come from the dev issuer (`proxy.dev.issuer`, in this loop, so the
 gateway verifies them through the production JWKS path); the STS is a purpose-built
 loopback token endpoint that records every form it receives and can be told to
 fail, to be slow, or to issue short-lived tokens.
@@ -23,7 +23,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy import devissuer
+from proxy.dev import issuer as devissuer
 from proxy.clock import FakeClock
 from proxy.config import ExchangeConfig, load_config
 from proxy.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, ExchangeFailed, TokenExchanger

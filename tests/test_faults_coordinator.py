@@ -19,7 +19,7 @@ import socket
 import aiohttp
 import pytest
 
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 from proxy.server import start_gateway
 from tests.support.gateway import RUN_START, gateway_config
 from tests.support.relay import reset

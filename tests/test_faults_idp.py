@@ -19,7 +19,7 @@ import uuid
 import pytest
 from aiohttp import web
 
-from proxy import devissuer
+from proxy.dev import issuer as devissuer
 from tests.support.schemas import envelope_problems
 from tests.support.servers import serve_app
 

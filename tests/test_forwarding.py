@@ -33,7 +33,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from yarl import URL
 
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 from proxy.config import RetryConfig
 from proxy.server import start_gateway
 from tests.support.gateway import RUN_START, SPEC, gateway_config, json_response

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from proxy import devissuer
+from proxy.dev import issuer as devissuer
 from proxy.metrics import AuthStateCollector, GatewayMetrics
 from proxy.server import start_gateway
 from tests.support.gateway import RUN_START, gateway_config

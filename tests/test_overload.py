@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import devissuer
+from proxy.dev import issuer as devissuer
 from tests.support.gateway import RUN_START, json_response
 from tests.support.schemas import envelope_problems
 

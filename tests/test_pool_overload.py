@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 from proxy.pool import ConnectionReset, PoolBusy, UpstreamPool
 from proxy.server import start_gateway
 from tests.support.gateway import gateway_config

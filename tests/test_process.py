@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy import devcoordinator
+from proxy.dev import coordinator as devcoordinator
 from tests.support.gateway import RUN_START
 
 ROOT = Path(__file__).resolve().parents[1]

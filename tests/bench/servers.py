@@ -1,6 +1,6 @@
 """Small loopback servers that bench.py runs as separate, CPU-pinned processes.
 
-    python tests/bench/servers.py issuer --port P --out DIR     # proxy.devissuer + token/PEM files
+    python tests/bench/servers.py issuer --port P --out DIR     # proxy.dev.issuer + token/PEM files
     python tests/bench/servers.py token-endpoint --port P       # stand-in OAuth token endpoint (JARVIS)
     python tests/bench/servers.py stream-upstream --port P      # NDJSON event streams
 
@@ -47,7 +47,7 @@ async def issuer(args: argparse.Namespace) -> None:
     pubkey.pem (the same key as a PEM public key, for HAProxy's jwt_verify)
     and two tokens every verifier must refuse (expired.txt, wrong-aud.txt).
     """
-    from proxy import devissuer
+    from proxy.dev import issuer as devissuer
 
     runner, iss = await devissuer.start(port=args.port)
     try:

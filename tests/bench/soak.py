@@ -57,7 +57,7 @@ async def coordinator_main(latency: float, step_delay: float) -> None:
     """The dev coordinator, optionally slowed on run starts (the expensive call)."""
     from aiohttp import web
 
-    from proxy import devcoordinator
+    from proxy.dev import coordinator as devcoordinator
 
     app = devcoordinator.create_app(step_delay_s=step_delay)
     if latency > 0:

@@ -20,7 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import devcoordinator, devissuer
+from proxy.dev import coordinator as devcoordinator
+from proxy.dev import issuer as devissuer
 from proxy.config import build_config
 from proxy.server import start_gateway
 

@@ -22,8 +22,9 @@ from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-DEFAULT_AUDIENCE = "arp-run-gateway"
-DEFAULT_PORT = 8089
+from . import ISSUER_AUDIENCE as DEFAULT_AUDIENCE
+from . import ISSUER_PORT as DEFAULT_PORT
+
 MAX_TTL_S = 24 * 3600
 
 

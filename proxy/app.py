@@ -25,7 +25,6 @@ from .auth import EXEMPT, Authenticator, AuthOutcome
 from .clock import Clock
 from .config import GatewayConfig
 from .exchange import ExchangeFailed, TokenExchanger
-from .forwarding import Upstream
 from .health import CoordinatorProbe, version_info
 from .jwks_refresh import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
@@ -34,6 +33,7 @@ from .observer import RequestObserver
 from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .tokens import TokenVerifier
+from .upstream import Upstream
 from .validation import load_run_start_validator
 
 log = logging.getLogger("proxy.app")

@@ -18,8 +18,8 @@ import aiohttp
 
 from . import __version__
 from .clock import Clock
-from .forwarding import Upstream
 from .singleflight import SingleFlight
+from .upstream import Upstream
 
 SERVICE_NAME = "arp-run-gateway"
 PROBE_TTL_S = 1.0

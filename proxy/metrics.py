@@ -38,7 +38,7 @@ from . import __version__
 from .routes import ALL_ROUTES, NOT_FOUND
 
 if TYPE_CHECKING:
-    from .pool import UpstreamPool
+    from .upstream.pool import UpstreamPool
 
 PREFIX = "arp_gateway_"
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

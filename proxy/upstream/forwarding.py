@@ -1,4 +1,4 @@
-"""Forwarding to the Run Coordinator: header hygiene, retries, timeouts, streaming back.
+"""Forwarding to the Run Coordinator: the exchange, its timeouts and its retries.
 
     upstream = Upstream(cfg.upstream, metrics, strip_prefix="X-Auth-")
     await upstream.start()
@@ -6,13 +6,8 @@
 
 Requests go out on the keep-alive pool of `pool.py`, framed by the gateway
 alone: the listener has the whole body, so it goes with its exact
-Content-Length, never with the client's framing. Headers are the raw bytes
-the client sent minus hop-by-hop ones and every name that could be read as an
-identity header, compared after folding `_` to `-` and case, as CGI-style
-stacks do. Each chunk the coordinator sends is written to the client as soon
-as it arrives, so NDJSON events are never held back. Streams have connect,
-header and idle timeouts but no total timeout: an event stream may
-legitimately stay open for hours.
+Content-Length, never with the client's framing; `headers.py` decides which
+header lines cross, `relay.py` writes the answer back.
 """
 
 from __future__ import annotations
@@ -21,43 +16,24 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
 
-from .answers import error_answer
-from .backoff import full_jitter
-from .config import UpstreamConfig
-from .listener import ClientGone, Request
-from .metrics import GatewayMetrics
+from ..answers import error_answer
+from ..backoff import full_jitter
+from ..config import UpstreamConfig
+from ..listener import Request
+from ..metrics import GatewayMetrics
+from ..routes import Route
+from .headers import ClientHeaders
 from .pool import ConnectFailed, PoolBusy, PoolResponse, UpstreamError, UpstreamPool
-from .routes import Route
+from .relay import Done, Relay
 
-log = logging.getLogger("proxy.forwarding")
+log = logging.getLogger("proxy.upstream")
 
-# RFC 9110 section 7.6.1 plus the legacy names proxies still meet in the wild.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-})
-# Set by the gateway itself, never copied from the client.
-_REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                       b"x-request-id", b"expect", b"authorization", b"content-length"})
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
-CLIENT_HEADER_CACHE = 1024
-# X-Request-ID is the gateway's, and this hop frames the body itself.
-_REFRAMED = HOP_BY_HOP | {b"x-request-id", b"content-length"}
-RESPONSE_HEADER_CACHE = 256
-
-
-# Called once a request's answer is written (or the client has left: failed 499).
-Done = Callable[[Request, int], None]
-
-
-def fold(name: bytes) -> bytes:
-    """A header name as CGI/WSGI stacks read it: `X_Auth_Subject` and `x-auth-subject` are one name."""
-    return name.lower().replace(b"_", b"-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,40 +60,17 @@ def classify(exc: BaseException, *, idempotent: bool) -> UpstreamFailure:
                            "The Run Coordinator sent an invalid response", "protocol", False)
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in any `Connection` line (RFC 9110 7.6.1: they are hop-by-hop too)."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(fold(t.strip()) for t in value.split(b","))
-    return frozenset(named)
-
-
-def end_to_end(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    """The coordinator's headers minus `drop` and any named on its Connection lines."""
-    named = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else frozenset()
-    return [(name, value) for name, value in raw if (low := name.lower()) not in drop and low not in named]
-
-
-def response_header_block(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tuple[bytes, bool]:
-    """The coordinator's header lines as this hop relays them, and whether the coordinator sent a Date."""
-    kept = end_to_end(raw, drop)
-    return b"".join(b"%s: %s\r\n" % pair for pair in kept), any(name.lower() == b"date" for name, _ in raw)
-
-
 class Upstream:
     def __init__(self, cfg: UpstreamConfig, metrics: GatewayMetrics | None = None, *,
                  strip_prefix: str = "", strip_names: Iterable[str] = ()) -> None:
         self.cfg = cfg
         self.base_url = cfg.url
         self.metrics = metrics
-        self._strip_prefix = fold(strip_prefix.encode()) or None
-        self._drop = HOP_BY_HOP | _REPLACED | {fold(n.encode()) for n in strip_names}
+        self._client_headers = ClientHeaders(strip_prefix=strip_prefix, strip_names=strip_names)
+        self._relay = Relay(metrics, stream_idle_timeout_s=cfg.stream_idle_timeout_s)
         self.pool: UpstreamPool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start(), inside the running loop
-        self._client_blocks: dict[tuple[tuple[tuple[bytes, bytes], ...], str, bytes | None], bytes] = {}
-        self._response_blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bool]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -143,52 +96,8 @@ class Upstream:
 
     def _head(self, request: Request, pool: UpstreamPool, extra: bytes, framing: bytes) -> bytes:
         return b"".join((request.method.encode(), b" ", pool.base_path, request.target, b" HTTP/1.1\r\nHost: ",
-                         pool.host_header, b"\r\n", self._client_headers(request), b"X-Request-ID: ",
+                         pool.host_header, b"\r\n", self._client_headers.block(request), b"X-Request-ID: ",
                          request.request_id.encode(), b"\r\n", extra, framing, b"\r\n"))
-
-    def _client_headers(self, request: Request) -> bytes:
-        """The client's headers as the coordinator gets them, cached by their exact bytes and the peer:
-        a keep-alive client sends the same headers request after request. The key holds no token:
-        the listener keeps Authorization out of `request.headers`."""
-        key = (tuple(request.headers), request.conn.peer, request.host)
-        block = self._client_blocks.get(key)
-        if block is None:
-            block = self._filter_client_headers(request)
-            if len(self._client_blocks) >= CLIENT_HEADER_CACHE:
-                self._client_blocks.clear()
-            self._client_blocks[key] = block
-        return block
-
-    def _filter_client_headers(self, request: Request) -> bytes:
-        raw = request.headers
-        drop = self._drop | connection_tokens(raw)
-        prefix = self._strip_prefix
-        prior: list[bytes] = []
-        parts: list[bytes] = []
-        for name, value in raw:
-            low = fold(name)
-            if low in drop or (prefix is not None and low.startswith(prefix)):
-                if low == b"x-forwarded-for":
-                    prior.append(value)
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"X-Forwarded-For: ", b", ".join([*prior, request.conn.peer.encode()]),
-                  b"\r\nX-Forwarded-Proto: http\r\n")
-        if request.host is not None:
-            parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
-        return b"".join(parts)
-
-    def _response_block(self, raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
-        """Cached by the exact header bytes: a coordinator repeats its headers answer after answer,
-        only its Date moving once a second."""
-        key = tuple(raw)
-        block = self._response_blocks.get(key)
-        if block is None:
-            block = response_header_block(raw, _REFRAMED)
-            if len(self._response_blocks) >= RESPONSE_HEADER_CACHE:
-                self._response_blocks.clear()
-            self._response_blocks[key] = block
-        return block
 
     def forward(self, request: Request, route: Route, body: bytes | None, extra: bytes, done: Done) -> None:
         """Sends the request (its whole body, if any) and answers the client with what the coordinator
@@ -231,7 +140,9 @@ class Upstream:
                 response.release()
                 request.spawn(self._exchange(request, route, head, body, deadline, done, 2))
             else:
-                self._answer(request, route, response, done)
+                pending = self._relay.answer(request, route, response, done)
+                if pending is not None:
+                    request.spawn(pending)
 
         def abandon() -> None:  # the client left first
             conn.finish(reusable=False)
@@ -258,7 +169,9 @@ class Upstream:
             self._refuse(request, exc)
             done(request, 0)
             return
-        self._answer(request, route, upstream, done)
+        pending = self._relay.answer(request, route, upstream, done)
+        if pending is not None:
+            await pending
 
     def _retryable(self, request: Request, error: UpstreamError | TimeoutError, attempt: int) -> bool:
         """A refused connection is retried for any method (the request never left); a reset only
@@ -299,24 +212,6 @@ class Upstream:
         request.respond(error_answer(failure.status, failure.code, failure.message,
                                      request_id=request.request_id, retryable=failure.retryable))
 
-    def _answer(self, request: Request, route: Route, upstream: PoolResponse, done: Done) -> None:
-        request.upstream_s = upstream_s = time.perf_counter() - (request.upstream_s or 0.0)
-        if self.metrics is not None:
-            self.metrics.upstream(route.template, upstream.status, upstream_s)
-        reason = upstream.reason.encode("latin-1")
-        block, dated = self._response_block(upstream.headers)
-        whole = upstream.body_if_complete()
-        if whole is None:
-            request.spawn(self._relay(request, route, upstream, reason, block, dated, done))
-            return
-        # The usual JSON answer (and a finished run's events) arrived with its headers: one write.
-        upstream.release()
-        request.relay_whole(upstream.status, reason, block, dated, whole)
-        if route.streaming and self.metrics is not None:
-            self.metrics.stream_lines += whole.count(b"\n")
-            self.metrics.stream_bytes += len(whole)
-        done(request, 0)
-
     async def _send(self, pool: UpstreamPool, route: Route, head: bytes, body: bytes | None,
                     idempotent: bool, deadline: float, first: int) -> PoolResponse:
         """Sends with retries, from attempt `first` on: a refused connection for any method (the
@@ -340,37 +235,3 @@ class Upstream:
                     return response
                 response.release()
         raise AssertionError("unreachable")
-
-    async def _relay(self, request: Request, route: Route, upstream: PoolResponse, reason: bytes, block: bytes,
-                     dated: bool, done: Done) -> None:
-        """A body that is still arriving: each piece goes to the client as it comes."""
-        stream_metrics = self.metrics if route.streaming else None
-        if stream_metrics is not None:
-            stream_metrics.streams_open += 1
-        completed = False
-        try:
-            request.start_stream(upstream.status, reason, block, dated, upstream.content_length)
-            async for chunk in upstream.chunks(self.cfg.stream_idle_timeout_s):
-                await request.send(chunk)
-                if stream_metrics is not None:
-                    stream_metrics.stream_lines += chunk.count(b"\n")
-                    stream_metrics.stream_bytes += len(chunk)
-            request.end_stream()
-            completed = True
-        except UpstreamError as exc:
-            # The coordinator failed mid-body: the client must see a broken response, not a short success.
-            if self.metrics is not None:
-                self.metrics.upstream_failed(exc.kind)
-            log.warning("upstream stream broken", extra={"event": "upstream_error", "kind": exc.kind,
-                                                         "error": str(exc), "request_id": request.request_id})
-            request.abort()
-        except ClientGone:
-            pass  # closing the upstream below frees its connection
-        finally:
-            if stream_metrics is not None:
-                stream_metrics.streams_open -= 1
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
-        done(request, 0)

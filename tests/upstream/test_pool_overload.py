@@ -14,7 +14,7 @@ import asyncio
 import pytest
 
 from proxy.dev import coordinator as devcoordinator
-from proxy.pool import ConnectionReset, PoolBusy, UpstreamPool
+from proxy.upstream.pool import ConnectionReset, PoolBusy, UpstreamPool
 from proxy.server import start_gateway
 from tests.support.gateway import gateway_config
 from tests.support.relay import HidingRelay

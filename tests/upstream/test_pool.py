@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.pool import (
+from proxy.upstream.pool import (
     BadResponse,
     ConnectFailed,
     ConnectionReset,

@@ -21,7 +21,7 @@ from referencing.jsonschema import DRAFT202012
 
 from proxy.dev.coordinator import create_app, start
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "arp-spec-v1"
+SPEC_DIR = Path(__file__).resolve().parents[3] / "shared" / "arp-spec-v1"
 SCHEMAS = SPEC_DIR / "schemas"
 
 # jsonschema only checks "date-time" when rfc3339-validator is installed; don't

@@ -1,0 +1,116 @@
+"""Header hygiene between client, gateway and coordinator.
+
+What crosses this hop and what does not: hop-by-hop headers (RFC 9110 7.6.1, and any
+named on a Connection line) never do; neither does any client header that could be read
+as an identity header, compared after folding `_` to `-` and case as CGI/WSGI stacks do.
+The filtered blocks are cached by their exact bytes: a keep-alive client, and a
+coordinator, repeat the same headers message after message.
+
+    client = ClientHeaders(strip_prefix="X-Auth-", strip_names=("X-Auth-Email",))
+    block = client.block(request)                 # ready header lines for the coordinator
+    lines, dated = ResponseHeaders().block(raw)   # the coordinator's lines for the client
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..listener import Request
+
+# RFC 9110 section 7.6.1 plus the legacy names proxies still meet in the wild.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+# Set by the gateway itself, never copied from the client.
+_REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                       b"x-request-id", b"expect", b"authorization", b"content-length"})
+# X-Request-ID is the gateway's, and this hop frames the body itself.
+_REFRAMED = HOP_BY_HOP | {b"x-request-id", b"content-length"}
+CLIENT_HEADER_CACHE = 1024
+RESPONSE_HEADER_CACHE = 256
+
+
+def fold(name: bytes) -> bytes:
+    """A header name as CGI/WSGI stacks read it: `X_Auth_Subject` and `x-auth-subject` are one name."""
+    return name.lower().replace(b"_", b"-")
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in any `Connection` line (RFC 9110 7.6.1: they are hop-by-hop too)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(fold(t.strip()) for t in value.split(b","))
+    return frozenset(named)
+
+
+def end_to_end(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """The coordinator's headers minus `drop` and any named on its Connection lines."""
+    named = connection_tokens(raw) if any(n.lower() == b"connection" for n, _ in raw) else frozenset()
+    return [(name, value) for name, value in raw if (low := name.lower()) not in drop and low not in named]
+
+
+def response_header_block(raw: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tuple[bytes, bool]:
+    """The coordinator's header lines as this hop relays them, and whether the coordinator sent a Date."""
+    kept = end_to_end(raw, drop)
+    return b"".join(b"%s: %s\r\n" % pair for pair in kept), any(name.lower() == b"date" for name, _ in raw)
+
+
+class ClientHeaders:
+    """The client's headers as the coordinator gets them, plus X-Forwarded-*."""
+
+    def __init__(self, *, strip_prefix: str = "", strip_names: Iterable[str] = ()) -> None:
+        self._strip_prefix = fold(strip_prefix.encode()) or None
+        self._drop = HOP_BY_HOP | _REPLACED | {fold(n.encode()) for n in strip_names}
+        self._blocks: dict[tuple[tuple[tuple[bytes, bytes], ...], str, bytes | None], bytes] = {}
+
+    def block(self, request: Request) -> bytes:
+        """Cached by the exact header bytes and the peer. The key holds no token: the listener
+        keeps Authorization out of `request.headers`."""
+        key = (tuple(request.headers), request.conn.peer, request.host)
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._filter(request)
+            if len(self._blocks) >= CLIENT_HEADER_CACHE:
+                self._blocks.clear()
+            self._blocks[key] = block
+        return block
+
+    def _filter(self, request: Request) -> bytes:
+        raw = request.headers
+        drop = self._drop | connection_tokens(raw)
+        prefix = self._strip_prefix
+        prior: list[bytes] = []
+        parts: list[bytes] = []
+        for name, value in raw:
+            low = fold(name)
+            if low in drop or (prefix is not None and low.startswith(prefix)):
+                if low == b"x-forwarded-for":
+                    prior.append(value)
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Forwarded-For: ", b", ".join([*prior, request.conn.peer.encode()]),
+                  b"\r\nX-Forwarded-Proto: http\r\n")
+        if request.host is not None:
+            parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
+        return b"".join(parts)
+
+
+class ResponseHeaders:
+    """The coordinator's header lines for the client, framed by this hop."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bool]] = {}
+
+    def block(self, raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+        """Cached by the exact header bytes: a coordinator repeats its headers answer after answer,
+        only its Date moving once a second."""
+        key = tuple(raw)
+        block = self._blocks.get(key)
+        if block is None:
+            block = response_header_block(raw, _REFRAMED)
+            if len(self._blocks) >= RESPONSE_HEADER_CACHE:
+                self._blocks.clear()
+            self._blocks[key] = block
+        return block

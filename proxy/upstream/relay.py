@@ -1,0 +1,91 @@
+"""Relaying the coordinator's answer to the client.
+
+An answer that arrived whole with its headers (the usual JSON, and a finished run's
+events) goes out as one write; a body still arriving is written piece by piece as it
+comes, so NDJSON events are never held back, with flow control both ways: a slow client
+pauses the coordinator connection. Streams have an idle timeout but no total one: an
+event stream may legitimately stay open for hours. A coordinator that fails mid-body
+ends the client's answer abnormally, never as a short success.
+
+    relay = Relay(metrics, stream_idle_timeout_s=300)
+    pending = relay.answer(request, route, response, done)   # a coroutine when the body streams
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..listener import ClientGone, Request
+from ..metrics import GatewayMetrics
+from ..routes import Route
+from .headers import ResponseHeaders
+from .pool import PoolResponse, UpstreamError
+
+log = logging.getLogger("proxy.upstream.relay")
+
+# Called once a request's answer is written (or the client has left: failed 499).
+Done = Callable[[Request, int], None]
+
+
+class Relay:
+    def __init__(self, metrics: GatewayMetrics | None, *, stream_idle_timeout_s: float) -> None:
+        self.metrics = metrics
+        self._idle_timeout = stream_idle_timeout_s
+        self._headers = ResponseHeaders()
+
+    def answer(self, request: Request, route: Route, upstream: PoolResponse,
+               done: Done) -> Coroutine[Any, Any, None] | None:
+        """Answers the client from `upstream` and calls `done`; or returns the coroutine that will,
+        when the body is still arriving."""
+        request.upstream_s = upstream_s = time.perf_counter() - (request.upstream_s or 0.0)
+        if self.metrics is not None:
+            self.metrics.upstream(route.template, upstream.status, upstream_s)
+        reason = upstream.reason.encode("latin-1")
+        block, dated = self._headers.block(upstream.headers)
+        whole = upstream.body_if_complete()
+        if whole is None:
+            return self._stream(request, route, upstream, reason, block, dated, done)
+        upstream.release()
+        request.relay_whole(upstream.status, reason, block, dated, whole)
+        if route.streaming and self.metrics is not None:
+            self.metrics.stream_lines += whole.count(b"\n")
+            self.metrics.stream_bytes += len(whole)
+        done(request, 0)
+        return None
+
+    async def _stream(self, request: Request, route: Route, upstream: PoolResponse, reason: bytes, block: bytes,
+                      dated: bool, done: Done) -> None:
+        """A body that is still arriving: each piece goes to the client as it comes."""
+        stream_metrics = self.metrics if route.streaming else None
+        if stream_metrics is not None:
+            stream_metrics.streams_open += 1
+        completed = False
+        try:
+            request.start_stream(upstream.status, reason, block, dated, upstream.content_length)
+            async for chunk in upstream.chunks(self._idle_timeout):
+                await request.send(chunk)
+                if stream_metrics is not None:
+                    stream_metrics.stream_lines += chunk.count(b"\n")
+                    stream_metrics.stream_bytes += len(chunk)
+            request.end_stream()
+            completed = True
+        except UpstreamError as exc:
+            # The coordinator failed mid-body: the client must see a broken response, not a short success.
+            if self.metrics is not None:
+                self.metrics.upstream_failed(exc.kind)
+            log.warning("upstream stream broken", extra={"event": "upstream_error", "kind": exc.kind,
+                                                         "error": str(exc), "request_id": request.request_id})
+            request.abort()
+        except ClientGone:
+            pass  # closing the upstream below frees its connection
+        finally:
+            if stream_metrics is not None:
+                stream_metrics.streams_open -= 1
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
+        done(request, 0)

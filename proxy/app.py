@@ -18,21 +18,26 @@ import sys
 
 import aiohttp
 
-from .access import AccessPolicy
 from .accesslog import AccessLog
 from .answers import Answer, error_answer, json_answer
-from .auth import EXEMPT, Authenticator, AuthOutcome
+from .auth import (
+    EXEMPT,
+    AccessPolicy,
+    Authenticator,
+    AuthOutcome,
+    Identity,
+    JwksRegistry,
+    TokenExchanger,
+    TokenVerifier,
+)
 from .clock import Clock
 from .config import GatewayConfig
-from .exchange import ExchangeFailed, TokenExchanger
 from .health import CoordinatorProbe, version_info
-from .jwks import JwksRegistry
 from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
 from .metrics import AuthStateCollector, GatewayMetrics
 from .observer import RequestObserver
 from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
-from .tokens import TokenVerifier
 from .upstream import Upstream
 from .validation import load_run_start_validator
 
@@ -68,12 +73,13 @@ class Gateway:
         auth = cfg.auth
         self.registry = JwksRegistry(auth, clock) if auth.mode != "disabled" else None
         verifier = TokenVerifier(auth, self.registry, clock) if self.registry is not None else None
-        self.authn = Authenticator(auth, verifier, AccessPolicy(auth.rules))
+        self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
+        self.identity = Identity(auth, self.exchanger)
+        self.authn = Authenticator(auth, verifier, AccessPolicy(auth.rules), self.identity)
         if self.metrics is not None and self.registry is not None and verifier is not None:
             self.metrics.watch(AuthStateCollector(self.registry, verifier))
             for jwks in self.registry:
                 jwks.on_fetch = lambda _result, seconds, issuer=jwks.issuer: self.metrics.jwks_fetched(issuer, seconds)
-        self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
         rate = cfg.limits.run_start_rate
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
@@ -140,7 +146,7 @@ class Gateway:
         if route in _PROBES:
             return self._reply(request, self.probe_answer(route))
         outcome = EXEMPT if self.authn.is_exempt(request.path) else self.authn.authenticate_now(request, route)
-        if (outcome is None or not route.forward or self.exchanger is not None
+        if (outcome is None or not route.forward or self.identity.waits
                 or not (request.complete or request.too_large)):
             request.spawn(self._handle_later(request, route, outcome))
             return None
@@ -157,8 +163,8 @@ class Gateway:
         body = self._postcheck(request, route, raw)
         if body.__class__ is Answer:
             return self._reply(request, body)
-        return self.upstream.forward(request, route, body, self._identity_now(request, outcome),  # type: ignore[arg-type]
-                                   self._done)
+        return self.upstream.forward(request, route, body,  # type: ignore[arg-type]
+                                     self.identity.now(request, outcome.principal, outcome.identity), self._done)
 
     async def _handle_later(self, request: Request, route: Route, outcome: AuthOutcome | None) -> None:
         """The stages of handle(), for a request that has to wait in one of them."""
@@ -189,7 +195,7 @@ class Gateway:
         body = self._postcheck(request, route, raw)
         if body.__class__ is Answer:
             return self._reply(request, body)
-        extra = await self._identity(request, outcome)
+        extra = await self.identity.later(request, outcome.principal, outcome.identity)
         if extra.__class__ is Answer:
             return self._reply(request, extra)
         return self.upstream.forward(request, route, body, extra, self._done)  # type: ignore[arg-type]
@@ -298,31 +304,6 @@ class Gateway:
         return self.validate_run_start(document)
 
     # ------------------------------------------------------------------ identity
-
-    def _identity_now(self, request: Request, outcome: AuthOutcome) -> bytes:
-        """Every header line the coordinator learns about the caller: decided here and nowhere else
-        (with `forward_token: exchange`, _identity adds the exchanged token)."""
-        principal = outcome.principal
-        if principal is None:
-            return b""
-        if principal.kind == "dev" and self.cfg.auth.forward_token == "passthrough" and len(request.authorization) == 1:
-            # With auth disabled nothing was verified, but a coordinator may still check the token itself.
-            return outcome.identity + b"Authorization: " + request.authorization[0] + b"\r\n"
-        return outcome.identity
-
-    async def _identity(self, request: Request, outcome: AuthOutcome) -> bytes | Answer:
-        extra = self._identity_now(request, outcome)
-        principal = outcome.principal
-        if self.exchanger is None or principal is None:
-            return extra
-        try:
-            token = await self.exchanger.token_for(principal.token)
-        except ExchangeFailed as exc:
-            return error_answer(502, "token_exchange_failed", "Could not obtain a token for the Run Coordinator",
-                                request_id=request.request_id, retryable=exc.retryable,
-                                details={"reason": exc.reason})
-        return extra + b"Authorization: Bearer " + token.encode() + b"\r\n"
-
 
 _PROBES = (LIVEZ, READYZ, METRICS)
 

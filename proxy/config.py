@@ -13,6 +13,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,15 +23,40 @@ import yaml
 from .routes import ALL_ROUTES
 
 MIB = 1024 * 1024
-AUTH_MODES = ("required", "optional", "disabled")
-FORWARD_TOKEN_MODES = ("passthrough", "strip", "exchange")
+
+
+class AuthMode(StrEnum):
+    """`auth.mode`: whether a request needs a bearer token."""
+
+    REQUIRED = "required"   # every non-exempt request needs a valid token
+    OPTIONAL = "optional"   # no token: the anonymous principal; a token, if sent, must be valid
+    DISABLED = "disabled"   # nothing is verified; every request acts as the dev principal
+
+
+class ForwardToken(StrEnum):
+    """`auth.forward_token`: which token, if any, the coordinator receives."""
+
+    PASSTHROUGH = "passthrough"   # the caller's verified token
+    STRIP = "strip"               # none: identity headers only
+    EXCHANGE = "exchange"         # one from the STS (RFC 8693 token exchange)
+
+
+class EventLoop(StrEnum):
+    """`listen.event_loop`."""
+
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
+AUTH_MODES = tuple(m.value for m in AuthMode)
+FORWARD_TOKEN_MODES = tuple(m.value for m in ForwardToken)
 SUPPORTED_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
      "HS256", "HS384", "HS512"}
 )
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
-EVENT_LOOPS = ("uvloop", "asyncio")
+EVENT_LOOPS = tuple(m.value for m in EventLoop)
 PROFILES = ("dev-insecure", "dev-secure-keycloak", "enterprise")
 KEYCLOAK_DEV_ISSUER = "http://localhost:8080/realms/arp-dev"
 SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})  # client_secret_file is a path, shown
@@ -50,10 +76,10 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ListenConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = "127.0.0.1"             # the public (edge) listener's address; 127.0.0.1 beside the coordinator
+    port: int = 8080                    # 0 picks a free port (tests)
     workers: int = 1                    # processes sharing the port (SO_REUSEPORT)
-    event_loop: str = "uvloop"
+    event_loop: EventLoop = EventLoop.UVLOOP  # uvloop, or asyncio's own loop
     keepalive_timeout_s: float = 75.0   # an idle client keep-alive connection is closed after it
     # Client connections at once; None: derived from the open-file limit, leaving room for the
     # coordinator pool and the control plane. At the cap idle connections are reclaimed first.
@@ -62,28 +88,28 @@ class ListenConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    attempts: int = 3
-    backoff_initial_s: float = 0.05
-    backoff_max_s: float = 1.0
+    attempts: int = 3                   # tries per request, the first included; resets and 5xx retried for GET only
+    backoff_initial_s: float = 0.05     # the full-jitter pause cap before the first retry; doubles per retry
+    backoff_max_s: float = 1.0          # the largest pause cap between two tries
 
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    url: str | None = None
-    connect_timeout_s: float = 2.0
-    request_timeout_s: float = 30.0
-    stream_idle_timeout_s: float = 300.0
-    max_connections: int = 100
-    health_timeout_s: float = 1.0
-    keepalive_idle_s: float = 4.0
-    queue_timeout_s: float = 1.0
-    retries: RetryConfig = field(default_factory=RetryConfig)
+    url: str | None = None              # the Run Coordinator's base URL (a trailing / or /v1 is dropped)
+    connect_timeout_s: float = 2.0      # to open a TCP connection to the coordinator
+    request_timeout_s: float = 30.0     # until the coordinator's response headers; then 504
+    stream_idle_timeout_s: float = 300.0  # longest silence inside a response body (streams have no total timeout)
+    max_connections: int = 100          # pooled keep-alive connections to the coordinator
+    health_timeout_s: float = 1.0       # the coordinator's /v1/health probe behind our /v1/health
+    keepalive_idle_s: float = 4.0       # an idle pooled connection is closed before the coordinator would
+    queue_timeout_s: float = 1.0        # all connections busy: the longest a request waits for one, then 503
+    retries: RetryConfig = field(default_factory=RetryConfig)  # retries of failed coordinator requests
 
 
 @dataclass(frozen=True)
 class RateConfig:
-    per_second: float
-    burst: int
+    per_second: float                   # tokens added to each subject's bucket per second
+    burst: int                          # the bucket's size: run starts allowed at once after a quiet spell
 
 
 @dataclass(frozen=True)
@@ -98,12 +124,12 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class IssuerConfig:
-    issuer: str
-    audiences: tuple[str, ...]
-    jwks_uri: str | None = None
-    discovery_url: str | None = None
-    algorithms: tuple[str, ...] = ("RS256",)
-    hmac_secret: str | None = None
+    issuer: str                         # the exact `iss` a token must carry (compared as a string)
+    audiences: tuple[str, ...]          # a token's `aud` must name at least one of these
+    jwks_uri: str | None = None         # where the signing keys are; None: found by OIDC discovery
+    discovery_url: str | None = None    # None: {issuer}/.well-known/openid-configuration
+    algorithms: tuple[str, ...] = ("RS256",)  # the JWS algorithms accepted from this issuer
+    hmac_secret: str | None = None      # the one HMAC key, needed for HS* algorithms (never from a JWKS)
 
     @property
     def discovery(self) -> str:
@@ -112,73 +138,73 @@ class IssuerConfig:
 
 @dataclass(frozen=True)
 class AccessRule:
-    path: str
-    methods: tuple[str, ...] = ()
-    scopes: tuple[str, ...] = ()
-    claims: tuple[tuple[str, str], ...] = ()
+    path: str                           # a forwarded route template, e.g. /v1/runs/{run_id}:cancel
+    methods: tuple[str, ...] = ()       # the methods it applies to; empty: all of the route's methods
+    scopes: tuple[str, ...] = ()        # scopes the token must all carry
+    claims: tuple[tuple[str, str], ...] = ()  # (claim, value) pairs the token must all carry
 
 
 @dataclass(frozen=True)
 class ExchangeConfig:
-    token_endpoint: str | None = None
-    client_id: str | None = None
-    client_secret: str | None = None
+    token_endpoint: str | None = None   # the STS's OAuth token endpoint (required for forward_token: exchange)
+    client_id: str | None = None        # the gateway's client at the STS
+    client_secret: str | None = None    # its secret; never logged or printed
     # A file holding the secret (a mounted Kubernetes Secret), read once at start-up; its content
     # becomes client_secret, so no secret needs to sit in the YAML or in an environment literal.
     client_secret_file: str | None = None
-    audience: str = "arp-run-coordinator"
-    scope: str | None = None
+    audience: str = "arp-run-coordinator"  # the audience asked for: the coordinator
+    scope: str | None = None            # scopes asked for, space-separated; None: the STS's default
 
 
 @dataclass(frozen=True)
 class AuthConfig:
-    mode: str = "required"
-    realm: str = "arp-run-gateway"
-    issuers: tuple[IssuerConfig, ...] = ()
-    clock_skew_s: float = 60.0
-    exempt_paths: tuple[str, ...] = ("/v1/health", "/v1/version")
-    dev_subject: str = "dev"
-    anonymous_subject: str = "anonymous"
-    jwks_cache_ttl_s: float = 300.0
-    jwks_min_ttl_s: float = 30.0
-    jwks_max_ttl_s: float = 86400.0
-    jwks_refetch_cooldown_s: float = 30.0
-    jwks_max_stale_s: float = 86400.0
-    jwks_fetch_timeout_s: float = 5.0
-    token_cache_size: int = 10000
-    max_token_bytes: int = 8192
-    identity_header_prefix: str = "X-Auth-"
-    claim_headers: tuple[tuple[str, str], ...] = ()
-    forward_token: str = "passthrough"
-    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
-    rules: tuple[AccessRule, ...] = ()
-    cors_preflight_bypass: bool = False
+    mode: AuthMode = AuthMode.REQUIRED  # required, optional or disabled
+    realm: str = "arp-run-gateway"      # the realm in WWW-Authenticate challenges
+    issuers: tuple[IssuerConfig, ...] = ()  # trusted token issuers, looked up by a token's `iss`
+    clock_skew_s: float = 60.0          # leeway for exp, nbf and iat against our clock
+    exempt_paths: tuple[str, ...] = ("/v1/health", "/v1/version")  # raw paths answered without a token
+    dev_subject: str = "dev"            # the subject every request acts as with auth disabled
+    anonymous_subject: str = "anonymous"  # the subject of tokenless requests in optional mode
+    jwks_cache_ttl_s: float = 300.0     # how long fetched keys are fresh when the IdP sends no max-age
+    jwks_min_ttl_s: float = 30.0        # an IdP's max-age (or no-store) is raised to at least this
+    jwks_max_ttl_s: float = 86400.0     # and lowered to at most this
+    jwks_refetch_cooldown_s: float = 30.0  # at most one unknown-kid refetch per issuer in this time
+    jwks_max_stale_s: float = 86400.0   # keys older than this (IdP down) are not used: 503 instead
+    jwks_fetch_timeout_s: float = 5.0   # one JWKS or discovery request, whole
+    token_cache_size: int = 10000       # verified tokens remembered (LRU); 0 verifies every request
+    max_token_bytes: int = 8192         # longer bearer tokens are refused before any parsing
+    identity_header_prefix: str = "X-Auth-"  # identity headers sent upstream; callers' ones are stripped
+    claim_headers: tuple[tuple[str, str], ...] = ()  # (claim, header) pairs also sent upstream
+    forward_token: ForwardToken = ForwardToken.PASSTHROUGH  # passthrough, strip or exchange
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)  # the STS, for forward_token: exchange
+    rules: tuple[AccessRule, ...] = ()  # per-route scope and claim requirements
+    cors_preflight_bypass: bool = False  # forward tokenless CORS preflights (OPTIONS) to the coordinator
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = 9464
+    enabled: bool = True                # serve Prometheus metrics at all
+    host: str = "127.0.0.1"             # the metrics listener's address
+    port: int = 9464                    # its port; 0 serves /metrics on the main listener instead
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = "info"
-    access_log: bool = True
-    log_subject: bool = False
+    level: str = "info"                 # debug, info, warning or error
+    access_log: bool = True             # one JSON line per request on stdout
+    log_subject: bool = False           # put the caller's subject in access log lines (personal data)
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    listen: ListenConfig = field(default_factory=ListenConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    shutdown_grace_s: float = 25.0
-    drain_delay_s: float = 5.0
+    listen: ListenConfig = field(default_factory=ListenConfig)        # the public listener
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)  # the Run Coordinator behind it
+    limits: LimitsConfig = field(default_factory=LimitsConfig)        # request size and time limits
+    auth: AuthConfig = field(default_factory=AuthConfig)              # authentication and authorization
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)     # Prometheus metrics
+    logging: LoggingConfig = field(default_factory=LoggingConfig)     # log level and access log
+    shutdown_grace_s: float = 25.0      # after the listener closes, in-flight requests get this long to finish
+    drain_delay_s: float = 5.0          # after SIGTERM, /readyz fails this long before the listener closes
 
 
 # --------------------------------------------------------------------------- reading
@@ -321,7 +347,7 @@ def _listen(r: _Reader, raw: Any) -> ListenConfig:
         host=r.string(sec, "listen", "host", d.host),
         port=r.number(sec, "listen", "port", d.port, integer=True, minimum=0),
         workers=r.number(sec, "listen", "workers", d.workers, integer=True, minimum=1),
-        event_loop=r.string(sec, "listen", "event_loop", d.event_loop, choices=EVENT_LOOPS),
+        event_loop=EventLoop(r.string(sec, "listen", "event_loop", d.event_loop, choices=EVENT_LOOPS)),
         keepalive_timeout_s=r.number(sec, "listen", "keepalive_timeout_s", d.keepalive_timeout_s, positive=True),
         max_connections=r.number(sec, "listen", "max_connections", None, integer=True, minimum=1),
     )
@@ -458,7 +484,7 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
         r.fail("auth.claim_headers", "must map claim names to header names")
         claim_headers = {}
     cfg = AuthConfig(
-        mode=r.string(sec, p, "mode", d.mode, choices=AUTH_MODES),
+        mode=AuthMode(r.string(sec, p, "mode", d.mode, choices=AUTH_MODES)),
         realm=r.string(sec, p, "realm", d.realm),
         issuers=issuers,
         clock_skew_s=r.number(sec, p, "clock_skew_s", d.clock_skew_s),
@@ -475,7 +501,8 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
         max_token_bytes=r.number(sec, p, "max_token_bytes", d.max_token_bytes, integer=True, positive=True),
         identity_header_prefix=r.string(sec, p, "identity_header_prefix", d.identity_header_prefix),
         claim_headers=tuple((str(k), v) for k, v in claim_headers.items()),
-        forward_token=r.string(sec, p, "forward_token", d.forward_token, choices=FORWARD_TOKEN_MODES),
+        forward_token=ForwardToken(r.string(sec, p, "forward_token", d.forward_token,
+                                               choices=FORWARD_TOKEN_MODES)),
         exchange=exchange,
         rules=rules,
         cors_preflight_bypass=r.boolean(sec, p, "cors_preflight_bypass", d.cors_preflight_bypass),
@@ -507,14 +534,14 @@ def _client_secret(r: _Reader, xsec: dict) -> str | None:
 
 
 def _check_auth(r: _Reader, cfg: AuthConfig) -> None:
-    if cfg.mode != "disabled" and not cfg.issuers:
-        r.fail("auth.issuers", f"auth.mode is {cfg.mode!r} but no issuer is configured "
+    if cfg.mode != AuthMode.DISABLED and not cfg.issuers:
+        r.fail("auth.issuers", f"auth.mode is {cfg.mode.value!r} but no issuer is configured "
                                "(set auth.issuers or ARP_AUTH_ISSUER, or auth.mode: disabled)")
     if cfg.jwks_min_ttl_s > cfg.jwks_max_ttl_s:
         r.fail("auth.jwks_min_ttl_s", "must not exceed auth.jwks_max_ttl_s")
     if not cfg.identity_header_prefix.lower().startswith("x-"):
         r.fail("auth.identity_header_prefix", "must start with 'X-'")
-    if cfg.forward_token == "exchange":
+    if cfg.forward_token == ForwardToken.EXCHANGE:
         x = cfg.exchange
         for key in ("token_endpoint", "client_id", "client_secret"):
             if not getattr(x, key):
@@ -704,6 +731,8 @@ def redacted(cfg: GatewayConfig) -> dict:
             return {k: ("***" if k in SECRET_KEYS and v else scrub(v)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [scrub(v) for v in value]
+        if isinstance(value, Enum):
+            return value.value  # plain data: YAML and JSON writers know no enums
         return value
 
     return scrub(dataclasses.asdict(cfg))

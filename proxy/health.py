@@ -19,6 +19,7 @@ import aiohttp
 from . import __version__
 from .clock import Clock
 from .config import UpstreamConfig
+from .singleflight import SingleFlight
 
 SERVICE_NAME = "arp-run-gateway"
 PROBE_TTL_S = 1.0
@@ -44,7 +45,7 @@ class CoordinatorProbe:
         self._clock = clock
         self._ttl = ttl_s
         self._cached: tuple[float, tuple[dict[str, Any], bool]] | None = None
-        self._inflight: asyncio.Future[tuple[dict[str, Any], bool]] | None = None
+        self._flight: SingleFlight[str, tuple[dict[str, Any], bool]] = SingleFlight()
 
     def start(self) -> None:
         """Opens the probe's own client session (the data plane has no aiohttp in it)."""
@@ -67,15 +68,12 @@ class CoordinatorProbe:
         now = self._clock.monotonic()
         if self._cached is not None and now - self._cached[0] < self._ttl:
             return self._cached[1]
-        if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._probe())
-            self._inflight.add_done_callback(self._store)
-        return await asyncio.shield(self._inflight)
+        return await self._flight.do("coordinator", self._probe_and_keep)
 
-    def _store(self, fut: asyncio.Future[tuple[dict[str, Any], bool]]) -> None:
-        self._inflight = None
-        if not fut.cancelled() and fut.exception() is None:
-            self._cached = (self._clock.monotonic(), fut.result())
+    async def _probe_and_keep(self) -> tuple[dict[str, Any], bool]:
+        result = await self._probe()
+        self._cached = (self._clock.monotonic(), result)
+        return result
 
     async def _probe(self) -> tuple[dict[str, Any], bool]:
         check = await self._probe_check()

@@ -117,8 +117,8 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
 
 
 def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
-    """Runs a coroutine on uvloop by default (libuv: about 10% more requests per core in the
-    benchmark than asyncio's own loop), or on asyncio's loop when configured."""
+    """Runs a coroutine on uvloop by default (libuv: more requests per core in the benchmark
+    than asyncio's own loop), or on asyncio's loop when configured."""
     if event_loop == "uvloop":
         import uvloop
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

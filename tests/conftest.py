@@ -1,45 +1,24 @@
-"""Shared fixtures: real sockets on 127.0.0.1, ephemeral ports, real parts behind the gateway."""
+"""Shared fixtures: real sockets on 127.0.0.1, ephemeral ports, real parts behind the gateway.
+
+Helpers and fakes live in tests/support/; this file only turns them into fixtures.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.clock import FakeClock
+from proxy.config import AuthConfig
 from proxy.dev import coordinator as devcoordinator
-from proxy.config import build_config
+from proxy.auth.jwks_refresh import JwksRegistry
 from proxy.server import start_gateway
-from tests.support.servers import serve_app
-
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "arp-spec-v1"
-RUN_START = {
-    "root_node_type_ref": {"node_type_id": "jarvis.composite.planner.general", "version": "0.3.3"},
-    "input": {"goal": "Generate a UUID, then return it."},
-}
-
-
-def gateway_config(upstream: str | None, /, **sections: Any):
-    """A GatewayConfig on an ephemeral loopback port, auth disabled unless given."""
-    raw: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"url": upstream, "connect_timeout_s": 1, "request_timeout_s": 5,
-                     "retries": {"attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05}},
-        "auth": {"mode": "disabled"},
-        "metrics": {"enabled": False},
-        "drain_delay_s": 0,
-        "shutdown_grace_s": 2,
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    return build_config(raw)
+from tests.support.gateway import Upstream, gateway_config
+from tests.support.keys import IdP, Registries, park, signer
 
 
 @pytest.fixture
@@ -73,32 +52,6 @@ async def gateway() -> AsyncIterator[GatewayFactory]:
         await runner.cleanup()
 
 
-class Upstream:
-    """A purpose-built coordinator for faults and timing; records every request it receives."""
-
-    def __init__(self) -> None:
-        self.app = web.Application()
-        self.requests: list[dict[str, Any]] = []
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    def route(self, method: str, path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
-        async def recorded(request: web.Request) -> web.StreamResponse:
-            body = await request.read()
-            self.requests.append({"method": request.method, "path": request.raw_path,
-                                  "headers": request.headers.copy(), "body": body})
-            return await handler(request)
-        self.app.router.add_route(method, path, recorded)
-
-    async def start(self) -> str:
-        self.runner, self.url = await serve_app(self.app, handler_cancellation=True)
-        return self.url
-
-    async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     server = Upstream()
@@ -106,6 +59,43 @@ async def upstream() -> AsyncIterator[Upstream]:
     await server.close()
 
 
-def json_response(status: int = 200, body: Any = None, **headers: str) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body if body is not None else {}).encode(),
-                        content_type="application/json", headers=headers)
+# --------------------------------------------------------------------------- keys (tests/support/keys.py)
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[IdP]:
+    """The JWKS fake with tenant "a" publishing key a-rsa and tenant "b" publishing b-rsa."""
+    server = IdP()
+    await server.start()
+    server.publish("a", signer("a-rsa"))
+    server.publish("b", signer("b-rsa"))
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def registries(session: aiohttp.ClientSession, clock: FakeClock) -> AsyncIterator[Registries]:
+    """Builds and starts registries (background loops parked); closes them all at the end of the test."""
+    made: list[JwksRegistry] = []
+
+    async def make(auth: AuthConfig, **kwargs: Any) -> JwksRegistry:
+        kwargs.setdefault("sleep", park)
+        registry = JwksRegistry(auth, clock, **kwargs)
+        made.append(registry)
+        await registry.start(session)
+        return registry
+
+    yield make
+    for registry in made:
+        await registry.close()

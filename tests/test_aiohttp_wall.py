@@ -20,7 +20,8 @@ import proxy
 PACKAGE = Path(proxy.__file__).resolve().parent
 # The control plane: JWKS and discovery fetches, token exchange, the coordinator health probe, the
 # ops listener, the wiring that opens their sessions, and the dev-only servers.
-CONTROL_PLANE = {"app.py", "health.py", "exchange.py", "ops.py", "server.py", "jwks_fetch.py", "jwks.py",
+CONTROL_PLANE = {"app.py", "health.py", "auth/exchange.py", "ops.py", "server.py", "auth/jwks_fetch.py",
+                 "auth/jwks_refresh.py",
                  "dev/coordinator.py", "dev/issuer.py"}
 
 

@@ -42,8 +42,8 @@ from proxy.dev import issuer as devissuer
 from proxy.config import build_config
 from proxy.server import start_gateway
 from tests.support.servers import serve_app
-from tests.conftest import RUN_START, gateway_config, json_response
 from tests.support.conformance import run_conformance
+from tests.support.gateway import RUN_START, gateway_config, json_response
 from tests.support.idp import MockIdp
 
 AUD = "arp-run-gateway"

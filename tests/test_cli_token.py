@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy.dev import coordinator as devcoordinator
 from proxy.config import load_config
 from proxy.server import start_gateway
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 from tests.support.deploy import ROOT, free_port
 from tests.support.idp import MockIdp
 from tests.support.servers import serve_app

@@ -1,6 +1,6 @@
 """CORS preflights: forwarded without credentials only when configured, otherwise 405 like any wrong method."""
 
-from tests.conftest import json_response
+from tests.support.gateway import json_response
 
 PREFLIGHT = {"Origin": "http://127.0.0.1:3000", "Access-Control-Request-Method": "POST",
              "Access-Control-Request-Headers": "authorization, content-type"}

@@ -25,7 +25,7 @@ import yaml
 from proxy import cli
 from proxy.config import build_config
 from proxy.server import start_gateway
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 from tests.support.deploy import (
     CONTAINERFILE,
     DEPLOY,

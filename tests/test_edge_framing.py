@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from proxy.server import start_gateway
-from tests.conftest import RUN_START, gateway_config
+from tests.support.gateway import RUN_START, gateway_config
 from tests.support.rawhttp import RawConnection, Response, chunked, gzip_bytes, request
 from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
 from tests.support.servers import RawServer

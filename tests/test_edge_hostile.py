@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from proxy.dev import coordinator as devcoordinator
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 from tests.support.rawhttp import RawConnection, Response, request
 from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
 

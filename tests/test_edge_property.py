@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.server import start_gateway
-from tests.conftest import RUN_START, gateway_config
+from tests.support.gateway import RUN_START, gateway_config
 from tests.support.idp import MockIdp
 from tests.support.loopthread import LoopThread
 from tests.support.rawhttp import RawConnection, Response, gzip_bytes

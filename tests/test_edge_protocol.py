@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 from tests.support.rawhttp import RawConnection, chunked, request
 from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
 

@@ -4,7 +4,7 @@ import asyncio
 import json
 from urllib.parse import urlsplit
 
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 
 BODY = json.dumps(RUN_START).encode()
 

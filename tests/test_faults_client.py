@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from proxy.server import start_gateway
-from tests.conftest import gateway_config
+from tests.support.gateway import gateway_config
 from tests.support.relay import reset
 
 STREAMS = 25

@@ -21,7 +21,7 @@ import pytest
 
 from proxy.dev import coordinator as devcoordinator
 from proxy.server import start_gateway
-from tests.conftest import RUN_START, gateway_config
+from tests.support.gateway import RUN_START, gateway_config
 from tests.support.relay import reset
 from tests.support.schemas import envelope_problems
 

@@ -19,7 +19,7 @@ import pytest
 from proxy.dev import issuer as devissuer
 from proxy.metrics import AuthStateCollector, GatewayMetrics
 from proxy.server import start_gateway
-from tests.conftest import RUN_START, gateway_config
+from tests.support.gateway import RUN_START, gateway_config
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")

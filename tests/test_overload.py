@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from proxy.dev import issuer as devissuer
-from tests.conftest import RUN_START, json_response
+from tests.support.gateway import RUN_START, json_response
 from tests.support.schemas import envelope_problems
 
 

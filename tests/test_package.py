@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 from tests.support.deploy import DEPLOY, ROOT, free_port, healthcheck_argv
 from tests.support.idp import MockIdp
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.dev import coordinator as devcoordinator
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import RUN_START
+from tests.support.gateway import RUN_START
 from tests.support.servers import serve_app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""RunStartRequest edge validation: the compiled validator agrees with jsonschema on the spec's own vectors."""
+"""RunStartRequest edge validation (fastjsonschema accepts, jsonschema lists problems) against the spec's own vectors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from proxy.validation import SCHEMA_DIR, SchemaCompileError, compile_schema, load_run_start_validator
-from tests.conftest import SPEC
+from proxy import validation
+from proxy.validation import SCHEMA_DIR, compile_schema, load_run_start_validator
+from tests.support.gateway import SPEC
 
 SCHEMAS = SPEC / "schemas"
 VALID = json.loads((SPEC / "conformance/json_vectors/run_gateway/runs/run_start_request.json").read_text())
@@ -71,8 +72,37 @@ def test_schema_copies_match_the_spec():
         assert json.loads(copy.read_text()) == json.loads(original.read_text()), copy
 
 
-def test_unknown_keywords_refuse_to_compile(tmp_path: Path):
-    schema = tmp_path / "s.json"
-    schema.write_text(json.dumps({"type": "string", "maxLength": 3}))
-    with pytest.raises(SchemaCompileError):
+@pytest.mark.parametrize("document", CASES)
+def test_fast_verdict_and_listed_problems_agree(document):
+    """fastjsonschema decides; jsonschema's list is empty exactly when fastjsonschema accepts."""
+    fast = validation._accepting(SCHEMA_DIR / validation.RUN_START_SCHEMA)
+    try:
+        fast(document)
+        accepted = True
+    except Exception:
+        accepted = False
+    listed = [e for e in validation._listing(SCHEMA_DIR / validation.RUN_START_SCHEMA).iter_errors(document)]
+    assert accepted == (not listed)
+
+
+def test_problem_messages_keep_their_wording():
+    problems = load_run_start_validator()(CASES[10])
+    assert {(p["path"], p["message"]) for p in problems} == {
+        ("constraints.budgets.max_steps", "must be >= 0"),
+        ("constraints.gates.side_effect_class", "must be one of read, write, irreversible"),
+        ("constraints.candidates.allowed_node_type_ids[1]", "must be of type string, not integer"),
+    }
+    assert load_run_start_validator()([]) == [{"path": "$", "message": "must be of type object, not array"}]
+    assert {"path": "root_node_type_ref", "message": "is required"} in load_run_start_validator()({"input": {}})
+
+
+def test_references_resolve_only_inside_the_schema_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(validation, "SCHEMA_DIR", tmp_path)
+    validation._read.cache_clear()
+    schema = tmp_path / "s.schema.json"
+    schema.write_text(json.dumps({"properties": {"x": {"$ref": "https://example.invalid/other.json"}}}))
+    with pytest.raises(ValueError, match="network refused"):
         compile_schema(schema)
+    with pytest.raises(ValueError, match="outside"):
+        validation._read((tmp_path.parent / "elsewhere.json").as_uri())
+    validation._read.cache_clear()

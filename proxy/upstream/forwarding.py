@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..answers import error_answer
+from ..backoff import full_jitter
 from ..config import UpstreamConfig
 from ..listener import Request
 from ..metrics import GatewayMetrics
@@ -174,7 +174,7 @@ class Upstream:
     async def _pause(self, retry: int, deadline: float) -> bool:
         """Full-jitter exponential backoff before retry number `retry`; False if it would pass the deadline."""
         retries = self.cfg.retries
-        pause = random.uniform(0, min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (retry - 1)))
+        pause = full_jitter(retry, retries.backoff_initial_s, retries.backoff_max_s)
         if self._loop.time() + pause >= deadline:
             return False
         await asyncio.sleep(pause)

@@ -1,9 +1,9 @@
 """A keep-alive HTTP/1.1 connection pool to the Run Coordinator, on asyncio protocols.
 
-This is the data plane. aiohttp's client spends about 350 µs of CPU per
-proxied request here (request and response objects, tracing hooks, the
-timer machinery), three quarters of the gateway's cost; this pool does the
-same exchange in a fraction of that. Parsing is llhttp through httptools
+This is the data plane. aiohttp's client spends most of the gateway's CPU
+per proxied request (request and response objects, tracing hooks, the timer
+machinery; tests/bench/results has the figures); this pool does the same
+exchange in a fraction of that. Parsing is llhttp through httptools
 (the parser uvicorn uses), never hand-written. The control plane (JWKS,
 discovery, token exchange, health probes) stays on aiohttp's client.
 

@@ -24,8 +24,8 @@ from joserfc.jwk import ECKey, RSAKey  # noqa: E402
 
 from proxy.clock import SystemClock  # noqa: E402
 from proxy.config import build_config  # noqa: E402
-from proxy.jwks import JwksRegistry  # noqa: E402
-from proxy.tokens import TokenVerifier  # noqa: E402
+from proxy.auth.jwks_refresh import JwksRegistry  # noqa: E402
+from proxy.auth.tokens import TokenVerifier  # noqa: E402
 
 ISSUER = "http://127.0.0.1:1/bench"
 
@@ -34,7 +34,7 @@ def verifier(alg: str, key, cache_size: int) -> TokenVerifier:
     cfg = build_config({"auth": {"mode": "required", "token_cache_size": cache_size, "issuers": [
         {"issuer": ISSUER, "audiences": ["arp-run-gateway"], "jwks_uri": ISSUER + "/jwks", "algorithms": [alg]}]}})
     registry = JwksRegistry(cfg.auth, SystemClock())
-    registry.find_by_issuer(ISSUER).set_remote_jwks({"keys": [key.as_dict(private=False)]})
+    registry.refresher(ISSUER).set_remote_jwks({"keys": [key.as_dict(private=False)]})
     return TokenVerifier(cfg.auth, registry, SystemClock())
 
 

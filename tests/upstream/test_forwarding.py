@@ -27,7 +27,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import RUN_START, SPEC, gateway_config, json_response
 from jsonschema import Draft202012Validator
 from multidict import CIMultiDict
 from referencing import Registry, Resource
@@ -37,6 +36,7 @@ from yarl import URL
 from proxy.dev import coordinator as devcoordinator
 from proxy.config import RetryConfig
 from proxy.server import start_gateway
+from tests.support.gateway import RUN_START, SPEC, gateway_config, json_response
 from tests.support.servers import RawServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -16,7 +16,7 @@ import pytest
 from proxy.dev import coordinator as devcoordinator
 from proxy.upstream.pool import ConnectionReset, PoolBusy, UpstreamPool
 from proxy.server import start_gateway
-from tests.conftest import gateway_config
+from tests.support.gateway import gateway_config
 from tests.support.relay import HidingRelay
 from tests.support.servers import RawServer
 

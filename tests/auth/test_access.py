@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from proxy.access import AccessPolicy
+from proxy.auth.access import AccessPolicy
 from proxy.config import AccessRule, ConfigError, build_config
-from proxy.principal import Principal, scopes_of
+from proxy.auth.principal import Principal, scopes_of
 
 RUNS = "/v1/runs"
 RUN = "/v1/runs/{run_id}"

@@ -2,7 +2,8 @@
 
 It owns the wire behaviour of RFC 6750 and the ARP spec (which status, which
 `WWW-Authenticate`, which ErrorEnvelope); token cryptography lives in
-`tokens.py`, key material in `jwks.py`, route rules in `access.py`.
+`tokens.py`, key material in `jwks_store.py`, route rules in `access.py`, what the
+coordinator learns about the caller in `identity.py`.
 
     authn = Authenticator(cfg.auth, verifier, AccessPolicy(cfg.auth.rules))
     outcome = await authn.authenticate(request, route, request_id)
@@ -13,32 +14,44 @@ It owns the wire behaviour of RFC 6750 and the ARP spec (which status, which
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from enum import StrEnum
 
+from ..answers import Answer, error_answer
+from ..boundedcache import BoundedCache
+from ..config import AuthConfig, AuthMode
+from ..listener import Request
+from ..routes import Route
 from .access import AccessPolicy
-from .answers import Answer, error_answer
-from .config import AuthConfig
-from .jwks import KeysUnavailable
-from .listener import Request
-from .principal import Principal
-from .routes import Route
+from .identity import Identity
+from .jwks_store import KeysUnavailable
+from .principal import Principal, PrincipalKind
 from .tokens import TokenError, TokenVerifier
+
+
+class AuthResult(StrEnum):
+    """What authentication decided; the `result` label of auth metrics and access log lines."""
+
+    ALLOWED = "allowed"                   # a valid token that the route's rules admit
+    EXEMPT = "exempt"                     # an exempt path: no token looked at
+    ANONYMOUS = "anonymous"               # no token, in optional mode, and the route admits anonymous callers
+    DEV = "dev"                           # auth disabled
+    DENIED = "denied"                     # a valid token the route's rules refuse (403)
+    UNAUTHENTICATED = "unauthenticated"   # no usable token (401, or 400 for a malformed request)
+    UNAVAILABLE = "unavailable"           # the issuer's keys are not available (503)
 
 
 @dataclass(frozen=True, slots=True)
 class AuthOutcome:
     principal: Principal | None        # None on exempt routes and refusals
     refusal: Answer | None
-    result: str                        # allowed, exempt, anonymous, dev, denied, unauthenticated, unavailable
+    result: AuthResult
     reason: str = ""
     identity: bytes = b""              # identity header lines (and a passthrough token) for the coordinator
 
 
-EXEMPT = AuthOutcome(None, None, "exempt")
-IDENTITY_CACHE_SIZE = 10000
-# Longer identity values are refused rather than cut: two subjects must never become one.
-MAX_IDENTITY_VALUE = 8192
+EXEMPT = AuthOutcome(None, None, AuthResult.EXEMPT)
+ADMITTED_CACHE_SIZE = 10000
 
 
 def _quote(value: str) -> str:
@@ -46,16 +59,22 @@ def _quote(value: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, cfg: AuthConfig, verifier: TokenVerifier | None, policy: AccessPolicy) -> None:
+    def __init__(self, cfg: AuthConfig, verifier: TokenVerifier | None, policy: AccessPolicy,
+                 identity: Identity | None = None) -> None:
         self.cfg = cfg
         self._verifier = verifier
         self._policy = policy
         self._exempt = frozenset(cfg.exempt_paths)
         self._realm = f'Bearer realm="{_quote(cfg.realm)}"'
-        self._identity: dict[int, tuple[Principal, bytes | None]] = {}
-        dev = Principal(cfg.dev_subject, kind="dev")
-        self._dev = AuthOutcome(dev, None, "dev", identity=self.upstream_headers(dev) or b"")
-        self._anonymous = Principal(cfg.anonymous_subject, kind="anonymous")
+        self._disabled = cfg.mode == AuthMode.DISABLED
+        self._optional = cfg.mode == AuthMode.OPTIONAL
+        self._identity = identity or Identity(cfg)
+        # An admitted principal on a route is admitted the same way every time: the token cache hands
+        # back the same Principal for a repeat token, so its outcome is built once, not per request.
+        self._allowed: BoundedCache[tuple[int, Route, str], AuthOutcome] = BoundedCache(ADMITTED_CACHE_SIZE)
+        dev = Principal(cfg.dev_subject, kind=PrincipalKind.DEV)
+        self._dev = AuthOutcome(dev, None, AuthResult.DEV, identity=self._identity.lines(dev) or b"")
+        self._anonymous = Principal(cfg.anonymous_subject, kind=PrincipalKind.ANONYMOUS)
 
     def is_exempt(self, raw_path: str) -> bool:
         return raw_path in self._exempt
@@ -70,7 +89,7 @@ class Authenticator:
         principal = self._verifier.verify_cached(decided)  # type: ignore[arg-type]
         if principal is None:
             return None
-        return self._authorize(principal, route, request.method, request.request_id, "allowed")
+        return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
 
     async def authenticate(self, request: Request, route: Route, request_id: str) -> AuthOutcome:
         decided = self._read_credentials(request, route)
@@ -85,21 +104,21 @@ class Authenticator:
             return AuthOutcome(None, error_answer(
                 503, "auth_unavailable", "Signing keys of the token issuer are not available yet",
                 request_id=request_id, retryable=True, details={"reason": "keys_unavailable"},
-                headers={"Retry-After": str(exc.retry_after_s)}), "unavailable", "keys_unavailable")
-        return self._authorize(principal, route, request.method, request_id, "allowed")
+                headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable")
+        return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
 
     def _read_credentials(self, request: Request, route: Route) -> AuthOutcome | str:
         """The bearer token to verify, or the outcome when the Authorization header alone decides."""
         values = request.authorization
         request_id = request.request_id
-        if self.cfg.mode == "disabled":
+        if self._disabled:
             return self._dev
         if len(values) > 1:
             return self._bad_request("multiple_authorization_headers",
                                      "Send exactly one Authorization header", request_id)
         if not values:
-            if self.cfg.mode == "optional":
-                return self._authorize(self._anonymous, route, request.method, request_id, "anonymous")
+            if self._optional:
+                return self._authorize(self._anonymous, route, request.method, request_id, AuthResult.ANONYMOUS)
             return self._challenge("missing_token", "A bearer token is required", request_id)
         scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer":
@@ -110,15 +129,21 @@ class Authenticator:
         return token
 
     def _authorize(self, principal: Principal, route: Route, method: str, request_id: str,
-                   result: str) -> AuthOutcome:
+                   result: AuthResult) -> AuthOutcome:
+        key = (id(principal), route, method)
+        known = self._allowed.get(key)
+        if known is not None and known.principal is principal:
+            return known
         denial = self._policy.check(route.template, method, principal)
         if denial is None:
-            identity = self.upstream_headers(principal)
+            identity = self._identity.lines(principal)
             if identity is None:
                 return self._invalid("invalid_claims", "the token's claims cannot be passed on as identity headers",
                                      request_id)
-            return AuthOutcome(principal, None, result, identity=identity)
-        if principal.kind == "anonymous":
+            outcome = AuthOutcome(principal, None, result, identity=identity)
+            self._allowed.put(key, outcome)  # holds the principal, so its id stays its own while cached
+            return outcome
+        if principal.kind == PrincipalKind.ANONYMOUS:
             # A token could grant what is missing: ask for one rather than forbid.
             return self._challenge("missing_token", "A bearer token is required for this route", request_id)
         scope = " ".join(denial.missing_scopes)
@@ -130,69 +155,21 @@ class Authenticator:
             details["required_claims"] = list(denial.failed_claims)
         return AuthOutcome(None, error_answer(
             403, "forbidden", "The token does not grant access to this route", request_id=request_id,
-            details=details, headers={"WWW-Authenticate": header}), "denied", denial.reason)
+            details=details, headers={"WWW-Authenticate": header}), AuthResult.DENIED, denial.reason)
 
     def _challenge(self, reason: str, message: str, request_id: str) -> AuthOutcome:
         return AuthOutcome(None, error_answer(
             401, "unauthorized", message, request_id=request_id, details={"reason": reason},
-            headers={"WWW-Authenticate": self._realm}), "unauthenticated", reason)
+            headers={"WWW-Authenticate": self._realm}), AuthResult.UNAUTHENTICATED, reason)
 
     def _invalid(self, reason: str, description: str, request_id: str) -> AuthOutcome:
         header = f'{self._realm}, error="invalid_token", error_description="{_quote(description)}"'
         return AuthOutcome(None, error_answer(
             401, "unauthorized", description, request_id=request_id, details={"reason": reason},
-            headers={"WWW-Authenticate": header}), "unauthenticated", reason)
+            headers={"WWW-Authenticate": header}), AuthResult.UNAUTHENTICATED, reason)
 
     def _bad_request(self, reason: str, message: str, request_id: str) -> AuthOutcome:
         header = f'{self._realm}, error="invalid_request", error_description="{_quote(message)}"'
         return AuthOutcome(None, error_answer(
             400, "invalid_request", message, request_id=request_id, details={"reason": reason},
-            headers={"WWW-Authenticate": header}), "unauthenticated", reason)
-
-    def upstream_headers(self, principal: Principal) -> bytes | None:
-        """What the coordinator learns about the caller, as ready header lines: identity headers and,
-        with `forward_token: passthrough`, the verified token; None when a claim cannot be sent as
-        it is (control characters, or longer than MAX_IDENTITY_VALUE). Cleaning or cutting such a
-        value could make two callers look alike, so the token is refused instead.
-
-        Cached per principal object: the token cache hands back the same Principal for a repeat
-        token, so its lines are built and encoded once, not per request."""
-        cached = self._identity.get(id(principal))
-        if cached is not None and cached[0] is principal:
-            return cached[1]
-        lines = self._build_identity(principal)
-        block: bytes | None = None
-        if lines is not None:
-            if self.cfg.forward_token == "passthrough" and principal.token is not None:
-                lines.append(("Authorization", f"Bearer {principal.token}"))
-            block = "".join(f"{name}: {value}\r\n" for name, value in lines).encode("utf-8")
-        if len(self._identity) >= IDENTITY_CACHE_SIZE:
-            self._identity.clear()
-        self._identity[id(principal)] = (principal, block)
-        return block
-
-    def _build_identity(self, principal: Principal) -> list[tuple[str, str]] | None:
-        prefix = self.cfg.identity_header_prefix
-        headers = [(f"{prefix}Subject", principal.subject)]
-        if principal.issuer:
-            headers.append((f"{prefix}Issuer", principal.issuer))
-        if principal.scopes:
-            headers.append((f"{prefix}Scopes", " ".join(sorted(principal.scopes))))
-        for claim, header in self.cfg.claim_headers:
-            value = principal.claims.get(claim)
-            if isinstance(value, list):
-                value = ",".join(str(v) for v in value)
-            if value is not None and not isinstance(value, dict):
-                headers.append((header, str(value)))
-        if all(_header_safe(value) for _, value in headers):
-            return headers
-        return None
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _header_safe(value: str) -> bool:
-    """Claims are attacker-influenced text: no control character (C0, DEL, C1) may reach a header line."""
-    return (len(value) <= MAX_IDENTITY_VALUE and _CONTROL.search(value) is None
-            and len(value.encode("utf-8")) <= MAX_IDENTITY_VALUE)
+            headers={"WWW-Authenticate": header}), AuthResult.UNAUTHENTICATED, reason)

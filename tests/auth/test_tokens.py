@@ -1,6 +1,6 @@
 """Tests for bearer-token verification (proxy/tokens.py) against a real JWKS server.
 
-The IdP helper, key factory and fixtures live in tests/test_jwks.py.
+The IdP and key fake is tests/support/keys.py; its fixtures are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ from joserfc.jwk import OctKey
 from joserfc.jws import JWSRegistry
 from joserfc.registry import HeaderParameter
 
-import proxy.tokens
+import proxy.auth.tokens
 from proxy.clock import FakeClock
 from proxy.config import AuthConfig
-from proxy.jwks import JwksFetchError, KeysUnavailable
-from proxy.tokens import (
+from proxy.auth.jwks_fetch import JwksFetchError
+from proxy.auth.jwks_store import KeysUnavailable
+from proxy.auth.tokens import (
     AudienceMismatch, BadSignature, Expired, ForbiddenHeader, InvalidClaim, IssuerMismatch,
     MalformedToken, MissingClaim, NotYetValid, TokenError, TokenTooLarge, TokenVerifier,
     UnknownKey, UnsupportedAlg,
 )
-from test_jwks import (  # noqa: F401  (fixtures are found by name)
-    ASYM_ALGS, IdP, Registries, auth_config, claims_for, clock, idp, issuer_config, registries,
-    session, signer,
-)
+from tests.support.keys import ASYM_ALGS, IdP, Registries, auth_config, claims_for, issuer_config, signer
 
 HMAC_SECRET = "an-hmac-secret-of-at-least-32-bytes!"
 
@@ -374,10 +372,9 @@ async def test_failed_refresh_keeps_verifying_with_last_good_keys(
     verifier = TokenVerifier(auth, registry, clock)
     idp.mode = "bad_json"
     clock.advance(301)
-    jwks = registry.find_by_issuer(idp.issuer("a"))
-    assert jwks is not None
+    assert registry.find_by_issuer(idp.issuer("a")) is not None
     with pytest.raises(JwksFetchError):
-        await jwks.refresh()
+        await registry.refresher(idp.issuer("a")).refresh()
     assert (await verifier.verify(signer("a-rsa").sign(good(idp, clock)))).subject == "user-1"
 
 
@@ -387,13 +384,13 @@ async def test_failed_refresh_keeps_verifying_with_last_good_keys(
 async def test_cache_hit_skips_signature_verification(
         idp: IdP, verifier: TokenVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = proxy.tokens.jws.validate_compact
+    real = proxy.auth.tokens.jws.validate_compact
 
     def counting(*args: Any, **kwargs: Any) -> bool:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(proxy.tokens.jws, "validate_compact", counting)
+    monkeypatch.setattr(proxy.auth.tokens.jws, "validate_compact", counting)
     token = signer("a-rsa").sign(good(idp, clock))
     first = await verifier.verify(token)
     second = await verifier.verify(token)

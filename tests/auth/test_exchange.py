@@ -26,10 +26,10 @@ from aiohttp import web
 from proxy.dev import issuer as devissuer
 from proxy.clock import FakeClock
 from proxy.config import ExchangeConfig, load_config
-from proxy.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, ExchangeFailed, TokenExchanger
+from proxy.auth.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, ExchangeFailed, TokenExchanger
 from proxy.server import start_gateway
+from tests.support.gateway import json_response
 from tests.support.servers import serve_app
-from tests.conftest import json_response
 
 AUD = devissuer.DEFAULT_AUDIENCE
 CLIENT_ID = "arp-run-gateway"

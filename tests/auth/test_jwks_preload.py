@@ -1,11 +1,12 @@
-"""IssuerJwks.set_remote_jwks: installing a key set without a fetch, as a fetch would."""
+"""RefreshScheduler.set_remote_jwks: installing a key set without a fetch, as a fetch would."""
 
 import pytest
-from joserfc.jwk import RSAKey
 
 from proxy.clock import FakeClock
 from proxy.config import build_config
-from proxy.jwks import JwksFetchError, JwksRegistry
+from proxy.auth.jwks_fetch import JwksFetchError
+from proxy.auth.jwks_refresh import JwksRegistry
+from tests.support.keys import signer
 
 ISSUER = "http://127.0.0.1:1/idp"
 
@@ -18,18 +19,19 @@ def registry(clock: FakeClock) -> JwksRegistry:
 
 def test_preloaded_keys_serve_and_expire_like_fetched_ones():
     clock = FakeClock()
-    jwks = registry(clock).find_by_issuer(ISSUER)
-    key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+    reg = registry(clock)
+    jwks = reg.find_by_issuer(ISSUER)
     assert not jwks.ready and jwks.find_key("k1") is None
-    jwks.set_remote_jwks({"keys": [key.as_dict(private=False)]})
+    reg.refresher(ISSUER).set_remote_jwks({"keys": [signer("k1").jwk()]})
     assert jwks.ready and jwks.find_key("k1") is not None and jwks.keys_count == 1
     assert not jwks.is_expired()
     clock.advance(101)
     assert jwks.is_expired() and jwks.ready      # past the TTL: refetch due, keys still served
+    assert reg.refresher(ISSUER).fetches_ok == 1  # counted as a fetch would be
 
 
 def test_a_key_set_without_usable_keys_is_refused():
-    jwks = registry(FakeClock()).find_by_issuer(ISSUER)
+    reg = registry(FakeClock())
     with pytest.raises(JwksFetchError):
-        jwks.set_remote_jwks({"keys": []})
-    assert not jwks.ready
+        reg.refresher(ISSUER).set_remote_jwks({"keys": []})
+    assert not reg.find_by_issuer(ISSUER).ready

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections import OrderedDict
 
 import aiohttp
 from aiohttp_retry import ExponentialRetry, RetryClient
 
-from .clock import Clock
-from .config import ExchangeConfig
+from ..boundedcache import BoundedCache
+from ..clock import Clock
+from ..config import ExchangeConfig
+from ..singleflight import SingleFlight
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
@@ -42,9 +43,9 @@ class TokenExchanger:
         self._cfg = cfg
         self._clock = clock
         self._client: RetryClient | None = None
-        self._cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[tuple[str, float]]] = {}
-        self.exchanges = 0
+        # Keyed by the subject token's SHA-256 (b"" for client credentials): no caller's token is kept.
+        self._cache: BoundedCache[bytes, tuple[str, float]] = BoundedCache(CACHE_SIZE)
+        self._flight: SingleFlight[bytes, tuple[str, float]] = SingleFlight()
 
     def start(self, session: aiohttp.ClientSession) -> None:
         retry = ExponentialRetry(attempts=3, start_timeout=0.1, max_timeout=1.0,
@@ -55,24 +56,14 @@ class TokenExchanger:
         key = hashlib.sha256(subject_token.encode()).digest() if subject_token else b""
         hit = self._cache.get(key)
         if hit is not None and hit[1] > self._clock.monotonic():
-            self._cache.move_to_end(key)
             return hit[0]
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(self._fetch(subject_token))
-            self._inflight[key] = future
-            future.add_done_callback(lambda f: self._store(key, f))
-        token, _ = await asyncio.shield(future)
+        token, _ = await self._flight.do(key, lambda: self._fetch_and_keep(key, subject_token))
         return token
 
-    def _store(self, key: bytes, future: asyncio.Future[tuple[str, float]]) -> None:
-        self._inflight.pop(key, None)
-        if future.cancelled() or future.exception() is not None:
-            return
-        self._cache[key] = future.result()
-        self._cache.move_to_end(key)
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+    async def _fetch_and_keep(self, key: bytes, subject_token: str | None) -> tuple[str, float]:
+        result = await self._fetch(subject_token)
+        self._cache.put(key, result)  # failures are not kept: the next request asks again
+        return result
 
     async def _fetch(self, subject_token: str | None) -> tuple[str, float]:
         cfg = self._cfg
@@ -86,7 +77,6 @@ class TokenExchanger:
         if cfg.scope:
             form["scope"] = cfg.scope
         assert self._client is not None and cfg.token_endpoint is not None
-        self.exchanges += 1
         try:
             async with self._client.post(cfg.token_endpoint, data=form) as resp:
                 status = resp.status

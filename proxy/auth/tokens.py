@@ -1,6 +1,6 @@
 """Bearer-token verification: a compact JWS in, a Principal out, or a typed reason why not.
 
-    verifier = TokenVerifier(cfg.auth, registry, SystemClock())
+    verifier = TokenVerifier(cfg.auth, registry, SystemClock())    # registry: jwks_refresh.JwksRegistry
     try:
         principal = await verifier.verify(token)
     except TokenError as exc:        # 401; details.reason = exc.reason, message = exc.description
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -27,10 +26,12 @@ from joserfc.errors import ExceededSizeError, InvalidKeyCurveError, JoseError, K
 from joserfc.jwk import Key
 from joserfc.jws import CompactSignature, JWSRegistry
 
-from .clock import Clock
-from .config import HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS, AuthConfig
-from .jwks import IssuerJwks, JwksRegistry, KeysUnavailable
-from .principal import Principal, scopes_of
+from ..boundedcache import BoundedCache
+from ..clock import Clock
+from ..config import HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS, AuthConfig
+from .jwks_refresh import JwksRegistry
+from .jwks_store import IssuerKeys, KeysUnavailable
+from .principal import Principal, PrincipalKind, scopes_of
 
 __all__ = [
     "TokenVerifier", "TokenError", "MalformedToken", "TokenTooLarge", "UnsupportedAlg",
@@ -139,7 +140,7 @@ class _Cached:
 
     principal: Principal
     exp: float
-    jwks: IssuerJwks
+    keys: IssuerKeys
     kid: str | None
     key: Key
     hmac: bool
@@ -153,13 +154,14 @@ def _reject_constant(name: str) -> NoReturn:
 class TokenVerifier:
     def __init__(self, auth: AuthConfig, registry: JwksRegistry, clock: Clock) -> None:
         self._registry = registry
+        self._store = registry.store
         self._clock = clock
         self._max_bytes = auth.max_token_bytes
         self._skew = auth.clock_skew_s
         self._cache_size = auth.token_cache_size
         # Keyed by the token text itself: its Principal keeps the token anyway (for passthrough),
         # and str keys spare a SHA-256 per request.
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache: BoundedCache[str, _Cached] = BoundedCache(auth.token_cache_size)
         self._policies = {
             i.issuer: _Policy(frozenset(i.algorithms) - {"none"}, frozenset(i.audiences))
             for i in auth.issuers
@@ -185,9 +187,8 @@ class TokenVerifier:
         None when verify() has to decide (a new token, or one whose verdict changed)."""
         entry = self._cache.get(token)
         if (entry is None or self._clock.time() >= entry.exp
-                or not (entry.hmac or (entry.jwks.find_key(entry.kid) is entry.key and entry.jwks.ready))):
+                or not (entry.hmac or (entry.keys.find_key(entry.kid) is entry.key and entry.keys.ready))):
             return None
-        self._cache.move_to_end(token)
         self.cache_hits += 1
         return entry.principal
 
@@ -200,15 +201,15 @@ class TokenVerifier:
             entry = self._cache.get(token)
             if entry is not None:
                 if self._clock.time() < entry.exp and (
-                        entry.hmac or entry.jwks.find_key(entry.kid) is entry.key):
-                    if not entry.hmac and not entry.jwks.ready:
+                        entry.hmac or entry.keys.find_key(entry.kid) is entry.key):
+                    if not entry.hmac and not entry.keys.ready:
                         # Keys older than jwks_max_stale_s: a cached token gets no longer life than a new one.
-                        raise KeysUnavailable(entry.jwks.issuer, entry.jwks.retry_after_s())
-                    self._cache.move_to_end(token)
+                        issuer = entry.keys.issuer
+                        raise KeysUnavailable(issuer, self._registry.refresher(issuer).retry_after_s())
                     self.cache_hits += 1
                     return entry.principal
                 # Expired, or its key was rotated out: a revoked key must not live on here.
-                del self._cache[token]
+                self._cache.pop(token)
             self.cache_misses += 1
         try:
             raw = token.encode("ascii")
@@ -216,9 +217,7 @@ class TokenVerifier:
             raise MalformedToken() from None
         verified = await self._verify(token, raw)
         if cached and self._clock.time() < verified.exp:
-            self._cache[token] = verified
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._cache.put(token, verified)
         return verified.principal
 
     async def _verify(self, token: str, raw: bytes) -> _Cached:
@@ -236,22 +235,23 @@ class TokenVerifier:
             raise MissingClaim("iss")
         if not isinstance(iss, str):
             raise InvalidClaim("iss")
-        jwks = self._registry.find_by_issuer(iss)
+        keys = self._store.find_by_issuer(iss)
         policy = self._policies.get(iss)
-        if jwks is None or policy is None:
+        if keys is None or policy is None:
             raise IssuerMismatch()
         if alg not in policy.algorithms:
             raise UnsupportedAlg()
 
         hmac = alg in HMAC_ALGORITHMS
-        key = self._key(jwks, kid, hmac)
+        key = self._key(keys, kid, hmac)
         if key is None:
-            key = await jwks.refresh_for_unknown_kid(kid)  # KeysUnavailable propagates (503)
+            # KeysUnavailable propagates (503)
+            key = await self._registry.refresher(iss).refresh_for_unknown_kid(kid)
             if key is None:
                 raise UnknownKey()
         self._check_signature(obj, key, alg)
 
-        if claims.get("iss") != jwks.issuer:  # identical by construction; kept as the rule
+        if claims.get("iss") != keys.issuer:  # identical by construction; kept as the rule
             raise IssuerMismatch()
         self._check_audience(claims, policy)
         exp = self._check_times(claims)
@@ -261,8 +261,8 @@ class TokenVerifier:
         if not isinstance(sub, str) or not sub:
             raise InvalidClaim("sub")
         principal = Principal(subject=sub, issuer=iss, scopes=scopes_of(claims), claims=claims,
-                              token=token, expires_at=exp, kind="token")
-        return _Cached(principal, exp, jwks, kid, key, hmac)
+                              token=token, expires_at=exp, kind=PrincipalKind.TOKEN)
+        return _Cached(principal, exp, keys, kid, key, hmac)
 
     def _parse(self, raw: bytes) -> CompactSignature:
         try:
@@ -296,13 +296,13 @@ class TokenVerifier:
         return claims
 
     @staticmethod
-    def _key(jwks: IssuerJwks, kid: str | None, hmac: bool) -> Key | None:
+    def _key(keys: IssuerKeys, kid: str | None, hmac: bool) -> Key | None:
         if hmac:
             # Only the configured secret; a JWKS (public) key is never an HMAC key.
-            if jwks.hmac_key is None:
+            if keys.hmac_key is None:
                 raise UnsupportedAlg()
-            return jwks.hmac_key
-        return jwks.find_key(kid) if jwks.ready else None
+            return keys.hmac_key
+        return keys.find_key(kid) if keys.ready else None
 
     def _check_signature(self, obj: CompactSignature, key: Key, alg: str) -> None:
         try:
@@ -343,9 +343,6 @@ class TokenVerifier:
         if iat is not None and iat > now + self._skew:
             raise NotYetValid("the token was issued in the future (iat)")
         return exp
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     @property
     def cache_size(self) -> int:

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class PrincipalKind(StrEnum):
+    TOKEN = "token"           # a verified bearer token
+    ANONYMOUS = "anonymous"   # no token, in auth.mode optional
+    DEV = "dev"               # auth.mode disabled: nothing was verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +21,7 @@ class Principal:
     claims: dict[str, Any] = field(default_factory=dict)
     token: str | None = None           # the verified bearer token, for passthrough/exchange
     expires_at: float | None = None    # the token's `exp`
-    kind: str = "token"                # "token", "anonymous" or "dev"
+    kind: PrincipalKind = PrincipalKind.TOKEN
 
 
 def scopes_of(claims: dict[str, Any]) -> frozenset[str]:

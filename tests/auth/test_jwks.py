@@ -1,235 +1,31 @@
-"""Tests for the per-issuer JWKS cache (proxy/jwks.py).
+"""The JWKS registry end to end: store, fetcher and refresh scheduler against a real JWKS server.
 
-Real HTTP: a small aiohttp IdP on 127.0.0.1:0 serves keys generated with joserfc,
-counts requests and fails on demand. Time is a FakeClock; background loops are
-parked (their sleep never returns) unless a test drives them itself.
-
-The IdP helper and key/token factories here are also used by tests/test_tokens.py.
+The IdP is the key/IdP fake of tests/support/keys.py, over real HTTP on loopback.
+Time is a FakeClock; background loops are parked (their sleep never returns)
+unless a test drives them itself. Each part alone: test_jwks_store.py,
+test_jwks_fetch.py, test_jwks_refresh.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import random
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from joserfc import jws, jwt
-from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
+from joserfc.jwk import OctKey
 
 from proxy.clock import FakeClock
-from proxy.config import AuthConfig, IssuerConfig
-from proxy.jwks import IssuerJwks, JwksFetchError, JwksRegistry, KeysUnavailable
-
-AUDIENCE = "arp-run-gateway"
-ASYM_ALGS = ("RS256", "PS256", "ES256", "EdDSA")
-
-
-# --------------------------------------------------------------------------- keys and tokens
+from proxy.auth.jwks_fetch import FetchSettings, JwksFetcher, JwksFetchError
+from proxy.auth.jwks_refresh import JwksRegistry, RefreshScheduler, RefreshSettings
+from proxy.auth.jwks_store import IssuerKeys, KeysUnavailable, StoreSettings
+from tests.support.keys import IdP, Registries, auth_config, issuer_config, park, signer
 
 
-@dataclass(frozen=True)
-class Signer:
-    """A private key the test IdP publishes (public half) and tests sign with."""
-
-    key: Key
-    kid: str | None
-    alg: str
-
-    def jwk(self, **extra: Any) -> dict[str, Any]:
-        data = dict(self.key.as_dict(private=False))
-        data.pop("kid", None)
-        if self.kid is not None:
-            data["kid"] = self.kid
-        data.update(use="sig", alg=self.alg)
-        data.update(extra)
-        return data
-
-    def sign(self, claims: dict[str, Any], **header: Any) -> str:
-        head = {"alg": self.alg, "typ": "JWT", **({"kid": self.kid} if self.kid else {}), **header}
-        head = {k: v for k, v in head.items() if v is not None}
-        return jwt.encode(head, claims, self.key, algorithms=[head["alg"]])
-
-    def sign_raw(self, payload: bytes, **header: Any) -> str:
-        """Signs arbitrary payload bytes, e.g. JSON joserfc's encoder would never produce."""
-        head = {"alg": self.alg, "typ": "JWT", "kid": self.kid, **header}
-        return jws.serialize_compact(head, payload, self.key, algorithms=[self.alg])
-
-
-@functools.cache
-def _private_key(name: str, alg: str) -> Key:
-    # Cached per process: 2048-bit RSA generation is the slow part of these tests.
-    if alg.startswith(("RS", "PS")):
-        return RSAKey.generate_key(2048)
-    if alg == "ES256":
-        return ECKey.generate_key("P-256")
-    if alg == "EdDSA":
-        return OKPKey.generate_key("Ed25519")
-    raise ValueError(alg)
-
-
-def signer(name: str, alg: str = "RS256", kid: str | None = "") -> Signer:
-    """The same name always gives the same key; kid defaults to the name."""
-    return Signer(_private_key(name, alg), name if kid == "" else kid, alg)
-
-
-def claims_for(issuer: str, clock: FakeClock, **overrides: Any) -> dict[str, Any]:
-    now = int(clock.time())
-    claims: dict[str, Any] = {
-        "iss": issuer, "aud": AUDIENCE, "sub": "user-1", "iat": now, "nbf": now,
-        "exp": now + 300, "scope": "runs:read runs:write",
-    }
-    claims.update(overrides)
-    return {k: v for k, v in claims.items() if v is not None}
-
-
-# --------------------------------------------------------------------------- the test IdP
-
-
-class IdP:
-    """JWKS and discovery documents per tenant on 127.0.0.1:0, counting every request.
-
-    `mode` makes the JWKS endpoint fail: "503", "bad_json", "no_keys_list",
-    "empty_keys", "hang" (until the test ends) or "ok".
-    """
-
-    def __init__(self) -> None:
-        self.keys: dict[str, list[dict[str, Any]]] = {}
-        self.mode = "ok"
-        self.cache_control: str | None = None
-        self.discovery_issuer: dict[str, str] = {}
-        self.hits: Counter[str] = Counter()
-        self.base = ""
-        self._runner: web.AppRunner | None = None
-        self._release = asyncio.Event()
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{tenant}/jwks", self._jwks)
-        app.router.add_get("/{tenant}/.well-known/openid-configuration", self._discovery)
-        app.router.add_get("/evil/{tail:.*}", self._evil)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.base = f"http://{host}:{port}"
-
-    async def stop(self) -> None:
-        self._release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def issuer(self, tenant: str) -> str:
-        return f"{self.base}/{tenant}"
-
-    def jwks_uri(self, tenant: str) -> str:
-        return f"{self.base}/{tenant}/jwks"
-
-    def fetches(self, tenant: str) -> int:
-        return self.hits[f"/{tenant}/jwks"]
-
-    def publish(self, tenant: str, *signers: Signer) -> None:
-        self.keys[tenant] = [s.jwk() for s in signers]
-
-    async def _jwks(self, request: web.Request) -> web.StreamResponse:
-        self.hits[request.path] += 1
-        headers = {"Cache-Control": self.cache_control} if self.cache_control else {}
-        if self.mode == "503":
-            return web.Response(status=503, text="down")
-        if self.mode == "bad_json":
-            return web.Response(text="{not json", content_type="application/json")
-        if self.mode == "no_keys_list":
-            return web.json_response({"keys": "nope"})
-        if self.mode == "empty_keys":
-            return web.json_response({"keys": []})
-        if self.mode == "hang":
-            await self._release.wait()
-        return web.json_response({"keys": self.keys.get(request.match_info["tenant"], [])},
-                                 headers=headers)
-
-    async def _discovery(self, request: web.Request) -> web.Response:
-        self.hits[request.path] += 1
-        tenant = request.match_info["tenant"]
-        return web.json_response({
-            "issuer": self.discovery_issuer.get(tenant, self.issuer(tenant)),
-            "jwks_uri": self.jwks_uri(tenant),
-            "id_token_signing_alg_values_supported": list(ASYM_ALGS),
-        })
-
-    async def _evil(self, request: web.Request) -> web.Response:
-        self.hits["evil"] += 1
-        return web.json_response({"keys": []})
-
-
-def issuer_config(idp: IdP, tenant: str, **overrides: Any) -> IssuerConfig:
-    base = IssuerConfig(issuer=idp.issuer(tenant), audiences=(AUDIENCE,),
-                        jwks_uri=idp.jwks_uri(tenant), algorithms=ASYM_ALGS)
-    return dataclasses.replace(base, **overrides)
-
-
-def auth_config(idp: IdP, *issuers: IssuerConfig, **overrides: Any) -> AuthConfig:
-    issuers = issuers or (issuer_config(idp, "a"), issuer_config(idp, "b"))
-    return dataclasses.replace(AuthConfig(issuers=issuers), **overrides)
-
-
-async def park(_delay: float) -> None:
-    """A sleep that never returns: keeps background refresh loops out of fetch counts."""
-    await asyncio.Event().wait()
-
-
-@pytest.fixture
-async def idp() -> AsyncIterator[IdP]:
-    server = IdP()
-    await server.start()
-    server.publish("a", signer("a-rsa"))
-    server.publish("b", signer("b-rsa"))
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-Registries = Callable[..., Awaitable[JwksRegistry]]
-
-
-@pytest.fixture
-async def registries(session: aiohttp.ClientSession, clock: FakeClock) -> AsyncIterator[Registries]:
-    """Builds and starts registries; closes them all at the end of the test."""
-    made: list[JwksRegistry] = []
-
-    async def make(auth: AuthConfig, **kwargs: Any) -> JwksRegistry:
-        kwargs.setdefault("sleep", park)
-        registry = JwksRegistry(auth, clock, **kwargs)
-        made.append(registry)
-        await registry.start(session)
-        return registry
-
-    yield make
-    for registry in made:
-        await registry.close()
-
-
-def jwks_of(registry: JwksRegistry, idp: IdP, tenant: str) -> IssuerJwks:
-    jwks = registry.find_by_issuer(idp.issuer(tenant))
-    assert jwks is not None
-    return jwks
+def jwks_of(registry: JwksRegistry, idp: IdP, tenant: str) -> RefreshScheduler:
+    """The refresh scheduler of one tenant; its store entry is `.keys`."""
+    assert registry.find_by_issuer(idp.issuer(tenant)) is not None
+    return registry.refresher(idp.issuer(tenant))
 
 
 # --------------------------------------------------------------------------- fetching and lookup
@@ -239,15 +35,15 @@ async def test_start_fetches_every_issuer_and_finds_keys_by_kid(idp: IdP, regist
     registry = await registries(auth_config(idp))
     a, b = jwks_of(registry, idp, "a"), jwks_of(registry, idp, "b")
     assert registry.ready and len(registry) == 2 and set(registry) == {a, b}
-    assert a.find_key("a-rsa") is not None and a.has_kid("a-rsa")
-    assert a.keys_count == 1 and a.fetches_ok == 1 and a.last_success is not None
+    assert a.keys.find_key("a-rsa") is not None and a.keys.has_kid("a-rsa")
+    assert a.keys.keys_count == 1 and a.fetches_ok == 1 and a.keys.last_success is not None
     assert idp.fetches("a") == idp.fetches("b") == 1
 
 
 async def test_keys_are_kept_per_issuer(idp: IdP, registries: Registries) -> None:
     registry = await registries(auth_config(idp))
-    assert jwks_of(registry, idp, "a").find_key("b-rsa") is None
-    assert jwks_of(registry, idp, "b").find_key("a-rsa") is None
+    assert jwks_of(registry, idp, "a").keys.find_key("b-rsa") is None
+    assert jwks_of(registry, idp, "b").keys.find_key("a-rsa") is None
 
 
 async def test_issuer_lookup_is_exact(idp: IdP, registries: Registries) -> None:
@@ -260,10 +56,10 @@ async def test_unchanged_keys_keep_their_identity_across_refreshes(
         idp: IdP, registries: Registries) -> None:
     registry = await registries(auth_config(idp))
     a = jwks_of(registry, idp, "a")
-    before = a.find_key("a-rsa")
+    before = a.keys.find_key("a-rsa")
     await a.refresh()
     assert idp.fetches("a") == 2
-    assert a.find_key("a-rsa") is before  # not re-imported; token cache entries stay valid
+    assert a.keys.find_key("a-rsa") is before  # not re-imported; token cache entries stay valid
 
 
 @pytest.mark.parametrize("mode,kind", [
@@ -279,14 +75,14 @@ async def test_refresh_failure_keeps_last_good_keys(
     registry = await registries(auth_config(idp, jwks_fetch_timeout_s=0.2),
                                 on_fetch=lambda result, _duration: results.append(result))
     a = jwks_of(registry, idp, "a")
-    key = a.find_key("a-rsa")
+    key = a.keys.find_key("a-rsa")
     idp.mode = mode
     clock.advance(301)
-    assert a.is_expired()
+    assert a.keys.is_expired()
     with pytest.raises(JwksFetchError) as err:
         await a.refresh()
     assert err.value.kind == kind
-    assert a.find_key("a-rsa") is key and a.ready
+    assert a.keys.find_key("a-rsa") is key and a.keys.ready
     assert a.fetches_failed == 1 and a.last_error
     assert "ok" in results and kind in results
 
@@ -299,7 +95,7 @@ async def test_connection_refused_is_a_fetch_error(
     await closed.stop()
     registry = await registries(auth_config(idp, issuer_config(idp, "a", jwks_uri=dead_uri)))
     a = jwks_of(registry, idp, "a")
-    assert not a.ready and a.fetches_failed == 1
+    assert not a.keys.ready and a.fetches_failed == 1
     with pytest.raises(JwksFetchError) as err:
         await a.refresh()
     assert err.value.kind == "connection"
@@ -311,15 +107,15 @@ async def test_keys_staler_than_max_stale_are_unavailable(
     a = jwks_of(registry, idp, "a")
     idp.mode = "503"
     clock.advance(600)
-    assert a.ready
+    assert a.keys.ready
     clock.advance(1)
-    assert not a.ready and not registry.ready
+    assert not a.keys.ready and not registry.ready
     with pytest.raises(KeysUnavailable) as err:
         await a.refresh_for_unknown_kid("a-rsa")
     assert err.value.retry_after_s >= 1
     idp.mode = "ok"
     clock.advance(30)
-    assert await a.refresh_for_unknown_kid("a-rsa") is not None and a.ready
+    assert await a.refresh_for_unknown_kid("a-rsa") is not None and a.keys.ready
 
 
 async def test_cold_start_with_idp_down_does_not_raise_then_recovers(
@@ -327,7 +123,7 @@ async def test_cold_start_with_idp_down_does_not_raise_then_recovers(
     idp.mode = "503"
     registry = await registries(auth_config(idp))
     a = jwks_of(registry, idp, "a")
-    assert not registry.ready and a.keys_count == 0 and a.last_error
+    assert not registry.ready and a.keys.keys_count == 0 and a.last_error
     with pytest.raises(KeysUnavailable) as err:
         await a.refresh_for_unknown_kid("a-rsa")
     assert err.value.issuer == idp.issuer("a")
@@ -336,7 +132,7 @@ async def test_cold_start_with_idp_down_does_not_raise_then_recovers(
         await a.refresh_for_unknown_kid("a-rsa")  # still inside the cooldown: no fetch
     assert 1 <= err.value.retry_after_s <= 30 and a.refetch_suppressed == 1
     clock.advance(30)
-    assert await a.refresh_for_unknown_kid("a-rsa") is not None and a.ready
+    assert await a.refresh_for_unknown_kid("a-rsa") is not None and a.keys.ready
     assert not registry.ready  # issuer b has had no reason to refetch yet
 
 
@@ -346,9 +142,9 @@ async def test_default_ttl_and_refresh_at_ninety_percent(idp: IdP, registries: R
     a = jwks_of(registry, idp, "a")
     assert a.next_refresh_delay() == pytest.approx(270)
     clock.advance(299)
-    assert not a.is_expired()
+    assert not a.keys.is_expired()
     clock.advance(1)
-    assert a.is_expired() and a.next_refresh_delay() == 0
+    assert a.keys.is_expired() and a.next_refresh_delay() == 0
 
 
 @pytest.mark.parametrize("header,ttl", [
@@ -364,16 +160,16 @@ async def test_cache_control_max_age_is_honoured_and_clamped(
     registry = await registries(auth_config(idp))
     a = jwks_of(registry, idp, "a")
     clock.advance(ttl - 1)
-    assert not a.is_expired()
+    assert not a.keys.is_expired()
     clock.advance(1)
-    assert a.is_expired()
+    assert a.keys.is_expired()
 
 
 async def test_discovery_resolves_and_caches_jwks_uri(
         idp: IdP, registries: Registries) -> None:
     registry = await registries(auth_config(idp, issuer_config(idp, "a", jwks_uri=None)))
     a = jwks_of(registry, idp, "a")
-    assert a.ready and a.find_key("a-rsa") is not None
+    assert a.keys.ready and a.keys.find_key("a-rsa") is not None
     await a.refresh()
     assert idp.hits["/a/.well-known/openid-configuration"] == 1
     assert idp.fetches("a") == 2
@@ -384,7 +180,7 @@ async def test_discovery_issuer_mismatch_is_a_fetch_error(
     idp.discovery_issuer["a"] = idp.issuer("a") + "/"
     registry = await registries(auth_config(idp, issuer_config(idp, "a", jwks_uri=None)))
     a = jwks_of(registry, idp, "a")
-    assert not a.ready
+    assert not a.keys.ready
     with pytest.raises(JwksFetchError) as err:
         await a.refresh()
     assert err.value.kind == "discovery"
@@ -407,24 +203,24 @@ async def test_unusable_keys_are_skipped(idp: IdP, registries: Registries) -> No
     ]
     registry = await registries(auth_config(idp))
     a = jwks_of(registry, idp, "a")
-    assert a.keys_count == 1 and a.find_key("a-rsa") is not None
+    assert a.keys.keys_count == 1 and a.keys.find_key("a-rsa") is not None
     for kid in ("enc-key", "hmac", "leaky", "broken", "ops", "wrong-alg"):
-        assert a.find_key(kid) is None, kid
-    assert a.find_key(None) is a.find_key("a-rsa")  # the only key serves kid-less tokens
+        assert a.keys.find_key(kid) is None, kid
+    assert a.keys.find_key(None) is a.keys.find_key("a-rsa")  # the only key serves kid-less tokens
 
 
 async def test_a_sole_key_without_kid_is_usable(idp: IdP, registries: Registries) -> None:
     idp.publish("a", signer("a-ec", "ES256", kid=None))
     registry = await registries(auth_config(idp))
     a = jwks_of(registry, idp, "a")
-    assert a.find_key(None) is not None and a.find_key("a-ec") is None
+    assert a.keys.find_key(None) is not None and a.keys.find_key("a-ec") is None
 
 
 async def test_no_usable_key_is_a_fetch_error(idp: IdP, registries: Registries) -> None:
     idp.keys["a"] = [signer("enc-key").jwk(use="enc")]
     registry = await registries(auth_config(idp))
     a = jwks_of(registry, idp, "a")
-    assert not a.ready
+    assert not a.keys.ready
     with pytest.raises(JwksFetchError) as err:
         await a.refresh()
     assert err.value.kind == "no_usable_keys"
@@ -516,13 +312,15 @@ async def test_background_loop_refreshes_before_ttl_and_backs_off(
         if len(delays) == 4:
             raise asyncio.CancelledError
 
-    a = IssuerJwks(issuer_config(idp, "a"), auth_config(idp), clock, session=session,
-                   sleep=sleep, rng=_UpperBound())
+    auth = auth_config(idp)
+    a = RefreshScheduler(IssuerKeys(issuer_config(idp, "a"), StoreSettings.from_auth(auth), clock),
+                         JwksFetcher(issuer_config(idp, "a"), FetchSettings.from_auth(auth), session),
+                         RefreshSettings.from_auth(auth), clock, sleep=sleep, rng=_UpperBound())
     with pytest.raises(asyncio.CancelledError):
         await a.run()
     # first fetch at once, next at 90% of the TTL, then backoff 1 s, 2 s
     assert delays == [0, pytest.approx(270), 1, 2]
-    assert a.fetches_ok == 1 and a.fetches_failed == 2 and a.ready
+    assert a.fetches_ok == 1 and a.fetches_failed == 2 and a.keys.ready
 
 
 async def test_registry_close_cancels_background_tasks(idp: IdP, session: aiohttp.ClientSession,
@@ -540,7 +338,7 @@ async def test_hmac_issuer_needs_no_jwks(idp: IdP, registries: Registries) -> No
     hs = issuer_config(idp, "h", jwks_uri=None, algorithms=("HS256",), hmac_secret="s" * 32)
     registry = await registries(auth_config(idp, hs))
     h = jwks_of(registry, idp, "h")
-    assert h.ready and not h.is_expired() and isinstance(h.hmac_key, OctKey)
+    assert h.keys.ready and not h.keys.is_expired() and isinstance(h.keys.hmac_key, OctKey)
     assert await h.refresh_for_unknown_kid("x") is None
     assert sum(idp.hits.values()) == 0
 

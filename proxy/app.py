@@ -1,18 +1,18 @@
-"""Wiring: builds every part from one GatewayConfig and routes each request through them.
+"""The gateway: builds every part from one GatewayConfig and takes each request through the stages.
 
-One handler does the dispatch so that the hot path reads top to bottom:
-route → probes → authenticate → validate → forward → observe. The listener
-(listener.py) calls it once per request, in order, and it answers the request
-itself.
+`Gateway.handle` reads as the pipeline: route → probes → authenticate → admit
+(the run-start rate) → validate (the body) → build identity → forward →
+observe. Each stage lives in its own module; this one only wires and
+sequences them. The listener (listener.py) calls `handle` once per request,
+in order; the request is answered when the gateway calls `request.finish()`.
 
     gateway = Gateway(load_config(path, os.environ), SystemClock())
     await gateway.start()
-    await gateway.handle(request)
+    gateway.handle(request)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
@@ -33,25 +33,15 @@ from .auth import (
 from .clock import Clock
 from .config import GatewayConfig
 from .health import CoordinatorProbe, version_info
-from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
+from .listener import Request
 from .metrics import AuthStateCollector, GatewayMetrics
 from .observer import RequestObserver
 from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .upstream import Upstream
-from .validation import load_run_start_validator
+from .validation import BodyRules
 
 log = logging.getLogger("proxy.app")
-_JSON_TYPES = (b"application/json",)
-_IDENTITY = (None, b"identity")
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Built once: json.loads with any keyword argument builds a new decoder per call.
-_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 class Gateway:
@@ -66,7 +56,7 @@ class Gateway:
         self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
                                  strip_names=(header for _, header in cfg.auth.claim_headers))
         self.probe = CoordinatorProbe(cfg.upstream, clock)
-        self.validate_run_start = load_run_start_validator()
+        self.bodies = BodyRules(cfg.limits)
         self.state = "starting"
         self.ops_url: str | None = None
         self.control: aiohttp.ClientSession | None = None
@@ -133,18 +123,11 @@ class Gateway:
         if request.refusal is not None:  # decided by the listener: framing, target, limits
             return self._reply(request, request.refusal)
         route = request.route = self.routes.resolve(request.path) or NOT_FOUND
-        if route is NOT_FOUND:
-            return self._reply(request, error_answer(404, "not_found", "No such route on the Run Gateway",
-                                                     request_id=request.request_id,
-                                                     details={"path": request.path[:256]}))
-        if request.method not in route.methods:
-            if self._is_bypassed_preflight(request, route):
-                return self.upstream.forward(request, route, None, b"", self._done)
-            return self._reply(request, error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
-                                                     request_id=request.request_id,
-                                                     headers={"Allow": route.allow}))
-        if route in _PROBES:
-            return self._reply(request, self.probe_answer(route))
+        if self._is_bypassed_preflight(request, route):
+            return self.upstream.forward(request, route, None, b"", self._done)
+        answer = self._route_answer(request, route)  # not found, wrong method, probes
+        if answer is not None:
+            return self._reply(request, answer)
         outcome = EXEMPT if self.authn.is_exempt(request.path) else self.authn.authenticate_now(request, route)
         if (outcome is None or not route.forward or self.identity.waits
                 or not (request.complete or request.too_large)):
@@ -153,14 +136,10 @@ class Gateway:
         request.outcome = outcome
         if outcome.refusal is not None:
             return self._reply(request, outcome.refusal)
-        refusal = self._precheck(request, route, outcome)
+        refusal = self._admit(request, route, outcome) or self.bodies.before(request, route)
         if refusal is not None:
             return self._reply(request, refusal)
-        try:
-            raw = request.body_now()
-        except BodyTooLarge:
-            return self._reply(request, _too_large(self.cfg.limits.max_body_bytes, request.request_id))
-        body = self._postcheck(request, route, raw)
+        body = self.bodies.now(request, route)
         if body.__class__ is Answer:
             return self._reply(request, body)
         return self.upstream.forward(request, route, body,  # type: ignore[arg-type]
@@ -176,29 +155,25 @@ class Gateway:
         if not route.forward:
             return self._reply(request, json_answer(200, await self.probe.health() if route is HEALTH
                                                     else version_info()))
-        refusal = self._precheck(request, route, outcome)
+        refusal = self._admit(request, route, outcome) or self.bodies.before(request, route)
         if refusal is not None:
             return self._reply(request, refusal)
-        rid = request.request_id
-        try:
-            raw = await request.read_body()
-        except BodyTooLarge:
-            return self._reply(request, _too_large(self.cfg.limits.max_body_bytes, rid))
-        except BodyTimeout:
-            return self._reply(request, error_answer(
-                408, "request_timeout", "The request body did not arrive in time", request_id=rid,
-                details={"body_timeout_s": self.cfg.limits.body_timeout_s}))
-        except BodyIncomplete as exc:
-            return self._reply(request, error_answer(
-                400, "invalid_request", "The request body is incomplete or its framing is invalid",
-                request_id=rid, details={"reason": exc.reason}))
-        body = self._postcheck(request, route, raw)
+        body = await self.bodies.later(request, route)
         if body.__class__ is Answer:
             return self._reply(request, body)
         extra = await self.identity.later(request, outcome.principal, outcome.identity)
         if extra.__class__ is Answer:
             return self._reply(request, extra)
         return self.upstream.forward(request, route, body, extra, self._done)  # type: ignore[arg-type]
+
+    def _route_answer(self, request: Request, route: Route) -> Answer | None:
+        if route is NOT_FOUND:
+            return error_answer(404, "not_found", "No such route on the Run Gateway", request_id=request.request_id,
+                                details={"path": request.path[:256]})
+        if request.method not in route.methods:
+            return error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
+                                request_id=request.request_id, headers={"Allow": route.allow})
+        return self.probe_answer(route) if route in _PROBES else None
 
     def _reply(self, request: Request, answer: Answer) -> None:
         request.respond(answer)
@@ -214,9 +189,11 @@ class Gateway:
         """The client left (499) or answering failed (500) before `_done`."""
         self.observer.end(request, status)
 
-    def _rate_limited(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+    def _admit(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+        """The run-start rate limit, before the body is read or validated: a flood costs little."""
         limiter = self.run_start_limiter
-        assert limiter is not None
+        if limiter is None or route is not START_RUN:
+            return None
         principal = outcome.principal
         if principal is None or principal.kind == "anonymous":
             # Anonymous callers share a subject, so each client address gets its own bucket.
@@ -236,8 +213,8 @@ class Gateway:
 
     def _is_bypassed_preflight(self, request: Request, route: Route) -> bool:
         """CORS preflights carry no credentials by design; forward them only when configured to."""
-        return (request.method == "OPTIONS" and route.forward and self.cfg.auth.cors_preflight_bypass
-                and request.preflight and not request.has_body)
+        return (request.method == "OPTIONS" and request.preflight and route.forward
+                and self.cfg.auth.cors_preflight_bypass and not request.has_body)
 
     def probe_answer(self, route: Route) -> Answer:
         """/livez, /readyz and /metrics: answered without auth, on either listener."""
@@ -251,68 +228,6 @@ class Gateway:
         body, content_type = self.metrics.exposition()
         return Answer(200, body, content_type.encode())
 
-    # ------------------------------------------------------------------ validate
-
-    def _precheck(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
-        """What refuses a request before its body is read (so a refused client is never sent
-        `100 Continue`): the run-start rate, a body where none belongs, its type and declared size."""
-        rid = request.request_id
-        if request.method != "POST":
-            if request.content_length:
-                return _no_body(request, route)
-            return None
-        if route is START_RUN:
-            if self.run_start_limiter is not None:
-                # Before the body is read or validated: a flood costs the gateway as little as possible.
-                limited = self._rate_limited(request, route, outcome)
-                if limited is not None:
-                    return limited
-            ctype = (request.content_type or b"").partition(b";")[0].strip().lower()
-            if ctype not in _JSON_TYPES and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
-                return error_answer(415, "unsupported_media_type", "Send the run start body as application/json",
-                                    request_id=rid, details={"content_type": ctype[:100].decode("latin-1")})
-            coding = request.content_encoding
-            if coding is not None and coding.strip().lower() != b"identity":
-                # The edge validates the run start, and it decompresses nothing.
-                return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
-                                    request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
-        limit = self.cfg.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return _too_large(limit, rid)
-        return None
-
-    def _postcheck(self, request: Request, route: Route, body: bytes) -> bytes | None | Answer:
-        """The body to forward once it is whole: none on GET routes (an empty chunked body is no
-        body), a valid RunStartRequest on a run start, as it came on a cancel."""
-        if request.method != "POST":
-            return _no_body(request, route) if body else None
-        if route is START_RUN:
-            problems = self._run_start_problems(body)
-            if problems:
-                return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
-                                    request_id=request.request_id, details={"errors": problems})
-        return body
-
-    def _run_start_problems(self, body: bytes) -> list[dict[str, str]]:
-        try:
-            document = _DECODE(body.decode("utf-8"))  # RFC 8259: JSON between systems is UTF-8
-        except (ValueError, RecursionError) as exc:
-            problem = {"path": "$", "message": f"not valid JSON: {type(exc).__name__}"}
-            if isinstance(exc, json.JSONDecodeError):
-                problem["message"] = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            return [problem]
-        return self.validate_run_start(document)
-
-    # ------------------------------------------------------------------ identity
-
 _PROBES = (LIVEZ, READYZ, METRICS)
 
 
-def _no_body(request: Request, route: Route) -> Answer:
-    return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
-                        request_id=request.request_id, details={"reason": "unexpected_body"})
-
-
-def _too_large(limit: int, rid: str) -> Answer:
-    return error_answer(413, "payload_too_large", f"The request body exceeds {limit} bytes",
-                        request_id=rid, details={"max_body_bytes": limit})

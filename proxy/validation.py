@@ -1,10 +1,22 @@
-"""Edge validation of `POST /v1/runs` bodies against the ARP `RunStartRequest` schema.
+"""Request bodies at the edge: their limits, their reading, and `POST /v1/runs` against the ARP
+`RunStartRequest` schema.
+
+Only POST routes take a body; it is read whole, within `limits.max_body_bytes` and
+`limits.body_timeout_s`, and what can refuse a request before its body is read does so
+first (so a refused client is never sent `100 Continue`).
+
+    bodies = BodyRules(cfg.limits)
+    refusal = bodies.before(request, route)             # type, encoding, declared size
+    body = bodies.now(request, route)                   # a complete request: bytes, None or the refusal
+    body = await bodies.later(request, route)           # one whose body is still arriving
 
 Two well-kept libraries, each where it is good: fastjsonschema compiles the
 schema into Python code once and accepts a valid body on the request path;
 only a refused body is handed to jsonschema, which lists every problem, so
 the 400 names each one. The schema files are package data (`schemas/`); their
 relative `$ref`s resolve to those files, never to the network.
+
+The schema check itself:
 
     validate = load_run_start_validator()
     problems = validate(json.loads(body))   # [] when valid, else [{"path": ..., "message": ...}]
@@ -23,6 +35,11 @@ import fastjsonschema
 from jsonschema import Draft202012Validator, ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+
+from .answers import Answer, error_answer
+from .config import LimitsConfig
+from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
+from .routes import START_RUN, Route
 
 Problem = dict[str, str]
 
@@ -130,3 +147,94 @@ def compile_schema(path: Path) -> Callable[[Any], list[Problem]]:
 
 def load_run_start_validator() -> Callable[[Any], list[Problem]]:
     return compile_schema(SCHEMA_DIR / RUN_START_SCHEMA)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# Built once: json.loads with any keyword argument builds a new decoder per call.
+_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
+_JSON_TYPES = (b"application/json",)
+
+
+class BodyRules:
+    def __init__(self, limits: LimitsConfig) -> None:
+        self._limit = limits.max_body_bytes
+        self._body_timeout_s = limits.body_timeout_s
+        self._validate = load_run_start_validator()
+
+    def before(self, request: Request, route: Route) -> Answer | None:
+        """What refuses a request before its body is read: a body where none belongs, a run start
+        that is not JSON or comes encoded (the edge validates it and decompresses nothing), a
+        declared size over the limit."""
+        rid = request.request_id
+        if request.method != "POST":
+            return _no_body(request, route) if request.content_length else None
+        if route is START_RUN:
+            ctype = (request.content_type or b"").partition(b";")[0].strip().lower()
+            if ctype not in _JSON_TYPES and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
+                return error_answer(415, "unsupported_media_type", "Send the run start body as application/json",
+                                    request_id=rid, details={"content_type": ctype[:100].decode("latin-1")})
+            coding = request.content_encoding
+            if coding is not None and coding.strip().lower() != b"identity":
+                return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
+                                    request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
+        if request.content_length is not None and request.content_length > self._limit:
+            return self._too_large(rid)
+        return None
+
+    def now(self, request: Request, route: Route) -> bytes | None | Answer:
+        """The body to forward of a complete request, or the refusal."""
+        try:
+            body = request.body_now()
+        except BodyTooLarge:
+            return self._too_large(request.request_id)
+        return self._checked(request, route, body)
+
+    async def later(self, request: Request, route: Route) -> bytes | None | Answer:
+        """The body to forward once it has arrived (`100 Continue` first if the client waits), or the
+        refusal: 413 past the limit, 408 past the body timeout, 400 when it ends early or breaks."""
+        rid = request.request_id
+        try:
+            body = await request.read_body()
+        except BodyTooLarge:
+            return self._too_large(rid)
+        except BodyTimeout:
+            return error_answer(408, "request_timeout", "The request body did not arrive in time", request_id=rid,
+                                details={"body_timeout_s": self._body_timeout_s})
+        except BodyIncomplete as exc:
+            return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
+                                request_id=rid, details={"reason": exc.reason})
+        return self._checked(request, route, body)
+
+    def _checked(self, request: Request, route: Route, body: bytes) -> bytes | None | Answer:
+        """None on GET routes (an empty chunked body is no body), a valid RunStartRequest on a run
+        start, the body as it came on a cancel."""
+        if request.method != "POST":
+            return _no_body(request, route) if body else None
+        if route is START_RUN:
+            problems = self._problems(body)
+            if problems:
+                return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
+                                    request_id=request.request_id, details={"errors": problems})
+        return body
+
+    def _problems(self, body: bytes) -> list[Problem]:
+        try:
+            document = _DECODE(body.decode("utf-8"))  # RFC 8259: JSON between systems is UTF-8
+        except (ValueError, RecursionError) as exc:
+            problem = {"path": "$", "message": f"not valid JSON: {type(exc).__name__}"}
+            if isinstance(exc, json.JSONDecodeError):
+                problem["message"] = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            return [problem]
+        return self._validate(document)
+
+    def _too_large(self, rid: str) -> Answer:
+        return error_answer(413, "payload_too_large", f"The request body exceeds {self._limit} bytes",
+                            request_id=rid, details={"max_body_bytes": self._limit})
+
+
+def _no_body(request: Request, route: Route) -> Answer:
+    return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
+                        request_id=request.request_id, details={"reason": "unexpected_body"})

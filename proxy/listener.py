@@ -499,8 +499,6 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._limits.max_header_bytes:
             raise _Refused(431, "header_too_large", "The request head is too large")
-        if len(request.headers) >= self._limits.max_headers:
-            raise _Refused(431, "too_many_headers", "The request has too many header fields")
         low = name.lower()
         if low == b"authorization":
             request.authorization.append(value)
@@ -534,6 +532,9 @@ class ClientConnection(asyncio.Protocol):
         request = self._parsing
         assert request is not None
         self._in_head = False
+        # Counted once the head is whole: its bytes, bounded above, already bound the memory it took.
+        if len(request.headers) + len(request.authorization) > self._limits.max_headers:
+            raise _Refused(431, "too_many_headers", "The request has too many header fields")
         parser = self._parser
         request.method = parser.get_method().decode("latin-1")
         request.keep_alive = parser.should_keep_alive()
@@ -631,7 +632,8 @@ class ClientConnection(asyncio.Protocol):
         if self._stopped:
             self.close()
             return
-        self._resume_reading()
+        if not self._reading:
+            self._resume_reading()
         if self._in_head:
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + self._limits.header_timeout_s

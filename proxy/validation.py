@@ -156,6 +156,8 @@ def _reject_constant(name: str) -> None:
 # Built once: json.loads with any keyword argument builds a new decoder per call.
 _DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
 _JSON_TYPES = (b"application/json",)
+# The exact header values clients send: accepted without parsing.
+_PLAIN_JSON = frozenset({b"application/json", b"application/json; charset=utf-8", b"application/json;charset=UTF-8"})
 
 
 class BodyRules:
@@ -171,13 +173,14 @@ class BodyRules:
         rid = request.request_id
         if request.method != "POST":
             return _no_body(request, route) if request.content_length else None
-        if route is START_RUN:
+        if route is START_RUN and request.content_type not in _PLAIN_JSON:
             ctype = (request.content_type or b"").partition(b";")[0].strip().lower()
             if ctype not in _JSON_TYPES and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
                 return error_answer(415, "unsupported_media_type", "Send the run start body as application/json",
                                     request_id=rid, details={"content_type": ctype[:100].decode("latin-1")})
+        if route is START_RUN and request.content_encoding is not None:
             coding = request.content_encoding
-            if coding is not None and coding.strip().lower() != b"identity":
+            if coding.strip().lower() != b"identity":
                 return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
                                     request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
         if request.content_length is not None and request.content_length > self._limit:

@@ -70,14 +70,13 @@ class PoolBusy(TimeoutError):
 class PoolResponse:
     """One response: headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "reason", "headers", "content_length", "complete", "error", "keep_alive", "_conn",
+    __slots__ = ("status", "reason", "headers", "complete", "error", "keep_alive", "_conn",
                  "_chunks", "_buffered", "_waiter", "_paused")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.content_length: int | None = None
         self.complete = False
         self.error: UpstreamError | None = None
         self.keep_alive = False
@@ -86,6 +85,14 @@ class PoolResponse:
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+
+    @property
+    def content_length(self) -> int | None:
+        """The declared length of a body that streams (llhttp has checked it: digits, and one value)."""
+        for name, value in self.headers:
+            if name.lower() == b"content-length":
+                return int(value)
+        return None
 
     def body_if_complete(self) -> bytes | None:
         """The whole body when it already arrived with the headers (the usual JSON answer)."""
@@ -221,8 +228,6 @@ class _Connection(asyncio.Protocol):
         response = self.response
         assert response is not None
         response.headers.append((name, value))
-        if len(name) == 14 and name.lower() == b"content-length":
-            response.content_length = int(value)  # llhttp has checked it
 
     def on_status(self, reason: bytes) -> None:
         assert self.response is not None
@@ -235,7 +240,6 @@ class _Connection(asyncio.Protocol):
         if response.status < 200:
             # An interim 1xx answer: its headers are not the response's.
             response.headers.clear()
-            response.content_length = None
             return
         response.keep_alive = self._parser.should_keep_alive()
         ready = self._headers_ready

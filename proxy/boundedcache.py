@@ -4,15 +4,19 @@
     entry = cache.get(key)          # None when absent; a hit becomes the most recent entry
     cache.put(key, entry)           # evicts the least recently used one beyond the capacity
     cache.pop(key)
+    key, entry = cache.oldest()     # the least recently used, for callers that expire by age
 
 `get` sits on the request path: it is one method call around the ordered
-dict's own C lookup and move. A capacity of 0 keeps nothing.
+dict's own C lookup and move. Where recency does not matter (caches of
+header blocks that repeat message after message), `getter(touch=False)` hands
+out the dict's own lookup, and eviction is then oldest-inserted first. A
+capacity of 0 keeps nothing.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -34,14 +38,26 @@ class BoundedCache(Generic[K, V]):
             self._touch(key)
         return value
 
-    def put(self, key: K, value: V) -> None:
+    def getter(self, *, touch: bool) -> Callable[[K], V | None]:
+        """The lookup for a hot path to keep: `get`, or with touch=False the dict's own C lookup."""
+        return self.get if touch else self._get
+
+    def put(self, key: K, value: V) -> bool:
+        """Stores `value`; True when that evicted the least recently used entry."""
         if self.capacity <= 0:
-            return
+            return False
         data = self._data
         data[key] = value
         data.move_to_end(key)
         if len(data) > self.capacity:
             data.popitem(last=False)
+            return True
+        return False
+
+    def oldest(self) -> tuple[K, V] | None:
+        for key, value in self._data.items():
+            return key, value
+        return None
 
     def pop(self, key: K) -> V | None:
         return self._data.pop(key, None)

@@ -24,8 +24,8 @@ never refuse anyone wrongly.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
+from .boundedcache import BoundedCache
 from .clock import Clock
 
 DEFAULT_MAX_KEYS = 100_000
@@ -47,8 +47,8 @@ class RateLimiter:
         self._clock = clock
         # Seconds after which an untouched bucket is full again, i.e. indistinguishable from a new one.
         self._refill_s = self.burst / self.per_second
-        # key -> (tokens at `stamp`, stamp); ordered from least to most recently used.
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # key -> (tokens at `stamp`, stamp); the least recently used first, so the first is the oldest.
+        self._buckets: BoundedCache[str, tuple[float, float]] = BoundedCache(max_keys)
         self.refused = 0
         self.evicted = 0  # dropped by the hard cap before they were full again
 
@@ -60,20 +60,14 @@ class RateLimiter:
         now = self._clock.monotonic()
         self._sweep(now)
         buckets = self._buckets
-        state = buckets.pop(key, None)
+        state = buckets.get(key)
         if state is None:
             tokens = float(self.burst)
         else:
             tokens, stamp = state
             tokens = min(float(self.burst), tokens + (now - stamp) * self.per_second)
-        if tokens >= 1.0:
-            buckets[key] = (tokens - 1.0, now)
-            allowed = True
-        else:
-            buckets[key] = (tokens, now)
-            allowed = False
-        if len(buckets) > self.max_keys:
-            buckets.popitem(last=False)
+        allowed = tokens >= 1.0
+        if buckets.put(key, (tokens - 1.0 if allowed else tokens, now)):
             self.evicted += 1
         if allowed:
             return 0.0
@@ -87,9 +81,7 @@ class RateLimiter:
     def _sweep(self, now: float) -> None:
         buckets = self._buckets
         for _ in range(_SWEEP_PER_TAKE):
-            if not buckets:
-                return
-            key = next(iter(buckets))
-            if now - buckets[key][1] < self._refill_s:
+            oldest = buckets.oldest()
+            if oldest is None or now - oldest[1][1] < self._refill_s:
                 return  # the oldest is still refilling, so is everything after it
-            del buckets[key]
+            buckets.pop(oldest[0])

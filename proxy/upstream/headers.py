@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..boundedcache import BoundedCache
 from ..listener import Request
 
 # RFC 9110 section 7.6.1 plus the legacy names proxies still meet in the wild.
@@ -63,18 +64,18 @@ class ClientHeaders:
     def __init__(self, *, strip_prefix: str = "", strip_names: Iterable[str] = ()) -> None:
         self._strip_prefix = fold(strip_prefix.encode()) or None
         self._drop = HOP_BY_HOP | _REPLACED | {fold(n.encode()) for n in strip_names}
-        self._blocks: dict[tuple[tuple[tuple[bytes, bytes], ...], str, bytes | None], bytes] = {}
+        self._blocks: BoundedCache[tuple[tuple[tuple[bytes, bytes], ...], str, bytes | None], bytes] = \
+            BoundedCache(CLIENT_HEADER_CACHE)
+        self._find = self._blocks.getter(touch=False)
 
     def block(self, request: Request) -> bytes:
         """Cached by the exact header bytes and the peer. The key holds no token: the listener
         keeps Authorization out of `request.headers`."""
         key = (tuple(request.headers), request.conn.peer, request.host)
-        block = self._blocks.get(key)
+        block = self._find(key)
         if block is None:
             block = self._filter(request)
-            if len(self._blocks) >= CLIENT_HEADER_CACHE:
-                self._blocks.clear()
-            self._blocks[key] = block
+            self._blocks.put(key, block)
         return block
 
     def _filter(self, request: Request) -> bytes:
@@ -101,16 +102,16 @@ class ResponseHeaders:
     """The coordinator's header lines for the client, framed by this hop."""
 
     def __init__(self) -> None:
-        self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bool]] = {}
+        self._blocks: BoundedCache[tuple[tuple[bytes, bytes], ...], tuple[bytes, bool]] = \
+            BoundedCache(RESPONSE_HEADER_CACHE)
+        self._find = self._blocks.getter(touch=False)
 
     def block(self, raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
         """Cached by the exact header bytes: a coordinator repeats its headers answer after answer,
         only its Date moving once a second."""
         key = tuple(raw)
-        block = self._blocks.get(key)
+        block = self._find(key)
         if block is None:
             block = response_header_block(raw, _REFRAMED)
-            if len(self._blocks) >= RESPONSE_HEADER_CACHE:
-                self._blocks.clear()
-            self._blocks[key] = block
+            self._blocks.put(key, block)
         return block

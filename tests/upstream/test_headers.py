@@ -36,7 +36,7 @@ async def test_no_header_cache_holds_the_bearer_token() -> None:
                 async with http.get(url + "/v1/runs/r1", headers={"Authorization": f"Bearer {TOKEN}",
                                                                   "X-Trace": "t1"}) as resp:
                     assert resp.status == 200
-        cache = server.gateway.upstream._client_headers._blocks  # the one header-block cache on the path
+        cache = server.gateway.upstream._client_headers._blocks._data  # the one header-block cache on the path
         assert len(cache) == 1
         (key, block), = cache.items()
         assert TOKEN.encode() not in repr(key).encode() and TOKEN.encode() not in block

@@ -45,7 +45,7 @@ async def stop(proc: asyncio.subprocess.Process) -> int:
 
 
 async def test_dev_runs_the_seed_flow_with_and_without_a_token(http):
-    proc = await spawn("dev", "--port", "0", "--issuer-port", "0", "--step-delay", "0.05")
+    proc = await spawn("dev", "--port", "0", "--issuer-port", "0", "--metrics-port", "0", "--step-delay", "0.05")
     try:
         _, banner = await read_until(proc.stderr, r"Ctrl-C to stop")
         match = re.search(r"Dev token issuer\s+(http://127\.0\.0\.1:\d+)", banner)
@@ -85,7 +85,7 @@ async def test_dev_runs_the_seed_flow_with_and_without_a_token(http):
 
 
 async def test_dev_auth_required_refuses_the_no_token_curl(http):
-    proc = await spawn("dev", "--port", "0", "--issuer-port", "0", "--auth", "required")
+    proc = await spawn("dev", "--port", "0", "--issuer-port", "0", "--metrics-port", "0", "--auth", "required")
     try:
         match, _ = await read_until(proc.stderr, r"ARP Run Gateway \(dev\)\s+(http://127\.0\.0\.1:\d+)")
         async with http.post(match.group(1) + "/v1/runs", json=RUN_START) as resp:
@@ -141,21 +141,36 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-async def test_workers_share_the_port_and_each_has_its_metrics_port(tmp_path, coordinator, http):
-    port, metrics = free_ports(2)
-    if port == metrics + 1:
-        metrics += 2
-    config = tmp_path / "g.yaml"
-    config.write_text(f"listen: {{host: 127.0.0.1, port: {port}, workers: 2}}\nupstream: {{url: '{coordinator}'}}\n"
-                      f"auth: {{mode: disabled}}\nmetrics: {{host: 127.0.0.1, port: {metrics}}}\n"
-                      "drain_delay_s: 0\nshutdown_grace_s: 5\n")
-    proc = await spawn("serve", "--config", str(config))
-    try:
+async def start_two_workers(tmp_path: Path, coordinator: str) -> tuple[asyncio.subprocess.Process, int, int]:
+    """Two workers on free ports. A port found free can be taken by another process before the
+    workers bind it (the machine is shared): a start that fails to listen is retried on new ports."""
+    for _ in range(3):
+        port, metrics = free_ports(2)
+        if port == metrics + 1:
+            metrics += 2
+        config = tmp_path / "g.yaml"
+        config.write_text(f"listen: {{host: 127.0.0.1, port: {port}, workers: 2}}\nupstream: {{url: '{coordinator}'}}\n"
+                          f"auth: {{mode: disabled}}\nmetrics: {{host: 127.0.0.1, port: {metrics}}}\n"
+                          "drain_delay_s: 0\nshutdown_grace_s: 5\n")
+        proc = await spawn("serve", "--config", str(config))
         pids = set()
-        for _ in range(2):
-            match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)')
-            pids.add(match.group(2))
+        try:
+            for _ in range(2):
+                match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)')
+                pids.add(match.group(2))
+        except AssertionError as exc:
+            await stop(proc)
+            if "cannot listen" not in str(exc):
+                raise
+            continue
         assert len(pids) == 2
+        return proc, port, metrics
+    raise AssertionError("no two free ports could be bound in three tries")
+
+
+async def test_workers_share_the_port_and_each_has_its_metrics_port(tmp_path, coordinator, http):
+    proc, port, metrics = await start_two_workers(tmp_path, coordinator)
+    try:
         for _ in range(20):
             async with http.post(f"http://127.0.0.1:{port}/v1/runs", json=RUN_START) as resp:
                 assert resp.status == 200

@@ -123,11 +123,10 @@ class Gateway:
         if request.refusal is not None:  # decided by the listener: framing, target, limits
             return self._reply(request, request.refusal)
         route = request.route = self.routes.resolve(request.path) or NOT_FOUND
-        if self._is_bypassed_preflight(request, route):
+        if request.preflight and self._is_bypassed_preflight(request, route):
             return self.upstream.forward(request, route, None, b"", self._done)
-        answer = self._route_answer(request, route)  # not found, wrong method, probes
-        if answer is not None:
-            return self._reply(request, answer)
+        if route is NOT_FOUND or request.method not in route.methods or route in _PROBES:
+            return self._reply(request, self._route_answer(request, route))
         outcome = EXEMPT if self.authn.is_exempt(request.path) else self.authn.authenticate_now(request, route)
         if (outcome is None or not route.forward or self.identity.waits
                 or not (request.complete or request.too_large)):
@@ -136,7 +135,8 @@ class Gateway:
         request.outcome = outcome
         if outcome.refusal is not None:
             return self._reply(request, outcome.refusal)
-        refusal = self._admit(request, route, outcome) or self.bodies.before(request, route)
+        refusal = (self.run_start_limiter is not None and self._admit(request, route, outcome)
+                   or self.bodies.before(request, route))
         if refusal is not None:
             return self._reply(request, refusal)
         body = self.bodies.now(request, route)
@@ -166,14 +166,15 @@ class Gateway:
             return self._reply(request, extra)
         return self.upstream.forward(request, route, body, extra, self._done)  # type: ignore[arg-type]
 
-    def _route_answer(self, request: Request, route: Route) -> Answer | None:
+    def _route_answer(self, request: Request, route: Route) -> Answer:
+        """Not found, wrong method, or a probe."""
         if route is NOT_FOUND:
             return error_answer(404, "not_found", "No such route on the Run Gateway", request_id=request.request_id,
                                 details={"path": request.path[:256]})
         if request.method not in route.methods:
             return error_answer(405, "method_not_allowed", f"Use {route.allow} on this route",
                                 request_id=request.request_id, headers={"Allow": route.allow})
-        return self.probe_answer(route) if route in _PROBES else None
+        return self.probe_answer(route)
 
     def _reply(self, request: Request, answer: Answer) -> None:
         request.respond(answer)

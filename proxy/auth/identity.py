@@ -37,12 +37,9 @@ class Identity:
         self._claim_headers = cfg.claim_headers
         self._passthrough = cfg.forward_token == ForwardToken.PASSTHROUGH
         self.exchanger = exchanger
+        # Whether building a request's identity can wait on the network (token exchange).
+        self.waits = exchanger is not None
         self._lines: BoundedCache[int, tuple[Principal, bytes | None]] = BoundedCache(CACHE_SIZE)
-
-    @property
-    def waits(self) -> bool:
-        """Whether building a request's identity can wait on the network (token exchange)."""
-        return self.exchanger is not None
 
     def lines(self, principal: Principal) -> bytes | None:
         """The principal's identity header lines and, with `forward_token: passthrough`, its verified

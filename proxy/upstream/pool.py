@@ -192,10 +192,12 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._abort()
             if not self.response.complete:
                 self._error(BadResponse(f"invalid HTTP from the coordinator: {exc}"))
-            self._abort()
-            return
+                return
+            # What broke came after a complete answer (an unrequested second one): that answer
+            # stands, and the connection, closed now, is never reused.
         callback = self._on_headers
         if callback is not None and self.response.status >= 200:
             # Called after the whole read is parsed, so an answer that came in one piece is complete.
@@ -216,26 +218,32 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
 
-    def on_message_begin(self) -> None:
-        response = self.response
-        if response is None or response.complete:
-            # A second answer to one request: whatever it is, no client gets it, and the
-            # connection's framing can no longer be trusted.
-            self.closed = True
-            raise BadResponse("the coordinator sent an unrequested response")
+    def _unrequested(self) -> BadResponse:
+        # A second answer to one request: whatever it is, no client gets it, and the connection's
+        # framing can no longer be trusted. Checked where a message shows itself (its status line,
+        # a header, the end of its head) rather than in a callback of its own per message.
+        self.closed = True
+        return BadResponse("the coordinator sent an unrequested response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
+        if response.complete:
+            raise self._unrequested()
         response.headers.append((name, value))
 
     def on_status(self, reason: bytes) -> None:
-        assert self.response is not None
-        self.response.reason = reason.decode("latin-1")
+        response = self.response
+        assert response is not None
+        if response.complete:
+            raise self._unrequested()
+        response.reason = reason.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
+        if response.complete:
+            raise self._unrequested()
         response.status = self._parser.get_status_code()
         if response.status < 200:
             # An interim 1xx answer: its headers are not the response's.

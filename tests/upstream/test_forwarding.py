@@ -827,3 +827,31 @@ async def test_wrong_method_is_405_with_allow(through, upstream, http, method: s
         await envelope(resp, 405, "method_not_allowed")
         assert resp.headers["Allow"] == allow
     assert upstream.requests == []
+
+
+async def test_a_second_answer_on_a_reused_connection_is_dropped_and_the_first_one_relayed(gateway) -> None:
+    """On a pooled connection (the callback path), a coordinator that answers one request twice: the
+    client gets the first answer at once, and the next request goes out on a fresh connection."""
+    answers = 0
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        answers += 1
+        body = b'{"n": %d}' % answers
+        one = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        writer.write(one + (b"HTTP/1.1 200 OK\r\nX-Forged: 1\r\nContent-Length: 0\r\n\r\n" if answers == 2 else b""))
+        await writer.drain()
+
+    server = RawServer(answer)
+    try:
+        url = await gateway(await server.start(), upstream={"request_timeout_s": 5})
+        first = await raw_exchange(url, "GET", "/v1/runs/r1")
+        started = time.monotonic()
+        status, headers, body = await raw_exchange(url, "GET", "/v1/runs/r2")
+        assert (status, json.loads(body)) == (200, {"n": 2}) and "X-Forged" not in headers
+        assert time.monotonic() - started < 2, "the answer waited for the request timeout"
+        assert json.loads((await raw_exchange(url, "GET", "/v1/runs/r3"))[2]) == {"n": 3}
+    finally:
+        await server.close()
+    assert first[0] == 200
+    assert server.connections == 2  # r1 and r2 shared one connection; r3 needed a new one

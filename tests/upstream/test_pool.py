@@ -195,15 +195,20 @@ async def test_request_body_goes_in_the_same_write_with_the_length_the_head_decl
     assert server.requests == [request + b"abcdefg"]
 
 
-async def test_an_unrequested_second_response_is_never_handed_out_and_the_connection_is_dropped(served):
+@pytest.mark.parametrize("second", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"x\": 1}\n",   # a whole answer with headers
+    b"HTTP/1.1 204 No Content\r\n\r\n",                              # no headers at all
+    b"HTTP/1.1 200 \r\nX-Forged: 1\r\nContent-Length: 0\r\n\r\n",     # an empty reason phrase
+])
+async def test_an_unrequested_second_response_is_never_handed_out_and_the_connection_is_dropped(served, second):
     async def two_answers(writer):
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
-                     b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"x\": 1}\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}" + second)
         await writer.drain()
 
     server, pool = await served(two_answers)
     response = await pool.request(head(), None)
     assert (response.status, response.body_if_complete()) == (200, b"{}")
+    assert response.headers == [(b"Content-Length", b"2")]  # nothing of the second answer
     response.release()
     # The connection that carried the extra answer is not reused: the next request opens a new one.
     response = await pool.request(head(), None)

@@ -10,7 +10,7 @@ IdP lifetime: starting node costs ~0.5 s, so the tests that only mint tokens sha
 one IdP per module. pytest-asyncio runs each test (and the conftest `gateway`/
 `upstream` fixtures) in its own function-scoped loop, and a MockIdp belongs to the
 loop that started it, so the shared one lives in a dedicated thread with its own
-loop (`_ThreadIdp`); tests await it through `run_coroutine_threadsafe`. Tests that
+loop (`ThreadIdp`, tests/support/threadidp.py); tests await it through `run_coroutine_threadsafe`. Tests that
 change the IdP (rotation, outages) start their own MockIdp in the test's loop.
 """
 
@@ -24,7 +24,6 @@ import hmac
 import json
 import re
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from tests.support.servers import serve_app
 from tests.support.conformance import run_conformance
 from tests.support.gateway import RUN_START, gateway_config, json_response
 from tests.support.idp import MockIdp
+from tests.support.threadidp import ThreadIdp
 
 AUD = "arp-run-gateway"
 REALM = "arp-test-realm"
@@ -55,47 +55,9 @@ _TOKENISH = re.compile(r"[A-Za-z0-9_\-]{16,}")
 # --------------------------------------------------------------------------- the IdP
 
 
-class _ThreadIdp:
-    """A MockIdp owned by a private event loop in a daemon thread, usable from any test loop."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="mock-idp-loop", daemon=True)
-        self._thread.start()
-        self._idp: MockIdp = self._blocking(MockIdp.start())
-
-    def _blocking(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
-
-    async def _call(self, coro: Any) -> Any:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
-
-    @property
-    def issuer(self) -> str:
-        return self._idp.issuer
-
-    @property
-    def kid(self) -> str:
-        return self._idp.kid
-
-    async def token(self, claims: dict[str, Any] | None = None, ttl: float = 300, **kw: Any) -> str:
-        return await self._call(self._idp.token(claims, ttl, **kw))
-
-    async def jwks(self) -> dict[str, Any]:
-        return await self._call(self._idp.jwks())
-
-    def close(self) -> None:
-        try:
-            self._blocking(self._idp.close())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
-
-
 @pytest.fixture(scope="module")
-def idp() -> Iterator[_ThreadIdp]:
-    shared = _ThreadIdp()
+def idp() -> Iterator[ThreadIdp]:
+    shared = ThreadIdp()
     yield shared
     shared.close()
 

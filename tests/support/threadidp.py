@@ -32,12 +32,22 @@ class ThreadIdp:
     def _blocking(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
 
+    async def _call(self, coro: Any) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
     @property
     def issuer(self) -> str:
         return self._idp.issuer
 
-    async def token(self, claims: dict[str, Any] | None = None, ttl: float = 300) -> str:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._idp.token(claims, ttl), self._loop))
+    @property
+    def kid(self) -> str:
+        return self._idp.kid
+
+    async def token(self, claims: dict[str, Any] | None = None, ttl: float = 300, **kw: Any) -> str:
+        return await self._call(self._idp.token(claims, ttl, **kw))
+
+    async def jwks(self) -> dict[str, Any]:
+        return await self._call(self._idp.jwks())
 
     def close(self) -> None:
         try:

@@ -10,7 +10,6 @@ library would normalise what it sends.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gzip
 import itertools
 import json
@@ -34,9 +33,7 @@ from referencing.jsonschema import DRAFT202012
 from yarl import URL
 
 from proxy.dev import coordinator as devcoordinator
-from proxy.config import RetryConfig
-from proxy.server import start_gateway
-from tests.support.gateway import RUN_START, SPEC, gateway_config, json_response
+from tests.support.gateway import RUN_START, SPEC, json_response
 from tests.support.servers import RawServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -148,26 +145,10 @@ async def open_stream(request: web.Request, headers: Any = None) -> web.StreamRe
 
 
 @pytest.fixture
-async def gw(gateway: Any):
-    """`await gw(url, upstream={...}, **sections)`: conftest's `gateway` factory names its URL parameter
-    `upstream`, so it cannot take the `upstream` config section; this one can."""
-    runners: list[web.AppRunner] = []
-
-    async def start(url: str | None, *, upstream: dict[str, Any] | None = None, **sections: Any) -> str:
-        if not upstream:
-            return await gateway(url, **sections)
-        cfg = gateway_config(url, **sections)
-        fields = {**upstream}
-        if "retries" in fields:
-            fields["retries"] = RetryConfig(**fields["retries"])
-        runner, gateway_url = await start_gateway(
-            dataclasses.replace(cfg, upstream=dataclasses.replace(cfg.upstream, **fields)))
-        runners.append(runner)
-        return gateway_url
-
-    yield start
-    for runner in reversed(runners):
-        await runner.cleanup()
+def gw(gateway: Any):
+    """`await gw(url, upstream={...}, **sections)`: conftest's factory; its URL parameter is positional
+    only, so the `upstream` config section passes as a keyword and merges over the test defaults."""
+    return gateway
 
 
 @pytest.fixture

@@ -453,7 +453,7 @@ def metrics_key_exists() -> bool:
 
 
 def gateway_config(port: int, upstream: str, issuer: str | None, *, metrics: bool = False,
-                   workers: int = 1, max_connections: int = 100) -> dict[str, Any]:
+                   workers: int = 1, max_connections: int = 100, access_log: bool = False) -> dict[str, Any]:
     keys = _config_keys()
     cfg: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port, "workers": workers},
@@ -461,8 +461,9 @@ def gateway_config(port: int, upstream: str, issuer: str | None, *, metrics: boo
         "auth": {"mode": "required", "issuers": [{
             "issuer": issuer, "audiences": [AUDIENCE], "jwks_uri": f"{issuer}/jwks", "algorithms": ["RS256"]}]}
         if issuer else {"mode": "disabled"},
-        # nginx and HAProxy run without access logs; so does the gateway, to compare proxying, not log I/O.
-        "logging": {"level": "warning", "access_log": False},
+        # nginx and HAProxy run without access logs; so does the gateway in the throughput comparisons,
+        # to compare proxying, not log I/O. The instruction count runs with it on, as operators do.
+        "logging": {"level": "warning", "access_log": access_log},
         # Stopping between sections must not wait out a Kubernetes drain.
         "drain_delay_s": 0, "shutdown_grace_s": 1,
     }

@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/bench/instructions.py                          # this checkout
     .venv/bin/python tests/bench/instructions.py --baseline DIR           # and another `proxy` package
-    .venv/bin/python tests/bench/instructions.py --requests 2000 --metrics
+    .venv/bin/python tests/bench/instructions.py --requests 2000 --no-access-log
 
 Timing on a shared 2-core machine moves tens of percent between rounds; an
 instruction count does not (about 1-2% between runs here), so it settles
@@ -11,7 +11,8 @@ gateway process executes in user space, not the kernel's socket work, so it is
 a complement to `bench.py`'s CPU per request, not a replacement.
 
 The gateway runs under `valgrind --tool=callgrind` (about 50x slower) with auth
-required; a keep-alive client sends `--warmup` run starts (caches, pooled
+required and the production defaults, metrics and the access log on (`--no-metrics`,
+`--no-access-log` count what each costs); a keep-alive client sends `--warmup` run starts (caches, pooled
 connections), the counters are zeroed, `--requests` more are sent, and the
 counters are dumped. Everything listens on 127.0.0.1; every wait is bounded.
 Needs valgrind (Debian package valgrind) and nginx (tests/bench/run.sh installs it).
@@ -65,7 +66,7 @@ def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstrea
           token: str, args: argparse.Namespace) -> int:
     """Instructions per request for the `proxy` package in `src` (None: this checkout)."""
     port = free_port()
-    cfg = gateway_config(port, upstream, issuer, metrics=args.metrics)
+    cfg = gateway_config(port, upstream, issuer, metrics=args.metrics, access_log=args.access_log)
     path = workdir / f"{label}.yaml"
     path.write_text(json.dumps(cfg))
     # -P: the working directory (this checkout) must not shadow PYTHONPATH's package.
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, help="directory holding another `proxy` package to count too")
     p.add_argument("--requests", type=int, default=1000, help="counted run starts (default 1000)")
     p.add_argument("--warmup", type=int, default=200, help="uncounted run starts first (default 200)")
-    p.add_argument("--metrics", action="store_true", help="with metrics enabled")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", help="with metrics disabled")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="with the access log off")
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"user-space instructions per authenticated POST /v1/runs ({args.requests} counted, "
-          f"metrics {'on' if args.metrics else 'off'}; {time.monotonic() - started:.0f} s):")
+          f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}; "
+          f"{time.monotonic() - started:.0f} s):")
     for label, n in counts.items():
         print(f"  {label}: {n:,}")
     if len(counts) == 2:

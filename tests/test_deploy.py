@@ -41,9 +41,11 @@ from tests.support.deploy import (
     gateway_config_text,
     healthcheck_argv,
     image_argv,
+    kubectl_steps,
     one,
     pod_spec,
     render,
+    readme_section,
     render_text,
     tool,
 )
@@ -331,6 +333,52 @@ def test_production_autoscaler_scales_on_the_gateway_containers_cpu(rendered):
     assert container(docs, "gateway")["resources"]["requests"]["cpu"]  # what Utilization is relative to
 
 
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "PriorityClass", "StorageClass", "IngressClass"}
+
+
+def _namespace_problems(steps: list[list[str]]) -> list[str]:
+    """Runs kubectl steps against a model of a fresh cluster that only tracks which namespaces exist;
+    returns each step that needs a namespace no earlier step (or earlier object) has created."""
+    namespaces = {"default"}
+    problems = []
+    for argv in steps:
+        args = argv[1:]
+        flag = next((f for f in ("-n", "--namespace") if f in args), None)
+        ns = args[args.index(flag) + 1] if flag else None
+        words = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in
+                                                                              ("-n", "--namespace", "-f", "-k"))]
+        if words[:2] in (["create", "namespace"], ["create", "ns"]):
+            namespaces.add(words[2])
+            continue
+        if words[:1] == ["apply"]:
+            if "-k" in args:
+                docs = [d for d in yaml.safe_load_all(render_text(ROOT / args[args.index("-k") + 1])) if d]
+            else:
+                docs = [d for d in yaml.safe_load_all((ROOT / args[args.index("-f") + 1]).read_text()) if d]
+            for doc in docs:  # kubectl applies in document order
+                if doc["kind"] == "Namespace":
+                    namespaces.add(doc["metadata"]["name"])
+                elif doc["kind"] not in CLUSTER_SCOPED:
+                    where = doc["metadata"].get("namespace") or ns or "default"
+                    if where not in namespaces:
+                        problems.append(f"{' '.join(argv)}: {doc['kind']} in namespace {where}, not created yet")
+            continue
+        if "-A" not in args and "--all-namespaces" not in args and (ns or "default") not in namespaces:
+            problems.append(f"{' '.join(argv)}: namespace {ns} not created yet")
+    return problems
+
+
+@needs_kubectl
+@pytest.mark.parametrize("where", ["README.md", "deploy/kubernetes/overlays/production/kustomization.yaml"])
+def test_production_steps_run_as_written_on_a_fresh_cluster(where):
+    text = readme_section("Deploy") if where == "README.md" else (ROOT / where).read_text()
+    steps = kubectl_steps(text)
+    production = [s for s in steps if "overlays/production" in " ".join(s) or "arp" in s]
+    assert any("secret" in s for s in production) and any("-k" in s for s in production), steps
+    assert _namespace_problems(steps) == []
+
+
 def test_exchange_secret_is_a_mounted_file_never_an_env_literal(rendered):
     docs = rendered["production"]
     exchange = gateway_config(docs)["auth"]["exchange"]
@@ -359,6 +407,27 @@ def test_config_change_rolls_the_pods(tmp_path):
     cm = [next(v["configMap"]["name"] for v in vols if v["name"] == "config") for vols in names]
     assert cm[0] != cm[1] and cm[0].startswith("arp-run-gateway-")
     assert {d["metadata"]["name"] for d in after if d["kind"] == "ConfigMap"} == {cm[1]}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_images_choose_the_images_the_pod_runs(tmp_path, overlay):
+    """Pointing an overlay at a pushed image (README: build and push) must change what the pod runs."""
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(KUSTOMIZE, tree)
+    path = tree / "overlays" / overlay / "kustomization.yaml"
+    kustomization = yaml.safe_load(path.read_text())
+    digest = "sha256:" + "0123456789abcdef" * 4
+    pinned = {}
+    for entry in kustomization["images"]:
+        entry["newName"] = f"registry.example.com/team/{entry['name']}"
+        entry["digest"] = digest
+        pinned[entry["name"]] = f"{entry['newName']}:{entry['newTag']}@{digest}"
+    assert pinned.keys() == {"arp-run-gateway", "run-coordinator"}
+    path.write_text(yaml.safe_dump(kustomization))
+    docs = render(overlay, tree)
+    assert container(docs, "gateway")["image"] == pinned["arp-run-gateway"]
+    assert container(docs, "coordinator")["image"] == pinned["run-coordinator"]
 
 
 # --------------------------------------------------------------------------- argv and configuration

@@ -42,6 +42,7 @@ from tests.support.deploy import (
     healthcheck_argv,
     image_argv,
     kubectl_steps,
+    local_healthcheck_argv,
     one,
     pod_spec,
     render,
@@ -498,6 +499,43 @@ def test_composed_argv_runs_check_config_on_the_mounted_configuration(rendered, 
     assert "s3cret" not in done.stdout  # check-config redacts the secret read from the file
     if overlay == "production":
         assert resolved["auth"]["exchange"]["client_secret"] == "***"
+
+
+@pytest.mark.parametrize("metrics_on_main", [False, True], ids=["ops-listener", "main-listener"])
+async def test_image_healthcheck_checks_the_port_the_gateway_was_started_with(tmp_path, http, metrics_on_main):
+    """The HEALTHCHECK must follow the running gateway's configuration (file, flags, environment), not
+    assume 9464: here the metrics port is another one, or 0 (then /livez is on the main listener,
+    whose port comes from `--port`)."""
+    port, metrics = free_port(), free_port()
+    cfg = {"listen": {"host": "127.0.0.1", "port": free_port()},
+           "upstream": {"url": f"http://127.0.0.1:{free_port()}"},
+           "auth": {"mode": "required"},  # no issuer: valid only with the environment below
+           "metrics": {"host": "127.0.0.1", "port": 0 if metrics_on_main else metrics},
+           "drain_delay_s": 0, "shutdown_grace_s": 1}
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "ARP_AUTH_MODE": "disabled"}
+    gw = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", "gateway.yaml", "--port", str(port),
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    try:
+        livez = f"http://127.0.0.1:{port if metrics_on_main else metrics}/livez"
+        await _wait_status(http, livez, 200)
+        check = local_healthcheck_argv(sys.executable, gw.pid)
+        done = await asyncio.to_thread(subprocess.run, check, capture_output=True, text=True, timeout=30,
+                                       cwd=ROOT, env={"PATH": env["PATH"]})
+        assert done.returncode == 0, done.stdout + done.stderr
+        gw.send_signal(signal.SIGSTOP)  # alive but not answering: unhealthy within the check's timeout
+        try:
+            done = await asyncio.to_thread(subprocess.run, check, capture_output=True, text=True, timeout=30,
+                                           cwd=ROOT, env={"PATH": env["PATH"]})
+        finally:
+            gw.send_signal(signal.SIGCONT)
+        assert done.returncode == 1, done.stdout + done.stderr
+    finally:
+        if gw.returncode is None:
+            gw.kill()
+            await gw.wait()
 
 
 # --------------------------------------------------------------------------- machine checks

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from proxy import cli
-from proxy.config import build_config
+from proxy.config import ListenConfig, build_config
 from proxy.server import start_gateway
 from tests.support.gateway import RUN_START
 from tests.support.deploy import (
@@ -41,9 +41,12 @@ from tests.support.deploy import (
     gateway_config_text,
     healthcheck_argv,
     image_argv,
+    kubectl_steps,
+    local_healthcheck_argv,
     one,
     pod_spec,
     render,
+    readme_section,
     render_text,
     tool,
 )
@@ -116,21 +119,66 @@ def test_only_the_gateway_and_metrics_ports_are_exposed(rendered, overlay):
     assert ports == {"http": cfg["listen"]["port"], "metrics": cfg["metrics"]["port"]}
     assert cfg["listen"]["host"] == "0.0.0.0" and cfg["metrics"]["host"] == "0.0.0.0"
     service = one(docs, "Service")
-    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"http": "http", "metrics": "metrics"}
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http", "metrics"]
     assert service["spec"]["selector"].items() <= deployment(docs)["spec"]["template"]["metadata"]["labels"].items()
     policy = one(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rules = policy["spec"]["ingress"]
     assert len(rules) == 2
     public = next(r for r in rules if "from" not in r)
-    assert [p["port"] for p in public["ports"]] == ["http"]
+    assert [p["port"] for p in public["ports"]] == [ports["http"]]
     monitoring = next(r for r in rules if "from" in r)
-    assert [p["port"] for p in monitoring["ports"]] == ["metrics"]
+    assert [p["port"] for p in monitoring["ports"]] == [ports["metrics"]]
     assert monitoring["from"] == [{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": "monitoring"}}}]
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= \
         deployment(docs)["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_and_network_policy_use_the_gateways_port_numbers(rendered, overlay):
+    """Before Kubernetes 1.32 a Service does not resolve a named port declared on an init container
+    (kubernetes#127958), nor do some CNIs for a NetworkPolicy (kubernetes#125285): the gateway is a
+    native sidecar, so both must carry the numbers, which must be the ones the gateway declares."""
+    docs = rendered[overlay]
+    declared = {p["name"]: p["containerPort"] for p in container(docs, "gateway")["ports"]}
+    for port in one(docs, "Service")["spec"]["ports"]:
+        assert type(port["targetPort"]) is int, port
+        assert port["targetPort"] == declared[port["name"]], port
+    for rule in one(docs, "NetworkPolicy")["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert type(port["port"]) is int, port
+            assert port["port"] in declared.values(), port
+
+
+def _unserved_metrics_ports(docs: list[dict[str, Any]]) -> list[str]:
+    """Each worker of the mounted configuration serves metrics on `metrics.port + i`; every such port
+    must be declared on the gateway, admitted from the monitoring namespace, and scraped."""
+    cfg = gateway_config(docs)
+    workers = cfg["listen"].get("workers", ListenConfig.workers)
+    wanted = [cfg["metrics"]["port"] + i for i in range(workers)]
+    declared = {p["name"]: p["containerPort"] for p in container(docs, "gateway")["ports"]}
+    monitoring = next(r for r in one(docs, "NetworkPolicy")["spec"]["ingress"] if "from" in r)
+    admitted = {p["port"] for p in monitoring["ports"]}
+    monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+    if monitors:
+        scraped = {declared.get(e["port"]) for m in monitors for e in m["spec"]["podMetricsEndpoints"]}
+    else:  # the plain annotations name a single port
+        annotations = deployment(docs)["spec"]["template"]["metadata"]["annotations"]
+        scraped = {int(annotations["prometheus.io/port"])} if annotations.get("prometheus.io/scrape") == "true" else set()
+    problems = []
+    for port in wanted:
+        for what, ports in (("declared on the gateway", set(declared.values())),
+                            ("admitted by the NetworkPolicy", admitted), ("scraped", scraped)):
+            if port not in ports:
+                problems.append(f"metrics port {port} is not {what}")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_metrics_port_the_config_uses_is_declared_admitted_and_scraped(rendered, overlay):
+    assert _unserved_metrics_ports(rendered[overlay]) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -194,12 +242,35 @@ async def test_coordinator_readiness_is_503_while_the_coordinator_is_down(http):
         await runner.cleanup()
 
 
+def _pre_stop_sleep_s(c: dict[str, Any]) -> float:
+    """How long the container's preStop hook holds off its SIGTERM (0 without one)."""
+    hook = c.get("lifecycle", {}).get("preStop")
+    if hook is None:
+        return 0
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    argv = hook["exec"]["command"]
+    assert argv[0] == "sleep" and len(argv) == 2, argv
+    return float(argv[1])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_coordinator_keeps_serving_while_the_pod_leaves_the_endpoints(rendered, overlay):
+    """Endpoint removal and SIGTERM start together; a preStop sleep lets kube-proxy and load
+    balancers stop routing here before the coordinator stops answering (else: retryable 502s)."""
+    docs = rendered[overlay]
+    delay = _pre_stop_sleep_s(container(docs, "coordinator"))
+    assert 1 <= delay <= 15
+    assert delay >= gateway_config(docs)["drain_delay_s"]  # as long as the gateway's own drain delay
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grace_period_covers_the_drain(rendered, overlay):
     docs = rendered[overlay]
     cfg = gateway_config(docs)
     grace = pod_spec(docs)["terminationGracePeriodSeconds"]
-    assert grace > cfg["drain_delay_s"] + cfg["shutdown_grace_s"]
+    pre_stop = _pre_stop_sleep_s(container(docs, "coordinator"))
+    assert grace > pre_stop + cfg["drain_delay_s"] + cfg["shutdown_grace_s"]
     strategy = deployment(docs)["spec"]["strategy"]["rollingUpdate"]
     assert strategy["maxUnavailable"] == 0
 
@@ -215,7 +286,6 @@ def test_overlays_differ_where_they_should(rendered):
     hpa = one(prod, "HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] >= 2
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment(prod)["metadata"]["name"]
-    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     monitor = one(prod, "PodMonitor")
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= \
@@ -225,6 +295,89 @@ def test_overlays_differ_where_they_should(rendered):
     assert deployment(dev)["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert deployment(dev)["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == \
         str(gateway_config(dev)["metrics"]["port"])
+
+
+def test_production_replicas_spread_over_nodes_and_zones(rendered):
+    docs = rendered["production"]
+    labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    constraints = {c["topologyKey"]: c for c in pod_spec(docs).get("topologySpreadConstraints", [])}
+    assert constraints.keys() == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for c in constraints.values():
+        assert c["maxSkew"] == 1
+        assert c["labelSelector"]["matchLabels"].items() <= labels.items()  # counts this Deployment's pods
+    node = constraints["kubernetes.io/hostname"]
+    assert node["whenUnsatisfiable"] == "DoNotSchedule"
+    assert node.get("nodeTaintsPolicy") == "Honor"  # a cordoned node is no place to spread to
+    # One zone, or nodes without the zone label, must still schedule.
+    assert constraints["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+
+
+def test_production_monitoring_carries_the_label_prometheus_selects(rendered):
+    """A default kube-prometheus-stack selects PodMonitors and PrometheusRules by `release`."""
+    docs = rendered["production"]
+    monitor, rule = one(docs, "PodMonitor"), one(docs, "PrometheusRule")
+    release = monitor["metadata"].get("labels", {}).get("release")
+    assert release
+    assert rule["metadata"]["labels"]["release"] == release  # one Prometheus loads the rules and scrapes
+
+
+def test_production_autoscaler_scales_on_the_gateway_containers_cpu(rendered):
+    docs = rendered["production"]
+    metrics = one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    # A pod-wide `Resource` metric would average the gateway with the coordinator.
+    assert all(m["type"] == "ContainerResource" for m in metrics), metrics
+    names = {c["name"] for c in all_containers(docs)}
+    targets = {m["containerResource"]["container"]: m["containerResource"] for m in metrics}
+    assert targets.keys() <= names
+    assert targets["gateway"]["name"] == "cpu"
+    assert targets["gateway"]["target"]["type"] == "Utilization"
+    assert container(docs, "gateway")["resources"]["requests"]["cpu"]  # what Utilization is relative to
+
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "PriorityClass", "StorageClass", "IngressClass"}
+
+
+def _namespace_problems(steps: list[list[str]]) -> list[str]:
+    """Runs kubectl steps against a model of a fresh cluster that only tracks which namespaces exist;
+    returns each step that needs a namespace no earlier step (or earlier object) has created."""
+    namespaces = {"default"}
+    problems = []
+    for argv in steps:
+        args = argv[1:]
+        flag = next((f for f in ("-n", "--namespace") if f in args), None)
+        ns = args[args.index(flag) + 1] if flag else None
+        words = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in
+                                                                              ("-n", "--namespace", "-f", "-k"))]
+        if words[:2] in (["create", "namespace"], ["create", "ns"]):
+            namespaces.add(words[2])
+            continue
+        if words[:1] == ["apply"]:
+            if "-k" in args:
+                docs = [d for d in yaml.safe_load_all(render_text(ROOT / args[args.index("-k") + 1])) if d]
+            else:
+                docs = [d for d in yaml.safe_load_all((ROOT / args[args.index("-f") + 1]).read_text()) if d]
+            for doc in docs:  # kubectl applies in document order
+                if doc["kind"] == "Namespace":
+                    namespaces.add(doc["metadata"]["name"])
+                elif doc["kind"] not in CLUSTER_SCOPED:
+                    where = doc["metadata"].get("namespace") or ns or "default"
+                    if where not in namespaces:
+                        problems.append(f"{' '.join(argv)}: {doc['kind']} in namespace {where}, not created yet")
+            continue
+        if "-A" not in args and "--all-namespaces" not in args and (ns or "default") not in namespaces:
+            problems.append(f"{' '.join(argv)}: namespace {ns} not created yet")
+    return problems
+
+
+@needs_kubectl
+@pytest.mark.parametrize("where", ["README.md", "deploy/kubernetes/overlays/production/kustomization.yaml"])
+def test_production_steps_run_as_written_on_a_fresh_cluster(where):
+    text = readme_section("Deploy") if where == "README.md" else (ROOT / where).read_text()
+    steps = kubectl_steps(text)
+    production = [s for s in steps if "overlays/production" in " ".join(s) or "arp" in s]
+    assert any("secret" in s for s in production) and any("-k" in s for s in production), steps
+    assert _namespace_problems(steps) == []
 
 
 def test_exchange_secret_is_a_mounted_file_never_an_env_literal(rendered):
@@ -255,6 +408,27 @@ def test_config_change_rolls_the_pods(tmp_path):
     cm = [next(v["configMap"]["name"] for v in vols if v["name"] == "config") for vols in names]
     assert cm[0] != cm[1] and cm[0].startswith("arp-run-gateway-")
     assert {d["metadata"]["name"] for d in after if d["kind"] == "ConfigMap"} == {cm[1]}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_images_choose_the_images_the_pod_runs(tmp_path, overlay):
+    """Pointing an overlay at a pushed image (README: build and push) must change what the pod runs."""
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(KUSTOMIZE, tree)
+    path = tree / "overlays" / overlay / "kustomization.yaml"
+    kustomization = yaml.safe_load(path.read_text())
+    digest = "sha256:" + "0123456789abcdef" * 4
+    pinned = {}
+    for entry in kustomization["images"]:
+        entry["newName"] = f"registry.example.com/team/{entry['name']}"
+        entry["digest"] = digest
+        pinned[entry["name"]] = f"{entry['newName']}:{entry['newTag']}@{digest}"
+    assert pinned.keys() == {"arp-run-gateway", "run-coordinator"}
+    path.write_text(yaml.safe_dump(kustomization))
+    docs = render(overlay, tree)
+    assert container(docs, "gateway")["image"] == pinned["arp-run-gateway"]
+    assert container(docs, "coordinator")["image"] == pinned["run-coordinator"]
 
 
 # --------------------------------------------------------------------------- argv and configuration
@@ -327,6 +501,43 @@ def test_composed_argv_runs_check_config_on_the_mounted_configuration(rendered, 
         assert resolved["auth"]["exchange"]["client_secret"] == "***"
 
 
+@pytest.mark.parametrize("metrics_on_main", [False, True], ids=["ops-listener", "main-listener"])
+async def test_image_healthcheck_checks_the_port_the_gateway_was_started_with(tmp_path, http, metrics_on_main):
+    """The HEALTHCHECK must follow the running gateway's configuration (file, flags, environment), not
+    assume 9464: here the metrics port is another one, or 0 (then /livez is on the main listener,
+    whose port comes from `--port`)."""
+    port, metrics = free_port(), free_port()
+    cfg = {"listen": {"host": "127.0.0.1", "port": free_port()},
+           "upstream": {"url": f"http://127.0.0.1:{free_port()}"},
+           "auth": {"mode": "required"},  # no issuer: valid only with the environment below
+           "metrics": {"host": "127.0.0.1", "port": 0 if metrics_on_main else metrics},
+           "drain_delay_s": 0, "shutdown_grace_s": 1}
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "ARP_AUTH_MODE": "disabled"}
+    gw = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", "gateway.yaml", "--port", str(port),
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    try:
+        livez = f"http://127.0.0.1:{port if metrics_on_main else metrics}/livez"
+        await _wait_status(http, livez, 200)
+        check = local_healthcheck_argv(sys.executable, gw.pid)
+        done = await asyncio.to_thread(subprocess.run, check, capture_output=True, text=True, timeout=30,
+                                       cwd=ROOT, env={"PATH": env["PATH"]})
+        assert done.returncode == 0, done.stdout + done.stderr
+        gw.send_signal(signal.SIGSTOP)  # alive but not answering: unhealthy within the check's timeout
+        try:
+            done = await asyncio.to_thread(subprocess.run, check, capture_output=True, text=True, timeout=30,
+                                           cwd=ROOT, env={"PATH": env["PATH"]})
+        finally:
+            gw.send_signal(signal.SIGCONT)
+        assert done.returncode == 1, done.stdout + done.stderr
+    finally:
+        if gw.returncode is None:
+            gw.kill()
+            await gw.wait()
+
+
 # --------------------------------------------------------------------------- machine checks
 
 
@@ -390,7 +601,9 @@ def test_every_checkov_skip_carries_a_reason():
     skips = []
     for path in sorted(KUSTOMIZE.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            for key, value in ((doc or {}).get("metadata", {}).get("annotations") or {}).items():
+            if not isinstance(doc, dict):  # a JSON patch (a list of operations) carries no annotations
+                continue
+            for key, value in (doc.get("metadata", {}).get("annotations") or {}).items():
                 if key.startswith("checkov.io/skip"):
                     skips.append(value)
     for line in CONTAINERFILE.read_text().splitlines():

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateway import RUN_START
-from tests.support.deploy import DEPLOY, ROOT, free_port, healthcheck_argv
+from tests.support.deploy import DEPLOY, ROOT, free_port, local_healthcheck_argv
 from tests.support.idp import MockIdp
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -184,9 +184,9 @@ async def test_installed_serve_runs_the_image_configuration_as_non_root_read_onl
                 assert status == 200 and version["service_version"] == VERSION
                 status, body = await _get(ops + "/readyz")
                 assert body == {"status": "ready", "reasons": []}
-                # The image's HEALTHCHECK, with the venv's python as the image's `python`.
-                check = healthcheck_argv()
-                check = [str(installed.bin / "python"), *check[1:-1], check[-1].replace("9464", str(metrics))]
+                # The image's HEALTHCHECK, with the venv's python as the image's `python`, checking
+                # this gateway process as it would check the container's PID 1.
+                check = local_healthcheck_argv(str(installed.bin / "python"), proc.pid)
                 assert subprocess.run(check, cwd=installed.readonly, env=installed.env(), timeout=30).returncode == 0
                 # Auth is required by the image's configuration: a run start without a token is refused.
                 import aiohttp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -105,6 +106,43 @@ def healthcheck_argv(containerfile: Path = CONTAINERFILE) -> list[str]:
     match = re.search(r"^HEALTHCHECK\s.*?\bCMD\s+(\[.*\])\s*$", text.split("\nFROM ")[-1], re.M)
     assert match, "no exec-form HEALTHCHECK in the final stage"
     return json.loads(match.group(1))
+
+
+def image_copies(containerfile: Path = CONTAINERFILE) -> dict[str, Path]:
+    """The final stage's `COPY <repository file> <image path>` lines: {image path: repository file}."""
+    final = containerfile.read_text().split("\nFROM ")[-1]
+    copies = {}
+    for line in final.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "COPY":
+            copies[words[2]] = ROOT / words[1]
+    return copies
+
+
+def local_healthcheck_argv(python: str, pid: int, containerfile: Path = CONTAINERFILE) -> list[str]:
+    """The image's HEALTHCHECK as it would run here: `python` is `python`, files the image copies are
+    their repository originals, and the gateway it checks is `pid` instead of the container's PID 1."""
+    copies = image_copies(containerfile)
+    argv = healthcheck_argv(containerfile)
+    return [python] + [str(copies.get(a, a)) for a in argv[1:]] + [str(pid)]
+
+
+def kubectl_steps(text: str) -> list[list[str]]:
+    """The `kubectl` command lines of a README block or a comment, in order, as argv lists."""
+    steps = []
+    for line in text.splitlines():
+        line = line.strip().lstrip("#").strip()
+        if line.startswith("kubectl "):
+            steps.append(shlex.split(line, comments=True))
+    return steps
+
+
+def readme_section(title: str) -> str:
+    """The README's `## title` section, up to the next `## ` heading."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n") + 1
+    end = text.find("\n## ", start)
+    return text[start:] if end == -1 else text[start:end]
 
 
 def compose_argv(image: tuple[list[str], list[str]], spec: dict[str, Any] | None) -> list[str]:

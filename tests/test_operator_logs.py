@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import redirect_stdout
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -23,12 +24,14 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.clock import FakeClock
+from proxy.config import ConfigError
 from proxy.dev import issuer as devissuer
 from proxy.logs import JsonFormatter
 from proxy.server import start_gateway
+from proxy.upstream.headers import MAX_FORWARDED_HOPS, TrustedProxies
 from tests.support.gateway import RUN_START, gateway_config, json_response
 from tests.support.rawhttp import RawConnection, request
-from tests.support.servers import RawServer
+from tests.support.servers import RawServer, serve_app
 from tests.support.threadidp import ThreadIdp
 
 AUD = devissuer.DEFAULT_AUDIENCE
@@ -189,9 +192,8 @@ def decisions(exposition: str) -> dict[tuple[str, str, str], float]:
 async def test_refusals_are_counted_under_the_configured_issuer_the_token_names(coordinator, issuer, http) -> None:
     other_runner, other = await devissuer.start(port=0)  # a real issuer the gateway does not trust
     try:
-        url = await start_gateway(gateway_config(coordinator, auth=auth_with(issuer),
-                                                 metrics={"enabled": True, "port": 0}))
-        runner, url = url
+        runner, url = await start_gateway(gateway_config(coordinator, auth=auth_with(issuer),
+                                                         metrics={"enabled": True, "port": 0}))
         try:
             tokens = [issuer.mint(ttl=-3600), issuer.mint(ttl=-3600), other.mint(),
                       issuer.mint(aud="someone-else"), issuer.mint()[:-4] + "AAAA"]
@@ -284,7 +286,6 @@ async def test_an_sts_echoing_the_secret_and_token_gets_them_cut_from_the_warnin
 
     sts = web.Application()
     sts.router.add_post("/token", chatty)
-    from tests.support.servers import serve_app
     sts_runner, sts_url = await serve_app(sts)
     await upstream.start()
     auth = {**auth_with(issuer), "forward_token": "exchange",
@@ -367,3 +368,30 @@ async def test_an_untrusted_peer_cannot_name_the_client(issuer, recorder) -> Non
     assert sent.getall("X-Forwarded-Proto") == ["http"]
     assert sent.getall("X-Forwarded-Host") == ["gateway.test"]
     assert [e["client"] for e in access] == ["127.0.0.1", "127.0.0.1"]
+
+
+@pytest.mark.parametrize("value, problem", [
+    (["10.0.0.1/8"], "listen.trusted_proxies[0]: not a CIDR network: '10.0.0.1/8'"),
+    (["10.0.0.0/8", "ingress"], "listen.trusted_proxies[1]: not a CIDR network: 'ingress'"),
+    ("10.0.0.0/33", "listen.trusted_proxies[0]: not a CIDR network: '10.0.0.0/33'"),
+])
+def test_a_bad_trusted_proxy_network_fails_start_up_naming_the_key(value, problem) -> None:
+    with pytest.raises(ConfigError) as failed:
+        gateway_config(None, listen={"trusted_proxies": value})
+    (line,) = failed.value.problems
+    assert line.startswith(problem)
+
+
+def test_a_dual_stack_peer_and_a_long_forwarded_chain() -> None:
+    trusted = TrustedProxies(gateway_config(None, listen={"trusted_proxies": "127.0.0.1, 10.0.0.0/8"})
+                             .listen.trusted_proxies)
+    assert trusted.trusts("::ffff:10.1.2.3") and trusted.trusts("127.0.0.1")
+    assert not trusted.trusts("::1") and not trusted.trusts("11.0.0.1") and not trusted.trusts("")
+    conn = SimpleNamespace(peer="10.9.9.9")
+    # Past MAX_FORWARDED_HOPS trusted-looking hops the walk stops, at a trusted address, never at the
+    # spoofed one on the far left.
+    chain = "198.51.100.1, " + ", ".join(["10.0.0.1"] * (MAX_FORWARDED_HOPS + 5))
+    far = SimpleNamespace(conn=conn, headers=[(b"X-Forwarded-For", chain.encode())])
+    assert trusted.client(far) == "10.0.0.1"  # type: ignore[arg-type]
+    near = SimpleNamespace(conn=conn, headers=[(b"x-forwarded-for", b"2001:DB8::1 , 10.0.0.7")])
+    assert trusted.client(near) == "2001:db8::1"  # type: ignore[arg-type]

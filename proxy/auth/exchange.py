@@ -66,7 +66,7 @@ class TokenExchanger:
         self._cache: BoundedCache[bytes, tuple[str, float]] = BoundedCache(CACHE_SIZE)
         self._flight: SingleFlight[bytes, tuple[str, float]] = SingleFlight()
         self._quiet_until = -math.inf   # no failure warning before this (monotonic)
-        self._unreported = 0
+        self._suppressed = 0
 
     def start(self, session: aiohttp.ClientSession) -> None:
         retry = ExponentialRetry(attempts=3, start_timeout=0.1, max_timeout=1.0,
@@ -107,8 +107,7 @@ class TokenExchanger:
                 status = resp.status
                 body = await resp.json(content_type=None) if status == 200 else await _error_body(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise ExchangeFailed(f"token endpoint unreachable: {type(exc).__name__}", retryable=True,
-                                 error=type(exc).__name__) from None
+            raise ExchangeFailed(f"token endpoint unreachable: {type(exc).__name__}", retryable=True) from None
         if status != 200:
             raise ExchangeFailed(f"token endpoint answered HTTP {status}", retryable=status >= 500 or status == 429,
                                  status=status, error=body.get("error"), description=body.get("error_description"))
@@ -127,15 +126,15 @@ class TokenExchanger:
     def _report(self, exc: ExchangeFailed, subject_token: str | None) -> None:
         now = self._clock.monotonic()
         if now < self._quiet_until:
-            self._unreported += 1
+            self._suppressed += 1
             return
         self._quiet_until = now + FAILURE_LOG_INTERVAL_S
         secrets = [s for s in (subject_token, self._cfg.client_secret) if s]
         log.warning("token exchange failed", extra={
             "event": "token_exchange_failed", "reason": exc.reason, "status": exc.status,
             "error": _shown(exc.error, secrets), "error_description": _shown(exc.description, secrets),
-            "suppressed": self._unreported})
-        self._unreported = 0
+            "suppressed": self._suppressed})
+        self._suppressed = 0
 
 
 async def _error_body(resp: aiohttp.ClientResponse) -> dict:

@@ -2,13 +2,17 @@
 
 Lines are buffered and written in batches (at most every 0.2 s, or sooner
 when many pile up): a write and flush per request would cost more than
-everything else the gateway does for it. Only values the gateway itself
-produced are logged (ids, route templates, sizes, auth reasons), never a
-header, so no token can leak here; the subject only when configured.
+everything else the gateway does for it. Logged are values the gateway itself
+produced or checked (ids, route templates, sizes, auth reasons, the client
+address, a configured issuer, the routed run id) and one header, the
+User-Agent, cut to USER_AGENT_CHARS and JSON-escaped; never a token. The
+subject only when configured. `upstream_ms` is null when the coordinator
+never answered (unreachable, timed out, garbled), else the time to its headers.
 
     log = AccessLog(sys.stdout, log_subject=False)
     log.record(request_id=rid, method="POST", route="/v1/runs", status=200, seconds=0.0021, upstream_s=0.0015,
-               bytes_in=120, bytes_out=180, auth_result="allowed", auth_reason="", subject=None)
+               bytes_in=120, bytes_out=180, auth_result="allowed", auth_reason="", subject=None,
+               client="10.1.2.3", user_agent=b"curl/8.5.0", issuer="https://idp", run_id=None)
 """
 
 from __future__ import annotations
@@ -18,8 +22,14 @@ import json
 import time
 from typing import TextIO
 
+from .boundedcache import BoundedCache
+
 FLUSH_INTERVAL_S = 0.2
 FLUSH_LINES = 256
+USER_AGENT_CHARS = 256
+RUN_ID_CHARS = 256
+# Clients repeat their User-Agent: each distinct one is escaped once.
+USER_AGENT_CACHE = 1024
 
 
 class AccessLog:
@@ -28,16 +38,32 @@ class AccessLog:
         self._log_subject = log_subject
         self._pending: list[str] = []
         self._handle: asyncio.TimerHandle | None = None
+        self._agents: BoundedCache[bytes, str] = BoundedCache(USER_AGENT_CACHE)
+        self._agent = self._agents.getter(touch=False)
+        self._issuers: dict[str, str] = {}   # only configured issuers reach here: a bounded set
 
     def record(self, *, request_id: str, method: str, route: str, status: int, seconds: float,
                upstream_s: float | None, bytes_in: int, bytes_out: int, auth_result: str,
-               auth_reason: str, subject: str | None) -> None:
+               auth_reason: str, subject: str | None, client: str, user_agent: bytes | None,
+               issuer: str | None, run_id: str | None) -> None:
         # A %-template, not json.dumps of a dict: every field is a number or a gateway-made token
-        # (request ids are validated, routes are templates, reasons fixed words) except the
-        # method and the subject, which are JSON-escaped.
+        # (request ids are validated, routes are templates, reasons fixed words, the client an
+        # address from the socket or one parsed as an address, the run id a routed path segment of
+        # RFC 3986 characters, which hold no quote, backslash or control) except the method, the
+        # user agent, the issuer and the subject, which are JSON-escaped.
+        if user_agent is not None:
+            agent = user_agent[:USER_AGENT_CHARS]
+            escaped = self._agent(agent)
+            if escaped is None:
+                escaped = _dumps(agent.decode("utf-8", "replace"))
+                self._agents.put(agent, escaped)
+        else:
+            escaped = "null"
         line = _LINE % (_timestamp(), request_id, _dumps(method), route, status, seconds * 1000,
                         "null" if upstream_s is None else "%.3f" % (upstream_s * 1000),
-                        bytes_in, bytes_out, auth_result, auth_reason)
+                        bytes_in, bytes_out, auth_result, auth_reason, client, escaped,
+                        "null" if issuer is None else self._issuer(issuer),
+                        "null" if run_id is None else '"' + run_id[:RUN_ID_CHARS] + '"')
         if self._log_subject and subject is not None:
             line = line[:-1] + ',"subject":' + _dumps(subject) + "}"
         self._pending.append(line)
@@ -45,6 +71,12 @@ class AccessLog:
             self.flush()
         elif self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self.flush)
+
+    def _issuer(self, issuer: str) -> str:
+        escaped = self._issuers.get(issuer)
+        if escaped is None:
+            escaped = self._issuers[issuer] = _dumps(issuer)
+        return escaped
 
     def flush(self) -> None:
         if self._handle is not None:
@@ -61,7 +93,8 @@ class AccessLog:
 
 
 _LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'
-         '"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,"bytes_out":%d,"auth":"%s","auth_reason":"%s"}')
+         '"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,"bytes_out":%d,"auth":"%s","auth_reason":"%s",'
+         '"client":"%s","user_agent":%s,"issuer":%s,"run_id":%s}')
 _dumps = json.JSONEncoder(ensure_ascii=True).encode
 _second: list = [-1, ""]
 

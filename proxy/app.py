@@ -39,6 +39,7 @@ from .observer import RequestObserver
 from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from .upstream import Upstream
+from .upstream.headers import TrustedProxies
 from .validation import BodyRules
 
 log = logging.getLogger("proxy.app")
@@ -53,8 +54,11 @@ class Gateway:
         self.access_log = AccessLog(sys.stdout, log_subject=cfg.logging.log_subject) \
             if cfg.logging.access_log else None
         self.observer = RequestObserver(self.metrics, self.access_log)
+        # None without trusted proxies: the client is then always the peer, at no cost per request.
+        self.trusted_proxies = TrustedProxies(cfg.listen.trusted_proxies) if cfg.listen.trusted_proxies else None
         self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
-                                 strip_names=(header for _, header in cfg.auth.claim_headers))
+                                 strip_names=(header for _, header in cfg.auth.claim_headers),
+                                 trusted=self.trusted_proxies)
         self.probe = CoordinatorProbe(cfg.upstream, clock)
         self.bodies = BodyRules(cfg.limits)
         self.state = "starting"
@@ -120,6 +124,9 @@ class Gateway:
         task from the first stage that waits."""
         self.observer.begin(request)
         request.route = NOT_FOUND
+        trusted = self.trusted_proxies
+        if trusted is not None and trusted.trusts(request.conn.peer):
+            request.client = trusted.client(request)
         if request.refusal is not None:  # decided by the listener: framing, target, limits
             return self._reply(request, request.refusal)
         route = request.route = self.routes.resolve(request.path) or NOT_FOUND
@@ -198,7 +205,7 @@ class Gateway:
         principal = outcome.principal
         if principal is None or principal.kind == "anonymous":
             # Anonymous callers share a subject, so each client address gets its own bucket.
-            key = "addr\x00" + request.conn.peer
+            key = "addr\x00" + (request.client or request.conn.peer)
         else:
             # The same subject at two issuers is two principals.
             key = "sub\x00" + (principal.issuer or "") + "\x00" + principal.subject

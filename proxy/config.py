@@ -10,6 +10,7 @@ one line per problem instead of one surprise at a time.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class ListenConfig:
     # Client connections at once; None: derived from the open-file limit, leaving room for the
     # coordinator pool and the control plane. At the cap idle connections are reclaimed first.
     max_connections: int | None = None
+    # Peers (CIDR networks) whose X-Forwarded-For/-Proto/-Host are believed: an ingress or load
+    # balancer in front of the gateway. Empty: every peer is the client, its X-Forwarded-* replaced.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -350,7 +354,19 @@ def _listen(r: _Reader, raw: Any) -> ListenConfig:
         event_loop=EventLoop(r.string(sec, "listen", "event_loop", d.event_loop, choices=EVENT_LOOPS)),
         keepalive_timeout_s=r.number(sec, "listen", "keepalive_timeout_s", d.keepalive_timeout_s, positive=True),
         max_connections=r.number(sec, "listen", "max_connections", None, integer=True, minimum=1),
+        trusted_proxies=_networks(r, sec, "listen", "trusted_proxies"),
     )
+
+
+def _networks(r: _Reader, sec: dict, path: str, key: str) -> tuple[str, ...]:
+    """CIDR networks in their normal form; a bare address is its own /32 or /128."""
+    networks = []
+    for n, value in enumerate(r.strings(sec, path, key, ())):
+        try:
+            networks.append(str(ipaddress.ip_network(value.strip())))
+        except ValueError as exc:
+            r.fail(f"{_join(path, key)}[{n}]", f"not a CIDR network: {value!r} ({exc})")
+    return tuple(networks)
 
 
 def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:

@@ -166,7 +166,8 @@ class Request:
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_chunks",
                  "_size", "_waiter", "_given_id", "_ids", "status", "bytes_out", "upstream_s", "head_sent",
-                 "will_close", "_chunked_out", "finished", "aborter", "started", "route", "outcome")
+                 "will_close", "_chunked_out", "finished", "aborter", "started", "route", "outcome", "client",
+                 "user_agent", "upstream_start")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -198,7 +199,10 @@ class Request:
         # What the access log learns.
         self.status = 0
         self.bytes_out = 0
-        self.upstream_s: float | None = None
+        self.upstream_s: float | None = None            # until the coordinator's headers; None: it never answered
+        self.upstream_start = 0.0
+        self.user_agent: bytes | None = None
+        self.client = ""                                # set when a trusted proxy names the client; else the peer
         self.head_sent = False
         self.will_close = False
         self._chunked_out = False
@@ -525,6 +529,8 @@ class ClientConnection(asyncio.Protocol):
             request._ids += 1
         elif low == b"expect":
             request.expect_continue = value.lower() == b"100-continue"
+        elif low == b"user-agent":
+            request.user_agent = value
         else:
             request.preflight = True  # Access-Control-Request-Method
 
@@ -756,7 +762,7 @@ class ClientConnection(asyncio.Protocol):
 
 
 _NOTED = frozenset({b"content-type", b"content-length", b"transfer-encoding", b"content-encoding", b"host",
-                    b"x-request-id", b"expect", b"access-control-request-method"})
+                    b"x-request-id", b"expect", b"access-control-request-method", b"user-agent"})
 
 
 def _bad(request: Request, reason: str, message: str) -> Answer:

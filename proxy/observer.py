@@ -19,7 +19,10 @@ from .accesslog import AccessLog
 from .auth import EXEMPT, AuthOutcome
 from .listener import Request
 from .metrics import GatewayMetrics
-from .routes import Route
+from .routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, Route
+
+# Characters after the run id in each route that names one (its path starts "/v1/runs/").
+_RUN_ID_TAIL = {GET_RUN: 0, CANCEL_RUN: len(":cancel"), RUN_EVENTS: len("/events")}
 
 
 class RequestObserver:
@@ -44,10 +47,14 @@ class RequestObserver:
             metrics.in_flight -= 1
             metrics.request(route.template, request.method, status, seconds,
                             None if outcome is None or outcome is EXEMPT else
-                            (principal.issuer if principal else None, outcome.result, outcome.reason))
+                            (outcome.issuer, outcome.result, outcome.reason))
         if self._access_log is not None:
+            tail = _RUN_ID_TAIL.get(route)
             self._access_log.record(
                 request_id=request.request_id, method=request.method or "-", route=route.template, status=status,
                 seconds=seconds, upstream_s=request.upstream_s, bytes_in=request.body_size,
                 bytes_out=request.bytes_out, auth_result=outcome.result if outcome else "none",
-                auth_reason=outcome.reason if outcome else "", subject=principal.subject if principal else None)
+                auth_reason=outcome.reason if outcome else "", subject=principal.subject if principal else None,
+                client=request.client or request.conn.peer, user_agent=request.user_agent,
+                issuer=outcome.issuer if outcome else None,
+                run_id=None if tail is None else request.path[9:len(request.path) - tail])

@@ -48,6 +48,9 @@ class AuthOutcome:
     result: AuthResult
     reason: str = ""
     identity: bytes = b""              # identity header lines (and a passthrough token) for the coordinator
+    # The configured issuer the decision is counted and logged under: the principal's, or for a
+    # refused token the configured issuer it names; None otherwise.
+    issuer: str | None = None
 
 
 EXEMPT = AuthOutcome(None, None, AuthResult.EXEMPT)
@@ -99,12 +102,13 @@ class Authenticator:
         try:
             principal = await self._verifier.verify(decided)  # type: ignore[arg-type]
         except TokenError as exc:
-            return self._invalid(exc.reason, exc.description, request_id)
+            return self._invalid(exc.reason, exc.description, request_id, exc.issuer)
         except KeysUnavailable as exc:
             return AuthOutcome(None, error_answer(
                 503, "auth_unavailable", "Signing keys of the token issuer are not available yet",
                 request_id=request_id, retryable=True, details={"reason": "keys_unavailable"},
-                headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable")
+                headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable",
+                issuer=exc.issuer)
         return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
 
     def _read_credentials(self, request: Request, route: Route) -> AuthOutcome | str:
@@ -139,8 +143,8 @@ class Authenticator:
             identity = self._identity.lines(principal)
             if identity is None:
                 return self._invalid("invalid_claims", "the token's claims cannot be passed on as identity headers",
-                                     request_id)
-            outcome = AuthOutcome(principal, None, result, identity=identity)
+                                     request_id, principal.issuer)
+            outcome = AuthOutcome(principal, None, result, identity=identity, issuer=principal.issuer)
             self._allowed.put(key, outcome)  # holds the principal, so its id stays its own while cached
             return outcome
         if principal.kind == PrincipalKind.ANONYMOUS:
@@ -155,18 +159,19 @@ class Authenticator:
             details["required_claims"] = list(denial.failed_claims)
         return AuthOutcome(None, error_answer(
             403, "forbidden", "The token does not grant access to this route", request_id=request_id,
-            details=details, headers={"WWW-Authenticate": header}), AuthResult.DENIED, denial.reason)
+            details=details, headers={"WWW-Authenticate": header}), AuthResult.DENIED, denial.reason,
+            issuer=principal.issuer)
 
     def _challenge(self, reason: str, message: str, request_id: str) -> AuthOutcome:
         return AuthOutcome(None, error_answer(
             401, "unauthorized", message, request_id=request_id, details={"reason": reason},
             headers={"WWW-Authenticate": self._realm}), AuthResult.UNAUTHENTICATED, reason)
 
-    def _invalid(self, reason: str, description: str, request_id: str) -> AuthOutcome:
+    def _invalid(self, reason: str, description: str, request_id: str, issuer: str | None) -> AuthOutcome:
         header = f'{self._realm}, error="invalid_token", error_description="{_quote(description)}"'
         return AuthOutcome(None, error_answer(
             401, "unauthorized", description, request_id=request_id, details={"reason": reason},
-            headers={"WWW-Authenticate": header}), AuthResult.UNAUTHENTICATED, reason)
+            headers={"WWW-Authenticate": header}), AuthResult.UNAUTHENTICATED, reason, issuer=issuer)
 
     def _bad_request(self, reason: str, message: str, request_id: str) -> AuthOutcome:
         header = f'{self._realm}, error="invalid_request", error_description="{_quote(message)}"'

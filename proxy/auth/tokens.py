@@ -16,6 +16,7 @@ the claims against that issuer's policy and the injected clock.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class TokenError(Exception):
 
     reason: ClassVar[str] = "invalid_token"
     description: str = "the bearer token is invalid"
+    # The configured issuer the unverified token names, for counting and logging the refusal under
+    # it; None when it names none (the token's own claim is never used beyond this comparison).
+    issuer: str | None = None
 
     def __init__(self, description: str | None = None) -> None:
         if description is not None:
@@ -215,7 +219,11 @@ class TokenVerifier:
             raw = token.encode("ascii")
         except UnicodeEncodeError:
             raise MalformedToken() from None
-        verified = await self._verify(token, raw)
+        try:
+            verified = await self._verify(token, raw)
+        except TokenError as exc:
+            exc.issuer = self._named_issuer(raw)
+            raise
         if cached and self._clock.time() < verified.exp:
             self._cache.put(token, verified)
         return verified.principal
@@ -284,6 +292,19 @@ class TokenVerifier:
         if alg == "none" or alg not in SUPPORTED_ALGORITHMS:
             raise UnsupportedAlg()
         return obj
+
+    def _named_issuer(self, raw: bytes) -> str | None:
+        """The configured issuer whose name a refused token carries in `iss`, whatever check it
+        failed: read again from the payload, since the failure may come before the claims are."""
+        parts = raw.split(b".")
+        if len(parts) != 3:
+            return None
+        try:
+            claims = self._claims(base64.urlsafe_b64decode(parts[1] + b"=" * (-len(parts[1]) % 4)))
+        except (TokenError, ValueError):
+            return None
+        iss = claims.get("iss")
+        return iss if isinstance(iss, str) and iss in self._policies else None
 
     @staticmethod
     def _claims(payload: bytes) -> dict[str, Any]:

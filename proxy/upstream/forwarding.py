@@ -25,7 +25,7 @@ from ..config import UpstreamConfig
 from ..listener import Request
 from ..metrics import GatewayMetrics
 from ..routes import Route
-from .headers import ClientHeaders
+from .headers import ClientHeaders, TrustedProxies
 from .pool import ConnectFailed, PoolBusy, PoolResponse, UpstreamError, UpstreamPool
 from .relay import Done, Relay
 
@@ -60,11 +60,12 @@ def classify(exc: BaseException, *, idempotent: bool) -> UpstreamFailure:
 
 class Upstream:
     def __init__(self, cfg: UpstreamConfig, metrics: GatewayMetrics | None = None, *,
-                 strip_prefix: str = "", strip_names: Iterable[str] = ()) -> None:
+                 strip_prefix: str = "", strip_names: Iterable[str] = (),
+                 trusted: TrustedProxies | None = None) -> None:
         self.cfg = cfg
         self.base_url = cfg.url
         self.metrics = metrics
-        self._client_headers = ClientHeaders(strip_prefix=strip_prefix, strip_names=strip_names)
+        self._client_headers = ClientHeaders(strip_prefix=strip_prefix, strip_names=strip_names, trusted=trusted)
         self._relay = Relay(metrics, stream_idle_timeout_s=cfg.stream_idle_timeout_s)
         self.pool: UpstreamPool | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start(), inside the running loop
@@ -108,7 +109,7 @@ class Upstream:
             framing = b"Content-Length: 0\r\n" if request.method == "POST" else b""
         head = self._head(request, pool, extra, framing)
         deadline = self._loop.time() + self.cfg.request_timeout_s
-        request.upstream_s = time.perf_counter()  # the start, until the headers are in
+        request.upstream_start = time.perf_counter()
         conn = pool.idle_connection(deadline)
         if conn is None:
             request.spawn(self._exchange(request, route, head, body, deadline, done, 1))

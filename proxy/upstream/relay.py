@@ -40,7 +40,7 @@ class Relay:
                done: Done) -> Coroutine[Any, Any, None] | None:
         """Answers the client from `upstream` and calls `done`; or returns the coroutine that will,
         when the body is still arriving."""
-        request.upstream_s = upstream_s = time.perf_counter() - (request.upstream_s or 0.0)
+        request.upstream_s = upstream_s = time.perf_counter() - request.upstream_start
         if self.metrics is not None:
             self.metrics.upstream(route.template, upstream.status, upstream_s)
         reason = upstream.reason.encode("latin-1")

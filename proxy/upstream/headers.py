@@ -32,9 +32,11 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
-# Set by the gateway itself, never copied from the client.
+# Set by the gateway itself, never copied from the client. Forwarded (RFC 7239) and X-Real-IP name a
+# client address too: the gateway vouches for X-Forwarded-For alone, so a client cannot plant one there.
 _REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                       b"x-request-id", b"expect", b"authorization", b"content-length"})
+                       b"forwarded", b"x-real-ip", b"x-request-id", b"expect", b"authorization",
+                       b"content-length"})
 # X-Request-ID is the gateway's, and this hop frames the body itself.
 _REFRAMED = HOP_BY_HOP | {b"x-request-id", b"content-length"}
 CLIENT_HEADER_CACHE = 1024

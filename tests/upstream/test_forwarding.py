@@ -318,6 +318,19 @@ async def test_x_forwarded_headers_of_an_untrusted_peer_are_replaced(through, up
     assert sent["Host"] == URL(upstream.url).raw_authority
 
 
+async def test_other_client_address_headers_never_reach_the_coordinator(through, upstream) -> None:
+    # RFC 7239 Forwarded and X-Real-IP name a client address as X-Forwarded-For does; the gateway
+    # vouches only for its own X-Forwarded-For, so a client cannot plant an address in another header.
+    url = await through()
+    status, _, _ = await raw_exchange(url, "GET", "/v1/runs/r1", [
+        ("Host", "runs.example.com"), ("Forwarded", "for=203.0.113.7;proto=https"),
+        ("X-Real-IP", "203.0.113.7"), ("X_Real_IP", "203.0.113.8")])
+    assert status == 200
+    sent = upstream.requests[0]["headers"]
+    assert "Forwarded" not in sent and "X-Real-IP" not in sent and "X_Real_IP" not in sent
+    assert sent.getall("X-Forwarded-For") == ["127.0.0.1"]
+
+
 async def test_x_forwarded_for_is_the_peer_when_the_client_sends_none(through, upstream, http) -> None:
     url = await through()
     async with http.get(url + "/v1/runs/r1") as resp:

@@ -20,6 +20,7 @@ from aiohttp_retry import ExponentialRetry, RetryClient
 from ..boundedcache import BoundedCache
 from ..clock import Clock
 from ..config import ExchangeConfig
+from ..secretfile import SecretFile
 from ..singleflight import SingleFlight
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -46,6 +47,8 @@ class TokenExchanger:
         # Keyed by the subject token's SHA-256 (b"" for client credentials): no caller's token is kept.
         self._cache: BoundedCache[bytes, tuple[str, float]] = BoundedCache(CACHE_SIZE)
         self._flight: SingleFlight[bytes, tuple[str, float]] = SingleFlight()
+        self._secret = (SecretFile(cfg.client_secret_file, "auth.exchange.client_secret_file", clock,
+                                   initial=cfg.client_secret) if cfg.client_secret_file else None)
 
     def start(self, session: aiohttp.ClientSession) -> None:
         retry = ExponentialRetry(attempts=3, start_timeout=0.1, max_timeout=1.0,
@@ -67,8 +70,8 @@ class TokenExchanger:
 
     async def _fetch(self, subject_token: str | None) -> tuple[str, float]:
         cfg = self._cfg
-        form = {"audience": cfg.audience, "client_id": cfg.client_id or "",
-                "client_secret": cfg.client_secret or ""}
+        secret = self._secret.value() if self._secret is not None else cfg.client_secret
+        form = {"audience": cfg.audience, "client_id": cfg.client_id or "", "client_secret": secret or ""}
         if subject_token:
             form.update(grant_type=TOKEN_EXCHANGE, subject_token=subject_token,
                         subject_token_type=ACCESS_TOKEN_TYPE, requested_token_type=ACCESS_TOKEN_TYPE)

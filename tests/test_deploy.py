@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from proxy import cli
-from proxy.config import build_config
+from proxy.config import build_config, load_config
 from proxy.server import start_gateway
 from tests.support.gateway import RUN_START
 from tests.support.deploy import (
@@ -464,14 +464,20 @@ def test_prometheus_rule_is_the_alerts_file(tmp_path):
 # --------------------------------------------------------------------------- local port-forward
 
 
-def test_local_port_forward_config_validates_tokens_like_production():
+def test_local_port_forward_config_validates_tokens_like_production(tmp_path):
     local = yaml.safe_load((ROOT / "config" / "local-port-forward.yaml").read_text())
     prod = yaml.safe_load((KUSTOMIZE / "overlays" / "production" / "gateway.yaml").read_text())
     assert local["listen"]["host"] == "127.0.0.1" and local["metrics"]["host"] == "127.0.0.1"
     assert local["auth"]["mode"] == "required"
-    same = ("mode", "issuers", "clock_skew_s", "rules", "exempt_paths", "claim_headers")
+    same = ("mode", "issuers", "clock_skew_s", "rules", "exempt_paths", "claim_headers", "forward_token")
     assert {k: local["auth"].get(k) for k in same} == {k: prod["auth"].get(k) for k in same}
-    resolved = build_config(local)  # and it is a valid configuration
+    # The coordinator gets a token for its own audience, as from the production gateway.
+    assert local["auth"]["exchange"]["audience"] == prod["auth"]["exchange"]["audience"]
+    secret = tmp_path / "client-secret"
+    secret.write_text("s\n")
+    # A valid configuration once the developer's own client is named, as the recipe does.
+    resolved = load_config(ROOT / "config" / "local-port-forward.yaml",
+                           {"ARP_AUTH_CLIENT_ID": "my-cli", "ARP_AUTH_CLIENT_SECRET_FILE": str(secret)})
     assert resolved.upstream.url.startswith("http://127.0.0.1:")
 
 

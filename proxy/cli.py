@@ -37,7 +37,7 @@ EXIT_CONFIG = 2
 log = logging.getLogger("proxy.config")
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each subcommand's own, so misuse of one prints that one's usage."""
     p = argparse.ArgumentParser(prog="arp-gateway", description="ARP Standard Run Gateway")
     p.add_argument("--version", action="version", version=f"arp-gateway {__version__}")
@@ -97,7 +97,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    top, subs = _parser()
+    top, subs = _parsers()
     args, extra = top.parse_known_args(argv)
     own = subs[args.command]
     if extra:

@@ -295,7 +295,7 @@ def test_the_crash_looping_argv_of_the_old_manifest_is_refused():
     """What the old manifest composed (ENTRYPOINT with `serve --config`, then args `serve --config`)."""
     old = ["serve", "--config", "/etc/x.yaml", "serve", "--config", "/etc/x.yaml"]
     with pytest.raises(SystemExit) as exited:
-        cli._parser().parse_args(old)
+        cli._parse(old)
     assert exited.value.code == 2
 
 
@@ -314,7 +314,7 @@ def test_composed_argv_runs_check_config_on_the_mounted_configuration(rendered, 
         config.write_text(_rewrite(text, mapping))
         env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
     assert argv[0] == "arp-gateway", argv
-    args = cli._parser().parse_args([_rewrite(a, mapping) for a in argv[1:]])  # SystemExit(2) on a bad argv
+    args = cli._parse([_rewrite(a, mapping) for a in argv[1:]])  # SystemExit(2) on a bad argv
     assert args.command == "serve"
     done = subprocess.run([sys.executable, "-m", "proxy", "check-config", "--config", str(args.config)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT,

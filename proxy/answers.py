@@ -28,13 +28,17 @@ class Answer:
         return next((value for key, value in self.headers if key.lower() == low), None)
 
 
-def envelope(code: str, message: str, *, details: dict[str, Any] | None = None,
-             retryable: bool | None = None) -> dict[str, Any]:
+# Refusals whose cause can pass (a slow body, a rate limit, a coordinator or IdP that is down or
+# busy): the same request may succeed later. Any other refusal repeats until the request changes.
+RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
+
+
+def envelope(code: str, message: str, *, retryable: bool,
+             details: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
         error["details"] = details
-    if retryable is not None:
-        error["retryable"] = retryable
+    error["retryable"] = retryable
     return {"error": error}
 
 
@@ -45,9 +49,12 @@ def json_answer(status: int, body: Any) -> Answer:
 def error_answer(status: int, code: str, message: str, *, request_id: str | None = None,
                  details: dict[str, Any] | None = None, retryable: bool | None = None,
                  headers: dict[str, str] | None = None) -> Answer:
-    """An ErrorEnvelope answer; `details.request_id` lets a user quote the failing call."""
+    """An ErrorEnvelope answer; `details.request_id` lets a user quote the failing call. Every envelope
+    says whether to retry: `retryable` defaults from the status (RETRYABLE_STATUSES)."""
     details = dict(details or {})
     if request_id:
         details["request_id"] = request_id
+    if retryable is None:
+        retryable = status in RETRYABLE_STATUSES
     body = json.dumps(envelope(code, message, details=details, retryable=retryable)).encode()
     return Answer(status, body, JSON, tuple((headers or {}).items()))

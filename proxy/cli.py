@@ -9,6 +9,7 @@ import argparse
 import base64
 import errno
 import json
+import logging
 import os
 import socket
 import sys
@@ -21,36 +22,54 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import ConfigError, GatewayConfig, load_config, redacted
-from .dev import ISSUER_AUDIENCE, ISSUER_PORT
+from .config import DEV_ISSUER_AUDIENCE as ISSUER_AUDIENCE
+from .config import DEV_ISSUER_PORT as ISSUER_PORT
+from .config import ConfigError, GatewayConfig, config_warnings, load_config, redacted
 from .logs import setup_logging
 from .server import run as run_on_loop
 from .server import run_gateway, serve
 
-# Package data, so `arp-gateway dev` works from a wheel as well as from a checkout.
-DEV_CONFIG = Path(__file__).resolve().parent / "data" / "dev.yaml"
+# Package data, so `arp-gateway dev` and `check-config --example` work from a wheel as well as from a checkout.
+DATA = Path(__file__).resolve().parent / "data"
+DEV_CONFIG = DATA / "dev.yaml"
+EXAMPLES = {"gateway": DATA / "gateway.example.yaml", "local-port-forward": DATA / "local-port-forward.yaml"}
 EXIT_CONFIG = 2
+log = logging.getLogger("proxy.config")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's own, so misuse of one prints that one's usage."""
     p = argparse.ArgumentParser(prog="arp-gateway", description="ARP Standard Run Gateway")
     p.add_argument("--version", action="version", version=f"arp-gateway {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,check-config,dev,token}")
 
-    s = sub.add_parser("serve", help="run the gateway")
-    s.add_argument("--config", type=Path, help="YAML configuration file")
+    s = sub.add_parser("serve", help="run the gateway", description="Run the gateway.")
+    _config_arguments(s)
     s.add_argument("--host", help="listen address (overrides listen.host)")
     s.add_argument("--port", type=int, help="listen port (overrides listen.port)")
 
-    c = sub.add_parser("check-config", help="validate a configuration and print it, secrets redacted")
-    c.add_argument("--config", type=Path, help="YAML configuration file")
+    c = sub.add_parser(
+        "check-config", help="validate a configuration and print it, secrets redacted",
+        description="Validate a configuration (YAML, then the environment) and print the resolved "
+        "configuration with secrets redacted. Exit 2 with one `key.path: problem` line per problem. "
+        "--example prints the shipped example configuration instead.")
+    _config_arguments(c)
+    c.add_argument("--example", nargs="?", const="gateway", choices=sorted(EXAMPLES),
+                   help="print a shipped example configuration (default: gateway) and exit")
 
-    d = sub.add_parser("dev", help="gateway + dev coordinator + dev issuer on loopback")
-    d.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    d = sub.add_parser(
+        "dev", help="gateway + dev coordinator + dev issuer on loopback",
+        description="Run the gateway on loopback in front of an in-memory dev Run Coordinator, with a dev "
+        "token issuer (ephemeral key). Dev only: never expose it.")
+    d.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0: any free port)")
     d.add_argument("--metrics-port", type=int, default=9464,
                    help="port of /metrics, /livez, /readyz (default 9464; 0: any free port)")
-    d.add_argument("--auth", choices=("required", "optional", "disabled"), default="optional")
-    d.add_argument("--issuer-port", type=int, default=ISSUER_PORT)
+    d.add_argument("--auth", choices=("required", "optional", "disabled"), default="optional",
+                   help="auth.mode: required (every run call needs a dev issuer token), optional (default: "
+                   "no token is the anonymous principal, a token sent must be valid), disabled (no checks)")
+    d.add_argument("--issuer-port", type=int, default=ISSUER_PORT,
+                   help=f"port of the dev token issuer on 127.0.0.1 (default {ISSUER_PORT}; 0: any free port); "
+                   f"`arp-gateway token --issuer http://127.0.0.1:PORT` mints from it")
     d.add_argument("--step-delay", type=float, default=0.5, help="seconds between a dev run's events")
     d.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
 
@@ -69,7 +88,28 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--client-id", help="OAuth 2.0 client id: use the client-credentials grant")
     t.add_argument("--client-secret-file", type=Path,
                    help="file holding the client secret (never passed on the command line)")
-    return p
+    return p, {"serve": s, "check-config": c, "dev": d, "token": t}
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", type=Path, metavar="CONFIG", help="YAML configuration file")
+    parser.add_argument("--config", type=Path, help="YAML configuration file (the same as CONFIG)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    top, subs = _parsers()
+    args, extra = top.parse_known_args(argv)
+    own = subs[args.command]
+    if extra:
+        # Without this, argparse blames the top-level command and prints its usage.
+        own.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "path"):
+        if args.path is not None and args.config is not None:
+            own.error("give the configuration file once: CONFIG or --config, not both")
+        args.config = args.config or args.path
+    if getattr(args, "example", None) and args.config is not None:
+        own.error("--example prints the shipped example; it takes no CONFIG")
+    return args
 
 
 def _config(path: Path | None, flags: dict) -> GatewayConfig | None:
@@ -82,11 +122,16 @@ def _config(path: Path | None, flags: dict) -> GatewayConfig | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "check-config":
+        if args.example:
+            print(EXAMPLES[args.example].read_text(encoding="utf-8"), end="")
+            return 0
         cfg = _config(args.config, {})
         if cfg is None:
             return EXIT_CONFIG
+        for warning in config_warnings(cfg):
+            print(f"config warning: {warning}", file=sys.stderr)
         print(yaml.safe_dump(redacted(cfg), sort_keys=False), end="")
         return 0
     if args.command == "serve":
@@ -94,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             return EXIT_CONFIG
         setup_logging(cfg.logging.level)
+        for warning in config_warnings(cfg):
+            log.warning("configuration: %s", warning, extra={"event": "config_warning"})
         return serve(cfg)
     if args.command == "dev":
         return _dev(args)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .routes import ALL_ROUTES
+from .secretfile import SecretFileError, read_secret
 
 MIB = 1024 * 1024
 
@@ -60,6 +61,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_LOOPS = tuple(m.value for m in EventLoop)
 PROFILES = ("dev-insecure", "dev-secure-keycloak", "enterprise")
 KEYCLOAK_DEV_ISSUER = "http://localhost:8080/realms/arp-dev"
+# `arp-gateway dev` and `token` defaults. They live here, not in proxy.dev, so that building the
+# command line (for `serve` too) loads no dev code.
+DEV_ISSUER_AUDIENCE = "arp-run-gateway"
+DEV_ISSUER_PORT = 8089
 SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})  # client_secret_file is a path, shown
 
 
@@ -153,8 +158,8 @@ class ExchangeConfig:
     token_endpoint: str | None = None   # the STS's OAuth token endpoint (required for forward_token: exchange)
     client_id: str | None = None        # the gateway's client at the STS
     client_secret: str | None = None    # its secret; never logged or printed
-    # A file holding the secret (a mounted Kubernetes Secret), read once at start-up; its content
-    # becomes client_secret, so no secret needs to sit in the YAML or in an environment literal.
+    # A file holding the secret (a mounted Kubernetes Secret), read at start-up into client_secret
+    # and re-read by the exchanger when it changes (proxy/secretfile.py), so a rotation needs no restart.
     client_secret_file: str | None = None
     audience: str = "arp-run-coordinator"  # the audience asked for: the coordinator
     scope: str | None = None            # scopes asked for, space-separated; None: the STS's default
@@ -329,6 +334,23 @@ def _is_http_url(value: str) -> bool:
         return False
 
 
+def _is_plain_http_off_host(url: str) -> bool:
+    """An http:// URL whose host is not loopback: what is fetched from it can be forged on the way."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    if parts.scheme != "http" or not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def _known(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -426,6 +448,12 @@ def _issuer(r: _Reader, raw: Any, path: str) -> IssuerConfig | None:
     issuer = r.string(sec, path, "issuer", None)
     if issuer is None:
         r.fail(_join(path, "issuer"), "required")
+    elif not _is_http_url(issuer):
+        # Keys are found at {issuer}/.well-known/openid-configuration: without a scheme the gateway
+        # would start and then never load a key (/readyz stuck on jwks_not_loaded).
+        r.fail(_join(path, "issuer"), f"must be an http(s) URL, exactly the tokens' `iss` "
+                                      f"(e.g. https://idp.example.com/realms/arp); got {issuer!r}")
+        issuer = None
     audiences = r.strings(sec, path, "audiences", ())
     if not audiences:
         r.fail(_join(path, "audiences"), "at least one audience is required")
@@ -523,7 +551,7 @@ def _auth(r: _Reader, raw: Any) -> AuthConfig:
         rules=rules,
         cors_preflight_bypass=r.boolean(sec, p, "cors_preflight_bypass", d.cors_preflight_bypass),
     )
-    _check_auth(r, cfg)
+    _check_auth(r, cfg, listed=bool(issuers_raw))
     return cfg
 
 
@@ -538,19 +566,15 @@ def _client_secret(r: _Reader, xsec: dict) -> str | None:
         r.fail(key, "set either auth.exchange.client_secret or auth.exchange.client_secret_file, not both")
         return secret
     try:
-        content = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        r.fail(key, f"cannot read {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}")
+        return read_secret(path)
+    except SecretFileError as exc:
+        r.fail(key, exc.reason)
         return None
-    content = content.rstrip("\r\n")  # `echo secret > file` and editors add a final newline
-    if not content:
-        r.fail(key, f"{path} is empty")
-        return None
-    return content
 
 
-def _check_auth(r: _Reader, cfg: AuthConfig) -> None:
-    if cfg.mode != AuthMode.DISABLED and not cfg.issuers:
+def _check_auth(r: _Reader, cfg: AuthConfig, *, listed: bool) -> None:
+    # An issuer that is listed but invalid has its own line already.
+    if cfg.mode != AuthMode.DISABLED and not cfg.issuers and not listed:
         r.fail("auth.issuers", f"auth.mode is {cfg.mode.value!r} but no issuer is configured "
                                "(set auth.issuers or ARP_AUTH_ISSUER, or auth.mode: disabled)")
     if cfg.jwks_min_ttl_s > cfg.jwks_max_ttl_s:
@@ -560,8 +584,9 @@ def _check_auth(r: _Reader, cfg: AuthConfig) -> None:
     if cfg.forward_token == ForwardToken.EXCHANGE:
         x = cfg.exchange
         for key in ("token_endpoint", "client_id", "client_secret"):
-            if not getattr(x, key):
-                r.fail(f"auth.exchange.{key}", "required when auth.forward_token is 'exchange'")
+            if not getattr(x, key) and not (key == "client_secret" and x.client_secret_file):
+                also = " (or auth.exchange.client_secret_file)" if key == "client_secret" else ""
+                r.fail(f"auth.exchange.{key}", f"required{also} when auth.forward_token is 'exchange'")
 
 
 def _metrics(r: _Reader, raw: Any) -> MetricsConfig:
@@ -611,6 +636,20 @@ def build_config(raw: Any, origins: Mapping[str, str] | None = None) -> GatewayC
     if r.problems:
         raise ConfigError(r.problems)
     return cfg
+
+
+def config_warnings(cfg: GatewayConfig) -> list[str]:
+    """Valid but risky settings, one `key.path: reason` each; the CLI prints or logs them."""
+    warnings: list[str] = []
+    if cfg.auth.mode != AuthMode.REQUIRED:
+        return warnings
+    for n, issuer in enumerate(cfg.auth.issuers):
+        for key in ("issuer", "discovery_url", "jwks_uri"):
+            url = getattr(issuer, key)
+            if url and _is_plain_http_off_host(url):
+                warnings.append(f"auth.issuers[{n}].{key}: {url} is plain http:// off this host; signing keys "
+                                "fetched over it can be forged in transit (use https://)")
+    return warnings
 
 
 # --------------------------------------------------------------------------- overrides
@@ -690,16 +729,19 @@ def apply_environment(raw: dict, env: Mapping[str, str], origins: dict[str, str]
         "ARP_AUTH_ANONYMOUS_SUBJECT": "auth.anonymous_subject",
         "ARP_AUTH_CLIENT_ID": "auth.exchange.client_id",
         "ARP_AUTH_CLIENT_SECRET": "auth.exchange.client_secret",
+        "ARP_AUTH_CLIENT_SECRET_FILE": "auth.exchange.client_secret_file",
         "ARP_AUTH_TOKEN_ENDPOINT": "auth.exchange.token_endpoint",
     }
+    exchange = raw.get("auth", {}).get("exchange") if isinstance(raw.get("auth"), dict) else None
+    if isinstance(exchange, dict):
+        # The environment outranks the YAML: a secret from it replaces the YAML's, in either form.
+        if env.get("ARP_AUTH_CLIENT_SECRET"):
+            exchange.pop("client_secret_file", None)
+        if env.get("ARP_AUTH_CLIENT_SECRET_FILE"):
+            exchange.pop("client_secret", None)
     for name, path in plain.items():
         if v := env.get(name):
             put(path, name, v)
-    if env.get("ARP_AUTH_CLIENT_SECRET"):
-        # The environment outranks the YAML, including a YAML client_secret_file.
-        exchange = raw.get("auth", {}).get("exchange") if isinstance(raw.get("auth"), dict) else None
-        if isinstance(exchange, dict):
-            exchange.pop("client_secret_file", None)
     # JARVIS derives the Keycloak token endpoint from the issuer when none is given.
     if env.get("ARP_AUTH_CLIENT_ID") and not env.get("ARP_AUTH_TOKEN_ENDPOINT") and env.get("ARP_AUTH_ISSUER"):
         put("auth.exchange.token_endpoint", "ARP_AUTH_ISSUER",

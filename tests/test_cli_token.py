@@ -70,12 +70,74 @@ async def test_client_credentials_token_from_the_loopback_idp(tmp_path):
     assert SECRET not in out + err
 
 
+COORDINATOR_AUDIENCE = "arp-run-coordinator"
+
+
+def claims_of_bearer(header: str | None) -> dict | None:
+    if not header or not header.startswith("Bearer ") or header.count(".") != 2:
+        return None
+    try:
+        return claims(header.removeprefix("Bearer "))
+    except ValueError:
+        return None
+
+
+async def audience_checking_coordinator() -> tuple[web.AppRunner, str, list[dict | None]]:
+    """The dev coordinator behind the check a production coordinator makes: the bearer token must be
+    for its own audience, else 401 (as a real one answers the user's gateway-audience token)."""
+    seen: list[dict | None] = []
+
+    @web.middleware
+    async def check_audience(request: web.Request, handler):
+        got = claims_of_bearer(request.headers.get("Authorization"))
+        seen.append(got)
+        aud = got.get("aud") if got else None
+        if COORDINATOR_AUDIENCE not in (aud if isinstance(aud, list) else [aud]):
+            return web.json_response({"error": {"code": "unauthorized", "message": "wrong audience"}}, status=401)
+        return await handler(request)
+
+    app = devcoordinator.create_app(step_delay_s=0.05)
+    app.middlewares.insert(0, check_audience)
+    runner, url = await serve_app(app)
+    return runner, url, seen
+
+
+async def exchanging_sts(client_id: str) -> tuple[web.AppRunner, str, list[dict]]:
+    """An RFC 8693 token endpoint that checks the client's credentials and issues a token for the
+    audience asked for (unsigned: the stand-in coordinator reads its claims, as a test double may)."""
+    forms: list[dict] = []
+
+    def encode(part: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+
+    async def token(request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        forms.append(form)
+        if form.get("client_id") != client_id or form.get("client_secret") != SECRET:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        subject = claims(form["subject_token"])
+        issued = ".".join([encode({"alg": "none"}), encode({"sub": subject["sub"], "aud": form["audience"]}), "x"])
+        return web.json_response({"access_token": issued, "token_type": "Bearer", "expires_in": 300,
+                                  "issued_token_type": "urn:ietf:params:oauth:token-type:access_token"})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner, url = await serve_app(app)
+    return runner, url + "/token", forms
+
+
 async def test_local_port_forward_recipe_end_to_end(tmp_path, http):
-    """config/local-port-forward.yaml in front of a coordinator on the port-forward's local end, with
-    the developer's own client-credentials token from the (loopback) cluster issuer."""
-    coordinator, coordinator_url = await devcoordinator.start(step_delay_s=0.05)
+    """config/local-port-forward.yaml, set up as the README's recipe says, in front of a coordinator
+    on the port-forward's local end that accepts only tokens for its own audience: the developer's
+    own client-credentials token (for the gateway's audience) reaches it exchanged, never as it is."""
+    coordinator, coordinator_url, coordinator_saw = await audience_checking_coordinator()
+    sts, token_endpoint, exchanges = await exchanging_sts("dev-laptop")
     async with await MockIdp.start() as idp:
-        env = {"ARP_AUTH_ISSUER": idp.issuer, "JARVIS_RUN_COORDINATOR_URL": coordinator_url}
+        env = {"ARP_AUTH_ISSUER": idp.issuer, "JARVIS_RUN_COORDINATOR_URL": coordinator_url,
+               "ARP_AUTH_CLIENT_ID": "dev-laptop", "ARP_AUTH_CLIENT_SECRET_FILE": str(secret_file(tmp_path)),
+               "ARP_AUTH_TOKEN_ENDPOINT": token_endpoint}
         cfg = load_config(ROOT / "config" / "local-port-forward.yaml", env,
                           {"listen.port": 0, "metrics.port": free_port()})
         assert cfg.listen.host == "127.0.0.1" and cfg.auth.mode == "required"
@@ -87,12 +149,16 @@ async def test_local_port_forward_recipe_end_to_end(tmp_path, http):
                                              "--client-secret-file", str(secret_file(tmp_path)),
                                              "--audience", cfg.auth.issuers[0].audiences[0])
             assert code == 0, err
+            assert claims(out.strip())["aud"] == "arp-run-gateway"
             headers = {"Authorization": f"Bearer {out.strip()}"}
             async with http.post(url + "/v1/runs", json=RUN_START, headers=headers) as resp:
                 assert resp.status == 200, await resp.text()
                 run = await resp.json()
             async with http.get(f"{url}/v1/runs/{run['run_id']}", headers=headers) as resp:
                 assert resp.status == 200
+            assert [c and c["aud"] for c in coordinator_saw] == [COORDINATOR_AUDIENCE] * 2
+            assert [f["subject_token"] for f in exchanges] == [out.strip()]  # exchanged once, then cached
+            assert exchanges[0]["audience"] == COORDINATOR_AUDIENCE
             # A token for another audience is refused, as in production.
             code, out, _ = await token_cli("--issuer", idp.issuer, "--client-id", "dev-laptop",
                                            "--client-secret-file", str(secret_file(tmp_path)),
@@ -103,6 +169,7 @@ async def test_local_port_forward_recipe_end_to_end(tmp_path, http):
                 assert (await resp.json())["error"]["details"]["reason"] == "audience_mismatch"
         finally:
             await runner.cleanup()
+            await sts.cleanup()
             await coordinator.cleanup()
 
 

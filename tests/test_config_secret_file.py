@@ -49,3 +49,49 @@ def test_environment_secret_outranks_the_yaml_file(tmp_path):
         f" client_secret_file: '{tmp_path / 'absent'}'}}\n")
     cfg = load_config(config, {"ARP_AUTH_CLIENT_SECRET": "from-env"})
     assert cfg.auth.exchange.client_secret == "from-env" and cfg.auth.exchange.client_secret_file is None
+
+
+# --------------------------------------------------------------------------- re-reading (proxy/secretfile.py)
+
+
+def test_a_file_rewritten_in_place_is_read_again(tmp_path):
+    from proxy.secretfile import SecretFile
+    path = tmp_path / "client-secret"
+    path.write_text("old-value\n")
+    secret = SecretFile(str(path), "auth.exchange.client_secret_file", initial="old-value")
+    assert secret.value() == "old-value"
+    path.write_text("new-value-longer\n")
+    assert secret.value() == "new-value-longer"
+
+
+def test_an_unreadable_file_keeps_the_last_secret_and_warns_once_a_minute(tmp_path, caplog):
+    from proxy.clock import FakeClock
+    from proxy.secretfile import WARN_EVERY_S, SecretFile, SecretFileError
+    clock = FakeClock()
+    path = tmp_path / "client-secret"
+    path.write_text("kept-secret-value\n")
+    secret = SecretFile(str(path), "auth.exchange.client_secret_file", clock)
+    assert secret.value() == "kept-secret-value"
+    path.write_text("")  # emptied, as a half-written update would be
+    for _ in range(3):
+        assert secret.value() == "kept-secret-value"
+    clock.advance(WARN_EVERY_S)
+    path.unlink()
+    assert secret.value() == "kept-secret-value"
+    reasons = [r.reason for r in caplog.records if getattr(r, "event", "") == "secret_file_unreadable"]
+    assert len(reasons) == 2 and "is empty" in reasons[0] and "No such file" in reasons[1]
+    assert "kept-secret-value" not in caplog.text + "".join(str(vars(r)) for r in caplog.records)
+    with pytest.raises(SecretFileError):  # nothing good was ever read: nothing to fall back on
+        SecretFile(str(path), "k", clock).value()
+
+
+def test_secret_file_from_the_environment_outranks_a_yaml_secret(tmp_path):
+    secret = tmp_path / "client-secret"
+    secret.write_text("from-the-file\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "auth:\n  issuers: [{issuer: 'http://127.0.0.1:9', audiences: [a]}]\n  forward_token: exchange\n"
+        "  exchange: {token_endpoint: 'http://127.0.0.1:9/token', client_id: gw, client_secret: in-yaml}\n")
+    cfg = load_config(config, {"ARP_AUTH_CLIENT_SECRET_FILE": str(secret)})
+    assert cfg.auth.exchange.client_secret == "from-the-file"
+    assert cfg.auth.exchange.client_secret_file == str(secret)

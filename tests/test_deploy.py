@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from proxy import cli
-from proxy.config import ListenConfig, build_config
+from proxy.config import ListenConfig, build_config, load_config
 from proxy.server import start_gateway
 from tests.support.gateway import RUN_START
 from tests.support.deploy import (
@@ -469,7 +469,7 @@ def test_the_crash_looping_argv_of_the_old_manifest_is_refused():
     """What the old manifest composed (ENTRYPOINT with `serve --config`, then args `serve --config`)."""
     old = ["serve", "--config", "/etc/x.yaml", "serve", "--config", "/etc/x.yaml"]
     with pytest.raises(SystemExit) as exited:
-        cli._parser().parse_args(old)
+        cli.parse_args(old)
     assert exited.value.code == 2
 
 
@@ -488,7 +488,7 @@ def test_composed_argv_runs_check_config_on_the_mounted_configuration(rendered, 
         config.write_text(_rewrite(text, mapping))
         env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
     assert argv[0] == "arp-gateway", argv
-    args = cli._parser().parse_args([_rewrite(a, mapping) for a in argv[1:]])  # SystemExit(2) on a bad argv
+    args = cli.parse_args([_rewrite(a, mapping) for a in argv[1:]])  # SystemExit(2) on a bad argv
     assert args.command == "serve"
     done = subprocess.run([sys.executable, "-m", "proxy", "check-config", "--config", str(args.config)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT,
@@ -677,14 +677,20 @@ def test_prometheus_rule_is_the_alerts_file(tmp_path):
 # --------------------------------------------------------------------------- local port-forward
 
 
-def test_local_port_forward_config_validates_tokens_like_production():
+def test_local_port_forward_config_validates_tokens_like_production(tmp_path):
     local = yaml.safe_load((ROOT / "config" / "local-port-forward.yaml").read_text())
     prod = yaml.safe_load((KUSTOMIZE / "overlays" / "production" / "gateway.yaml").read_text())
     assert local["listen"]["host"] == "127.0.0.1" and local["metrics"]["host"] == "127.0.0.1"
     assert local["auth"]["mode"] == "required"
-    same = ("mode", "issuers", "clock_skew_s", "rules", "exempt_paths", "claim_headers")
+    same = ("mode", "issuers", "clock_skew_s", "rules", "exempt_paths", "claim_headers", "forward_token")
     assert {k: local["auth"].get(k) for k in same} == {k: prod["auth"].get(k) for k in same}
-    resolved = build_config(local)  # and it is a valid configuration
+    # The coordinator gets a token for its own audience, as from the production gateway.
+    assert local["auth"]["exchange"]["audience"] == prod["auth"]["exchange"]["audience"]
+    secret = tmp_path / "client-secret"
+    secret.write_text("s\n")
+    # A valid configuration once the developer's own client is named, as the recipe does.
+    resolved = load_config(ROOT / "config" / "local-port-forward.yaml",
+                           {"ARP_AUTH_CLIENT_ID": "my-cli", "ARP_AUTH_CLIENT_SECRET_FILE": str(secret)})
     assert resolved.upstream.url.startswith("http://127.0.0.1:")
 
 

@@ -91,7 +91,8 @@ def installed() -> Iterator[Installed]:
         # Exactly what the Containerfile's build stage copies.
         for name in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md"):
             shutil.copy2(ROOT / name, src / name)
-        shutil.copytree(ROOT / "proxy", src / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+        for tree in ("proxy", "config"):  # links kept as links, as the Containerfile's COPY keeps them
+            shutil.copytree(ROOT / tree, src / tree, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         constraints = str(DEPLOY / "constraints.txt")
         env = {**os.environ, "PIP_CONSTRAINT": constraints, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
         _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(base / "dist"), str(src)], env=env,
@@ -125,6 +126,24 @@ def test_wheel_ships_every_file_the_program_reads(installed):
     assert where[0].startswith(str(installed.venv)) and where[1] == VERSION
     out = _run([str(installed.bin / "arp-gateway"), "--version"], cwd=installed.readonly, env=installed.env())
     assert out.stdout.strip() == f"arp-gateway {VERSION}"
+
+
+def test_installed_check_config_prints_the_shipped_examples_and_they_validate(installed, tmp_path):
+    names = set(zipfile.ZipFile(installed.wheel).namelist())
+    assert {"proxy/data/gateway.example.yaml", "proxy/data/local-port-forward.yaml"} <= names
+    gateway = installed.bin / "arp-gateway"
+    for flags, source in ((["--example"], "gateway.example.yaml"),
+                          (["--example", "local-port-forward"], "local-port-forward.yaml")):
+        printed = _run([str(gateway), "check-config", *flags], cwd=installed.readonly, env=installed.env()).stdout
+        assert printed == (ROOT / "config" / source).read_text()  # the documented file, whole
+        saved = tmp_path / source
+        saved.write_text(printed)
+        secret = tmp_path / "client-secret"
+        secret.write_text("s\n")
+        # The port-forward recipe names the developer's own client in the environment.
+        env = installed.env(ARP_AUTH_CLIENT_ID="my-cli", ARP_AUTH_CLIENT_SECRET_FILE=str(secret))
+        checked = _run([str(gateway), "check-config", str(saved)], cwd=installed.readonly, env=env)
+        assert "auth:" in checked.stdout
 
 
 def test_installed_check_config_accepts_the_image_configuration(installed):

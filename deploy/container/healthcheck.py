@@ -13,7 +13,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from proxy.cli import _parser
+from proxy.cli import parse_args
 from proxy.config import load_config
 
 
@@ -21,7 +21,7 @@ def _livez_url(pid: str) -> str:
     proc = Path("/proc") / pid
     argv = (proc / "cmdline").read_bytes().decode().split("\0")[:-1]
     env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode().split("\0") if "=" in item)
-    args = _parser().parse_args(argv[argv.index("serve"):])
+    args = parse_args(argv[argv.index("serve"):])
     config = args.config
     if config is not None and not config.is_absolute():
         config = Path(os.readlink(proc / "cwd")) / config

@@ -27,6 +27,7 @@ from aiohttp_retry import ExponentialRetry, RetryClient
 from ..boundedcache import BoundedCache
 from ..clock import Clock
 from ..config import ExchangeConfig
+from ..secretfile import SecretFile
 from ..singleflight import SingleFlight
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -67,6 +68,8 @@ class TokenExchanger:
         self._flight: SingleFlight[bytes, tuple[str, float]] = SingleFlight()
         self._quiet_until = -math.inf   # no failure warning before this (monotonic)
         self._suppressed = 0
+        self._secret = (SecretFile(cfg.client_secret_file, "auth.exchange.client_secret_file", clock,
+                                   initial=cfg.client_secret) if cfg.client_secret_file else None)
 
     def start(self, session: aiohttp.ClientSession) -> None:
         retry = ExponentialRetry(attempts=3, start_timeout=0.1, max_timeout=1.0,
@@ -92,8 +95,8 @@ class TokenExchanger:
 
     async def _fetch(self, subject_token: str | None) -> tuple[str, float]:
         cfg = self._cfg
-        form = {"audience": cfg.audience, "client_id": cfg.client_id or "",
-                "client_secret": cfg.client_secret or ""}
+        secret = self._client_secret()
+        form = {"audience": cfg.audience, "client_id": cfg.client_id or "", "client_secret": secret or ""}
         if subject_token:
             form.update(grant_type=TOKEN_EXCHANGE, subject_token=subject_token,
                         subject_token_type=ACCESS_TOKEN_TYPE, requested_token_type=ACCESS_TOKEN_TYPE)
@@ -123,13 +126,17 @@ class TokenExchanger:
         margin = min(EXPIRY_MARGIN_S, float(lifetime) / 2)
         return token, self._clock.monotonic() + max(0.0, float(lifetime) - margin)
 
+    def _client_secret(self) -> str | None:
+        return self._secret.value() if self._secret is not None else self._cfg.client_secret
+
     def _report(self, exc: ExchangeFailed, subject_token: str | None) -> None:
         now = self._clock.monotonic()
         if now < self._quiet_until:
             self._suppressed += 1
             return
         self._quiet_until = now + FAILURE_LOG_INTERVAL_S
-        secrets = [s for s in (subject_token, self._cfg.client_secret) if s]
+        # The secret in use now: a rotated file's new content is what an STS would echo back.
+        secrets = [s for s in (subject_token, self._cfg.client_secret, self._client_secret()) if s]
         log.warning("token exchange failed", extra={
             "event": "token_exchange_failed", "reason": exc.reason, "status": exc.status,
             "error": _shown(exc.error, secrets), "error_description": _shown(exc.description, secrets),

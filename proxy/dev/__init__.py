@@ -1,6 +1,8 @@
 """Dev-only parts: an in-memory Run Coordinator (`coordinator`) and a token issuer (`issuer`) for
-`arp-gateway dev` and `arp-gateway token`. `serve` never imports them; the command line imports
-them only when one of those commands runs, so these constants live apart from their aiohttp apps."""
+`arp-gateway dev` and `arp-gateway token`. `serve` never imports this package; the command line
+imports it only when `dev` runs, so its defaults live in proxy.config, which serve loads anyway."""
 
-ISSUER_AUDIENCE = "arp-run-gateway"
-ISSUER_PORT = 8089
+from ..config import DEV_ISSUER_AUDIENCE as ISSUER_AUDIENCE
+from ..config import DEV_ISSUER_PORT as ISSUER_PORT
+
+__all__ = ["ISSUER_AUDIENCE", "ISSUER_PORT"]

@@ -325,3 +325,51 @@ def test_check_config_never_prints_the_client_secret(tmp_path, source) -> None:
     printed = yaml.safe_load(proc.stdout)
     assert printed["auth"]["exchange"]["client_secret"] == "***"
     assert printed["auth"]["exchange"]["client_id"] == CLIENT_ID
+
+
+# --------------------------------------------------------------------------- secret file rotation
+
+
+def kubelet_secret_dir(base: Path, secret: str) -> Path:
+    """A mounted Secret as the kubelet lays it out: the file is a link through `..data`."""
+    (base / "..v1").mkdir(parents=True)
+    (base / "..v1" / "client-secret").write_text(secret + "\n")
+    (base / "..data").symlink_to("..v1")
+    (base / "client-secret").symlink_to("..data/client-secret")
+    return base / "client-secret"
+
+
+def kubelet_swap(base: Path, version: str, secret: str | None) -> None:
+    """The kubelet's update: a new directory, then one rename of a fresh `..data` link over the old."""
+    (base / version).mkdir()
+    if secret is not None:
+        (base / version / "client-secret").write_text(secret + "\n")
+    (base / "..data_tmp").symlink_to(version)
+    os.rename(base / "..data_tmp", base / "..data")
+
+
+async def test_a_rotated_secret_file_is_used_without_a_restart(issuer, sts, gateway, recorder, http, tmp_path,
+                                                               caplog) -> None:
+    first, second, third = "first-secret-a1b2c3", "second-secret-d4e5f6", "third-secret-g7h8i9"
+    path = kubelet_secret_dir(tmp_path / "exchange", first)
+    url = await gateway(recorder.url, auth=exchange_auth(issuer, sts.token_endpoint, exchange={
+        "client_secret": None, "client_secret_file": str(path)}))
+    assert (await get(http, url, issuer.mint(sub="alice")))[0] == 200
+
+    kubelet_swap(tmp_path / "exchange", "..v2", second)
+    assert (await get(http, url, issuer.mint(sub="bob")))[0] == 200  # a new subject: a new exchange
+
+    # The Secret's key vanishes: the last good secret stays in use, with one warning for two exchanges.
+    kubelet_swap(tmp_path / "exchange", "..v3", None)
+    assert (await get(http, url, issuer.mint(sub="carol")))[0] == 200
+    assert (await get(http, url, issuer.mint(sub="dave")))[0] == 200
+
+    kubelet_swap(tmp_path / "exchange", "..v4", third)
+    assert (await get(http, url, issuer.mint(sub="erin")))[0] == 200
+
+    assert [f["client_secret"] for f in sts.forms] == [first, second, second, second, third]
+    warnings = [r for r in caplog.records if getattr(r, "event", "") == "secret_file_unreadable"]
+    assert len(warnings) == 1 and warnings[0].key == "auth.exchange.client_secret_file"
+    assert "No such file" in warnings[0].reason
+    logged = caplog.text + "".join(str(vars(r)) for r in caplog.records)
+    assert not any(s in logged for s in (first, second, third))

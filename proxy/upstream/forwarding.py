@@ -76,7 +76,9 @@ class Upstream:
                                      connect_timeout_s=self.cfg.connect_timeout_s,
                                      idle_timeout_s=self.cfg.keepalive_idle_s,
                                      sweep_interval_s=min(1.0, self.cfg.request_timeout_s / 10),
-                                     queue_timeout_s=self.cfg.queue_timeout_s)
+                                     queue_timeout_s=self.cfg.queue_timeout_s,
+                                     stream_share=self.cfg.stream_share,
+                                     max_response_head_bytes=self.cfg.max_response_header_bytes)
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -109,7 +111,7 @@ class Upstream:
         head = self._head(request, pool, extra, framing)
         deadline = self._loop.time() + self.cfg.request_timeout_s
         request.upstream_s = time.perf_counter()  # the start, until the headers are in
-        conn = pool.idle_connection(deadline)
+        conn = pool.idle_connection(deadline, route.streaming)
         if conn is None:
             request.spawn(self._exchange(request, route, head, body, deadline, done, 1))
             return
@@ -152,7 +154,8 @@ class Upstream:
                 done(request, 0)
                 return
         try:
-            upstream = await self._send(pool, route, head, body, request.method == "GET", deadline, attempt)
+            upstream = await self._send(pool, route, head, body, request.method == "GET", deadline, attempt,
+                                        route.streaming)
         except (UpstreamError, TimeoutError) as exc:
             self._refuse(request, exc)
             done(request, 0)
@@ -201,7 +204,7 @@ class Upstream:
                                      request_id=request.request_id, retryable=failure.retryable))
 
     async def _send(self, pool: UpstreamPool, route: Route, head: bytes, body: bytes | None,
-                    idempotent: bool, deadline: float, first: int) -> PoolResponse:
+                    idempotent: bool, deadline: float, first: int, stream: bool = False) -> PoolResponse:
         """Sends with retries, from attempt `first` on: a refused connection for any method (the
         request never left); a reset or a 502/503/504 only for GET, so a run is never started twice."""
         attempts = self.cfg.retries.attempts
@@ -212,7 +215,7 @@ class Upstream:
                 if not await self._pause(attempt - 1, deadline):
                     raise TimeoutError()
             try:
-                response = await pool.request(head, body, deadline=deadline)
+                response = await pool.request(head, body, deadline=deadline, stream=stream)
             except PoolBusy:
                 raise
             except UpstreamError as exc:

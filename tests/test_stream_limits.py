@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from proxy.config import ConfigError, build_config
 from proxy.dev import issuer as devissuer
+from proxy.streamlimit import StreamLimiter
+from proxy.upstream.pool import UpstreamPool
 from tests.support.rawhttp import RawConnection, Response, read_response, request
 from tests.support.relay import reset
 
@@ -238,3 +241,48 @@ async def test_both_counts_come_back_at_every_end_of_a_stream(streams_gw, issuer
     assert await metric(url, "arp_gateway_upstream_stream_connections") == 1
     await second.conn.close()
     await first.conn.close()
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_the_keys_default_to_the_documented_values():
+    cfg = build_config({"auth": {"mode": "disabled"}})
+    assert cfg.limits.max_streams_per_principal == 8
+    assert cfg.upstream.stream_share == 0.75
+    assert cfg.upstream.max_response_header_bytes == 65536
+
+
+@pytest.mark.parametrize("section, value, problem", [
+    ("limits", {"max_streams_per_principal": 0}, "limits.max_streams_per_principal: must be >= 1"),
+    ("limits", {"max_streams_per_principal": 1.5}, "limits.max_streams_per_principal: not an integer"),
+    ("upstream", {"stream_share": 0}, "upstream.stream_share: must be > 0"),
+    ("upstream", {"stream_share": 1.5}, "upstream.stream_share: must be a fraction in (0, 1]"),
+    ("upstream", {"stream_share": "half"}, "upstream.stream_share: not a number"),
+    ("upstream", {"max_response_header_bytes": 100}, "upstream.max_response_header_bytes: must be >= 1024"),
+])
+def test_a_bad_value_fails_at_start_up_naming_the_key(section, value, problem):
+    with pytest.raises(ConfigError) as caught:
+        build_config({"auth": {"mode": "disabled"}, section: value})
+    assert [p for p in caught.value.problems if p.startswith(problem)], caught.value.problems
+
+
+def test_streams_get_at_least_one_slot_and_a_share_of_1_keeps_none_back():
+    assert UpstreamPool("http://127.0.0.1:1", max_connections=1, connect_timeout_s=1,
+                        stream_share=0.5).stream_slots == 1
+    assert UpstreamPool("http://127.0.0.1:1", max_connections=10, connect_timeout_s=1,
+                        stream_share=1.0).stream_slots == 10
+
+
+def test_the_limiter_counts_per_key_and_forgets_a_key_at_zero():
+    limiter = StreamLimiter(limit=2)
+    a, b, c = object(), object(), object()
+    assert limiter.enter(a, "alice") and limiter.enter(b, "alice")
+    assert not limiter.enter(c, "alice") and limiter.refused == 1
+    assert limiter.enter(c, "bob")
+    limiter.leave(a)
+    limiter.leave(a)  # a request's end reported twice counts once
+    assert limiter.open("alice") == 1
+    limiter.leave(b)
+    limiter.leave(c)
+    assert len(limiter) == 0 and limiter.open("alice") == 0 and limiter._open == {}

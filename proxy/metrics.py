@@ -203,7 +203,8 @@ class _HotPathCollector:
         yield limited
         pool = m.pool
         yield CounterMetricFamily(PREFIX + "upstream_queued", "Requests that waited for a coordinator connection "
-                                  "because upstream.max_connections were busy", value=pool.queued if pool else 0)
+                                  "because upstream.max_connections were busy (event streams also for a slot of "
+                                  "upstream.stream_share)", value=pool.queued if pool else 0)
         yield CounterMetricFamily(PREFIX + "upstream_shed", "Requests answered 503 run_coordinator_busy after "
                                   "waiting upstream.queue_timeout_s", value=pool.refused if pool else 0)
         yield GaugeMetricFamily(PREFIX + "upstream_waiting", "Requests waiting for a coordinator connection now",

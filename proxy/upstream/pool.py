@@ -181,11 +181,12 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.received_any = False
         self.stream = False         # holds one of the pool's stream slots (UpstreamPool.stream_slots)
-        # The response head is bounded twice: by its parsed lines, and by the bytes read while it is
-        # still incomplete, since llhttp holds an unfinished header line in memory until it ends.
+        # The response head is bounded twice: by its parsed lines, and by the bytes read since the
+        # last progress (the request, the end of the head, a piece of body), since llhttp holds an
+        # unfinished header or trailer line in memory until it ends.
         self._in_head = False
         self._head_lines = 0
-        self._head_read = 0
+        self._unparsed = 0
 
     # -- asyncio.Protocol
 
@@ -198,8 +199,7 @@ class _Connection(asyncio.Protocol):
             self._abort()
             return
         self.received_any = True
-        if self._in_head:
-            self._head_read += len(data)
+        self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -211,9 +211,10 @@ class _Connection(asyncio.Protocol):
                 return
             # What broke came after a complete answer (an unrequested second one): that answer
             # stands, and the connection, closed now, is never reused.
-        if self._in_head and self._head_read > self._pool.max_head:
+        if self._unparsed > self._pool.max_head and not self.response.complete:
             self._abort()
-            self._error(self._head_too_large())
+            self._error(self._head_too_large() if self._in_head else BadResponse(
+                f"the coordinator's trailer section is over {self._pool.max_head} bytes"))
             return
         callback = self._on_headers
         if callback is not None and self.response.status >= 200:
@@ -284,6 +285,7 @@ class _Connection(asyncio.Protocol):
             response.headers.clear()
             return
         self._in_head = False
+        self._unparsed = 0
         response.keep_alive = self._parser.should_keep_alive()
         if not response.keep_alive:
             self._framing(response)
@@ -293,6 +295,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
+        self._unparsed = 0
         self.response._feed(body)
 
     def on_message_complete(self) -> None:
@@ -330,7 +333,7 @@ class _Connection(asyncio.Protocol):
         httptools does not offer."""
         response = self.response
         if response is not None and response.close_delimited and not response.complete \
-                and response.error is None and not self._in_head:
+                and response.error is None:
             response.complete = True
             response._wake()
 
@@ -375,7 +378,7 @@ class _Connection(asyncio.Protocol):
         self._headers_ready = ready = self._loop.create_future()
         self.deadline = deadline or 0.0  # kept by the pool's sweep: no timer armed per request
         self.received_any = False
-        self._in_head, self._head_lines, self._head_read = True, 0, 0
+        self._in_head, self._head_lines, self._unparsed = True, 0, 0
         self.transport.write(head + body if body else head)
         try:
             return await ready
@@ -390,7 +393,7 @@ class _Connection(asyncio.Protocol):
         self._on_headers = on_headers
         self.deadline = deadline
         self.received_any = False
-        self._in_head, self._head_lines, self._head_read = True, 0, 0
+        self._in_head, self._head_lines, self._unparsed = True, 0, 0
         self.transport.write(head + body if body else head)
 
     def expire(self) -> None:

@@ -81,7 +81,9 @@ class Answer:
     def refusal(self) -> set[str]:
         """The error codes of the 502 the gateway must answer instead of relaying; empty: it relays."""
         status = int(self.status)
-        if not 100 <= status <= 599 or status == 101 or self.framing == "gzip" or self.head_size() > HEAD_LIMIT:
+        # 1xx, 204 and 304 answers have no body, so no coding to refuse.
+        coded = self.framing == "gzip" and status >= 200 and status not in (204, 304)
+        if not 100 <= status <= 599 or status == 101 or coded or self.head_size() > HEAD_LIMIT:
             return {"run_coordinator_bad_response"}
         if status < 200:
             # Only interim answers, then the close: no answer came (or, with a body after it, garbage).

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.rawhttp import RawConnection, Response, request
+from tests.support.rawhttp import MalformedResponse, RawConnection, Response, request
 from tests.support.servers import RawServer
 
 GOOD = b'{"run_id":"r1","state":"running"}'
@@ -192,4 +192,26 @@ async def test_interim_1xx_answers_are_skipped_and_their_headers_dropped(through
     resp = await ask(url)
     assert (resp.status, resp.body, resp.interim) == (200, GOOD, []), resp.describe()
     assert resp.header("Link") is None
+    await still_serves(url)
+
+
+async def test_a_trailer_flood_ends_the_clients_answer_abnormally(through):
+    """llhttp holds a trailer line until it ends: 16 MiB of one is bounded like a head, and the answer,
+    whose body already went out, ends broken rather than as a clean success."""
+    async def flood(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n0\r\nX-Flood: " % (len(GOOD), GOOD))
+        await writer.drain()
+        for _ in range(256):
+            writer.write(b"f" * 65536)
+            await writer.drain()
+        writer.write(b"\r\n\r\n")
+        await writer.drain()
+        return False
+
+    url, _ = await through(flood)
+    async with await RawConnection.open(url) as conn:
+        await conn.send(request("GET", "/v1/runs/r1/events"))
+        with pytest.raises((MalformedResponse, asyncio.IncompleteReadError, ConnectionError)):
+            await conn.response()
     await still_serves(url)

@@ -106,7 +106,7 @@ class UpstreamConfig:
     retries: RetryConfig = field(default_factory=RetryConfig)  # retries of failed coordinator requests
     # The most of max_connections event streams may hold at once; the rest stays for short requests.
     stream_share: float = 0.75
-    max_response_header_bytes: int = 64 * 1024  # the coordinator's status line and header lines; larger: 502
+    max_response_header_bytes: int = 64 * 1024  # the coordinator's head (and trailer section); larger: 502
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,11 @@ def classify(exc: BaseException, *, idempotent: bool) -> UpstreamFailure:
                            "The Run Coordinator sent an invalid response", "protocol", False)
 
 
+def _holds_stream(request: Request, route: Route) -> bool:
+    """Whether the answer may hold its connection for a run's lifetime (not a CORS preflight)."""
+    return route.streaming and request.method == "GET"
+
+
 class Upstream:
     def __init__(self, cfg: UpstreamConfig, metrics: GatewayMetrics | None = None, *,
                  strip_prefix: str = "", strip_names: Iterable[str] = ()) -> None:
@@ -111,7 +116,7 @@ class Upstream:
         head = self._head(request, pool, extra, framing)
         deadline = self._loop.time() + self.cfg.request_timeout_s
         request.upstream_s = time.perf_counter()  # the start, until the headers are in
-        conn = pool.idle_connection(deadline, route.streaming)
+        conn = pool.idle_connection(deadline, _holds_stream(request, route))
         if conn is None:
             request.spawn(self._exchange(request, route, head, body, deadline, done, 1))
             return
@@ -155,7 +160,7 @@ class Upstream:
                 return
         try:
             upstream = await self._send(pool, route, head, body, request.method == "GET", deadline, attempt,
-                                        route.streaming)
+                                        _holds_stream(request, route))
         except (UpstreamError, TimeoutError) as exc:
             self._refuse(request, exc)
             done(request, 0)

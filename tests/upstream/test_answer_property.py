@@ -132,12 +132,16 @@ class ScriptedCoordinator:
     def __init__(self) -> None:
         self.answer: Answer | None = None
         self.server: asyncio.base_events.Server | None = None
+        self._serving: set[asyncio.Task[None]] = set()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
         try:
             while True:
                 await reader.readuntil(b"\r\n\r\n")
@@ -152,10 +156,20 @@ class ScriptedCoordinator:
                         await asyncio.sleep(0.002)
                 if answer.closes:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+            self._serving.discard(task)
+
+    async def close(self) -> None:
+        """Stops serving; ends the connections still open, so no task outlives the loop."""
+        assert self.server is not None
+        self.server.close()
+        for task in list(self._serving):
+            task.cancel()
+        await asyncio.gather(*self._serving, return_exceptions=True)
+        await self.server.wait_closed()
 
 
 @dataclass
@@ -177,8 +191,7 @@ def edge() -> Iterator[Edge]:
         host, port = gateway_url.removeprefix("http://").split(":")
         yield Edge(lt, coordinator, host, int(port))
         lt.run(runner.cleanup())
-        assert coordinator.server is not None
-        coordinator.server.close()
+        lt.run(coordinator.close())
 
 
 async def _exchange(edge: Edge, target: str) -> bytes:

@@ -38,6 +38,7 @@ from .metrics import AuthStateCollector, GatewayMetrics
 from .observer import RequestObserver
 from .ratelimit import RateLimiter
 from .routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
+from .streamlimit import StreamLimiter
 from .upstream import Upstream
 from .upstream.headers import TrustedProxies
 from .validation import BodyRules
@@ -77,6 +78,7 @@ class Gateway:
         rate = cfg.limits.run_start_rate
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
+        self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -143,6 +145,7 @@ class Gateway:
         if outcome.refusal is not None:
             return self._reply(request, outcome.refusal)
         refusal = (self.run_start_limiter is not None and self._admit(request, route, outcome)
+                   or route.streaming and self._admit_stream(request, outcome)
                    or self.bodies.before(request, route))
         if refusal is not None:
             return self._reply(request, refusal)
@@ -162,7 +165,8 @@ class Gateway:
         if not route.forward:
             return self._reply(request, json_answer(200, await self.probe.health() if route is HEALTH
                                                     else version_info()))
-        refusal = self._admit(request, route, outcome) or self.bodies.before(request, route)
+        refusal = (self._admit(request, route, outcome) or route.streaming and self._admit_stream(request, outcome)
+                   or self.bodies.before(request, route))
         if refusal is not None:
             return self._reply(request, refusal)
         body = await self.bodies.later(request, route)
@@ -189,12 +193,16 @@ class Gateway:
 
     def _done(self, request: Request, failed: int) -> None:
         """The answer is written: observe it, and let the connection go on."""
+        if self.streams.holding:
+            self.streams.leave(request)
         if not request.finished:
             self.observer.end(request, failed)
             request.finish()
 
     def abandoned(self, request: Request, status: int) -> None:
         """The client left (499) or answering failed (500) before `_done`."""
+        if self.streams.holding:
+            self.streams.leave(request)
         self.observer.end(request, status)
 
     def _admit(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
@@ -202,14 +210,7 @@ class Gateway:
         limiter = self.run_start_limiter
         if limiter is None or route is not START_RUN:
             return None
-        principal = outcome.principal
-        if principal is None or principal.kind == "anonymous":
-            # Anonymous callers share a subject, so each client address gets its own bucket.
-            key = "addr\x00" + (request.client or request.conn.peer)
-        else:
-            # The same subject at two issuers is two principals.
-            key = "sub\x00" + (principal.issuer or "") + "\x00" + principal.subject
-        wait = limiter.take(key)
+        wait = limiter.take(_principal_key(request, outcome))
         if not wait:
             return None
         if self.metrics is not None:
@@ -218,6 +219,17 @@ class Gateway:
         return error_answer(429, "rate_limited", "Too many run starts; retry after the given delay",
                             request_id=request.request_id, retryable=True,
                             details={"retry_after_s": int(retry_after)}, headers={"Retry-After": retry_after})
+
+    def _admit_stream(self, request: Request, outcome: AuthOutcome) -> Answer | None:
+        """At most limits.max_streams_per_principal event streams open per principal; counted until
+        the request ends however it ends (`_done` or `abandoned`)."""
+        if self.streams.enter(request, _principal_key(request, outcome)):
+            return None
+        if self.metrics is not None:
+            self.metrics.streams_refused += 1
+        return error_answer(429, "too_many_streams", "Too many event streams open for this caller; close one "
+                            "and retry", request_id=request.request_id, retryable=True,
+                            details={"max_streams": self.streams.limit})
 
     def _is_bypassed_preflight(self, request: Request, route: Route) -> bool:
         """CORS preflights carry no credentials by design; forward them only when configured to."""
@@ -237,5 +249,15 @@ class Gateway:
         return Answer(200, body, content_type.encode())
 
 _PROBES = (LIVEZ, READYZ, METRICS)
+
+
+def _principal_key(request: Request, outcome: AuthOutcome) -> str:
+    """Whom a per-caller limit counts against."""
+    principal = outcome.principal
+    if principal is None or principal.kind == "anonymous":
+        # Anonymous callers share a subject, so each client address counts on its own.
+        return "addr\x00" + (request.client or request.conn.peer)
+    # The same subject at two issuers is two principals.
+    return "sub\x00" + (principal.issuer or "") + "\x00" + principal.subject
 
 

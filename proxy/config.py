@@ -113,6 +113,9 @@ class UpstreamConfig:
     keepalive_idle_s: float = 4.0       # an idle pooled connection is closed before the coordinator would
     queue_timeout_s: float = 1.0        # all connections busy: the longest a request waits for one, then 503
     retries: RetryConfig = field(default_factory=RetryConfig)  # retries of failed coordinator requests
+    # The most of max_connections event streams may hold at once; the rest stays for short requests.
+    stream_share: float = 0.75
+    max_response_header_bytes: int = 64 * 1024  # the coordinator's head (and trailer section); larger: 502
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class LimitsConfig:
     max_header_bytes: int = 64 * 1024   # the request target plus header lines; larger heads get 431
     max_headers: int = 100              # header lines per request; more get 431
     run_start_rate: RateConfig | None = None  # None: run starts are not rate limited
+    max_streams_per_principal: int = 8  # event streams open at once per principal; more get 429
 
 
 @dataclass(frozen=True)
@@ -412,7 +416,18 @@ def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
             backoff_initial_s=r.number(rsec, "upstream.retries", "backoff_initial_s", rd.backoff_initial_s),
             backoff_max_s=r.number(rsec, "upstream.retries", "backoff_max_s", rd.backoff_max_s),
         ),
+        stream_share=_share(r, sec, p, "stream_share", d.stream_share),
+        max_response_header_bytes=r.number(sec, p, "max_response_header_bytes", d.max_response_header_bytes,
+                                           integer=True, minimum=1024),
     )
+
+
+def _share(r: _Reader, sec: dict, path: str, key: str, default: float) -> float:
+    value = r.number(sec, path, key, default, positive=True)
+    if value > 1:
+        r.fail(_join(path, key), f"must be a fraction in (0, 1], got {value!r}")
+        return default
+    return float(value)
 
 
 def _limits(r: _Reader, raw: Any) -> LimitsConfig:
@@ -426,6 +441,8 @@ def _limits(r: _Reader, raw: Any) -> LimitsConfig:
         max_header_bytes=r.number(sec, p, "max_header_bytes", d.max_header_bytes, integer=True, minimum=1024),
         max_headers=r.number(sec, p, "max_headers", d.max_headers, integer=True, minimum=8),
         run_start_rate=_rate(r, sec.get("run_start_rate"), "limits.run_start_rate"),
+        max_streams_per_principal=r.number(sec, p, "max_streams_per_principal", d.max_streams_per_principal,
+                                           integer=True, minimum=1),
     )
 
 

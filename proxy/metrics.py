@@ -79,6 +79,7 @@ class GatewayMetrics:
         self.stream_lines = 0
         self.stream_bytes = 0
         self.rate_limited: dict[str, int] = {}
+        self.streams_refused = 0  # event streams answered 429 too_many_streams
         self.pool: UpstreamPool | None = None  # the coordinator pool, read at scrape time for its queue counters
         self._requests: dict[tuple[str, str, int], list[int]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
@@ -202,7 +203,8 @@ class _HotPathCollector:
         yield limited
         pool = m.pool
         yield CounterMetricFamily(PREFIX + "upstream_queued", "Requests that waited for a coordinator connection "
-                                  "because upstream.max_connections were busy", value=pool.queued if pool else 0)
+                                  "because upstream.max_connections were busy (event streams also for a slot of "
+                                  "upstream.stream_share)", value=pool.queued if pool else 0)
         yield CounterMetricFamily(PREFIX + "upstream_shed", "Requests answered 503 run_coordinator_busy after "
                                   "waiting upstream.queue_timeout_s", value=pool.refused if pool else 0)
         yield GaugeMetricFamily(PREFIX + "upstream_waiting", "Requests waiting for a coordinator connection now",
@@ -223,6 +225,11 @@ class _HotPathCollector:
         yield CounterMetricFamily(PREFIX + "stream_lines", "NDJSON lines relayed on event streams",
                                   value=m.stream_lines)
         yield CounterMetricFamily(PREFIX + "stream_bytes", "Bytes relayed on event streams", value=m.stream_bytes)
+        yield CounterMetricFamily(PREFIX + "streams_refused", "Event streams answered 429 too_many_streams: "
+                                  "over limits.max_streams_per_principal", value=m.streams_refused)
+        yield GaugeMetricFamily(PREFIX + "upstream_stream_connections", "Coordinator connections held by event "
+                                "streams now (at most upstream.stream_share of max_connections)",
+                                value=pool.streams if pool else 0)
 
 
 class AuthStateCollector:

@@ -73,7 +73,9 @@ async def stack(upstream):
     upstream.app.router.add_post("/v1/runs", coordinator.start_run)
     url = await upstream.start()
     server, gateway = await start_gateway(gateway_config(url, upstream={"request_timeout_s": 60},
-                                                         metrics={"enabled": True, "port": 0}))
+                                                         metrics={"enabled": True, "port": 0},
+                                                         # all the clients are one anonymous address
+                                                         limits={"max_streams_per_principal": 100}))
     host, port = gateway.removeprefix("http://").split(":")
     yield coordinator, server, (host, int(port))
     await server.cleanup()

@@ -65,6 +65,7 @@ async def test_sigterm_with_open_streams_and_run_starts_in_flight(tmp_path):
     config.write_text(json.dumps({
         "listen": {"host": "127.0.0.1", "port": 0}, "upstream": {"url": upstream, "max_connections": 400},
         "auth": {"mode": "disabled"}, "metrics": {"enabled": False}, "logging": {"access_log": False},
+        "limits": {"max_streams_per_principal": STREAMS},  # every stream comes from one anonymous address
         "drain_delay_s": DRAIN_S, "shutdown_grace_s": GRACE_S}))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(config), cwd=ROOT,

@@ -58,6 +58,11 @@ def classify(exc: BaseException, *, idempotent: bool) -> UpstreamFailure:
                            "The Run Coordinator sent an invalid response", "protocol", False)
 
 
+def _holds_stream(request: Request, route: Route) -> bool:
+    """Whether the answer may hold its connection for a run's lifetime (not a CORS preflight)."""
+    return route.streaming and request.method == "GET"
+
+
 class Upstream:
     def __init__(self, cfg: UpstreamConfig, metrics: GatewayMetrics | None = None, *,
                  strip_prefix: str = "", strip_names: Iterable[str] = (),
@@ -77,7 +82,9 @@ class Upstream:
                                      connect_timeout_s=self.cfg.connect_timeout_s,
                                      idle_timeout_s=self.cfg.keepalive_idle_s,
                                      sweep_interval_s=min(1.0, self.cfg.request_timeout_s / 10),
-                                     queue_timeout_s=self.cfg.queue_timeout_s)
+                                     queue_timeout_s=self.cfg.queue_timeout_s,
+                                     stream_share=self.cfg.stream_share,
+                                     max_response_head_bytes=self.cfg.max_response_header_bytes)
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -110,7 +117,7 @@ class Upstream:
         head = self._head(request, pool, extra, framing)
         deadline = self._loop.time() + self.cfg.request_timeout_s
         request.upstream_start = time.perf_counter()
-        conn = pool.idle_connection(deadline)
+        conn = pool.idle_connection(deadline, _holds_stream(request, route))
         if conn is None:
             request.spawn(self._exchange(request, route, head, body, deadline, done, 1))
             return
@@ -153,7 +160,8 @@ class Upstream:
                 done(request, 0)
                 return
         try:
-            upstream = await self._send(pool, route, head, body, request.method == "GET", deadline, attempt)
+            upstream = await self._send(pool, route, head, body, request.method == "GET", deadline, attempt,
+                                        _holds_stream(request, route))
         except (UpstreamError, TimeoutError) as exc:
             self._refuse(request, exc)
             done(request, 0)
@@ -202,7 +210,7 @@ class Upstream:
                                      request_id=request.request_id, retryable=failure.retryable))
 
     async def _send(self, pool: UpstreamPool, route: Route, head: bytes, body: bytes | None,
-                    idempotent: bool, deadline: float, first: int) -> PoolResponse:
+                    idempotent: bool, deadline: float, first: int, stream: bool = False) -> PoolResponse:
         """Sends with retries, from attempt `first` on: a refused connection for any method (the
         request never left); a reset or a 502/503/504 only for GET, so a run is never started twice."""
         attempts = self.cfg.retries.attempts
@@ -213,7 +221,7 @@ class Upstream:
                 if not await self._pause(attempt - 1, deadline):
                     raise TimeoutError()
             try:
-                response = await pool.request(head, body, deadline=deadline)
+                response = await pool.request(head, body, deadline=deadline, stream=stream)
             except PoolBusy:
                 raise
             except UpstreamError as exc:

@@ -28,6 +28,8 @@ import httptools
 # Reading pauses when this much body is waiting for a slow client, so memory stays bounded.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# The coordinator's status line and header lines together, unless configured otherwise.
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -70,16 +72,17 @@ class PoolBusy(TimeoutError):
 class PoolResponse:
     """One response: headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "reason", "headers", "complete", "error", "keep_alive", "_conn",
+    __slots__ = ("status", "headers", "complete", "error", "keep_alive", "close_delimited", "_conn",
                  "_chunks", "_buffered", "_waiter", "_paused")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
-        self.reason = ""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
         self.error: UpstreamError | None = None
         self.keep_alive = False
+        # The body ends where the coordinator closes the connection (RFC 9112 6.3 rule 8).
+        self.close_delimited = False
         self._conn: _Connection | None = conn
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -177,6 +180,13 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0         # event-loop time the response headers are due by; 0: none
         self.idle_since = 0.0
         self.received_any = False
+        self.stream = False         # holds one of the pool's stream slots (UpstreamPool.stream_slots)
+        # The response head is bounded twice: by its parsed lines, and by the bytes read since the
+        # last progress (the request, the end of the head, a piece of body), since llhttp holds an
+        # unfinished header or trailer line in memory until it ends.
+        self._in_head = False
+        self._head_lines = 0
+        self._unparsed = 0
 
     # -- asyncio.Protocol
 
@@ -189,15 +199,23 @@ class _Connection(asyncio.Protocol):
             self._abort()
             return
         self.received_any = True
+        self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._abort()
             if not self.response.complete:
-                self._error(BadResponse(f"invalid HTTP from the coordinator: {exc}"))
+                cause = exc.__context__
+                self._error(cause if isinstance(cause, BadResponse)
+                            else BadResponse(f"invalid HTTP from the coordinator: {exc!r}"))
                 return
             # What broke came after a complete answer (an unrequested second one): that answer
             # stands, and the connection, closed now, is never reused.
+        if self._unparsed > self._pool.max_head and not self.response.complete:
+            self._abort()
+            self._error(self._head_too_large() if self._in_head else BadResponse(
+                f"the coordinator's trailer section is over {self._pool.max_head} bytes"))
+            return
         callback = self._on_headers
         if callback is not None and self.response.status >= 200:
             # Called after the whole read is parsed, so an answer that came in one piece is complete.
@@ -207,11 +225,14 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._parser_eof()
+        self._body_closed()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._parser_eof()
+        if exc is None:
+            self._body_closed()
         if self.response is not None and not self.response.complete:
             self._error(ConnectionReset("the coordinator closed the connection", sent=True))
         self._pool.forget(self)
@@ -225,37 +246,56 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         return BadResponse("the coordinator sent an unrequested response")
 
+    def _head_too_large(self) -> BadResponse:
+        return BadResponse(f"the coordinator's response head is over {self._pool.max_head} bytes")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
         if response.complete:
             raise self._unrequested()
+        if not self._in_head:
+            return  # a trailer field: RFC 9110 6.5.1 forbids relaying it as a header
+        self._head_lines += len(name) + len(value) + 4
+        if self._head_lines > self._pool.max_head:
+            raise self._head_too_large()
         response.headers.append((name, value))
 
     def on_status(self, reason: bytes) -> None:
+        # The reason phrase is never relayed (the gateway writes its own), only counted.
         response = self.response
         assert response is not None
         if response.complete:
             raise self._unrequested()
-        response.reason = reason.decode("latin-1")
+        self._head_lines += len(reason) + 15
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
         if response.complete:
             raise self._unrequested()
-        response.status = self._parser.get_status_code()
-        if response.status < 200:
-            # An interim 1xx answer: its headers are not the response's.
+        status = self._parser.get_status_code()
+        if not 100 <= status <= 599 or status == 101:
+            # 101: the gateway never asks to switch protocols, so the connection's bytes would
+            # no longer be HTTP.
+            raise BadResponse(f"the coordinator answered with status {status}")
+        response.status = status
+        if status < 200:
+            # An interim 1xx answer (100, 103): dropped; its lines still count toward the head's bound.
             response.headers.clear()
             return
+        self._in_head = False
+        self._unparsed = 0
         response.keep_alive = self._parser.should_keep_alive()
+        if not response.keep_alive:
+            self._framing(response)
         ready = self._headers_ready
         if ready is not None and not ready.done():
             ready.set_result(response)
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
+        self._unparsed = 0
         self.response._feed(body)
 
     def on_message_complete(self) -> None:
@@ -269,11 +309,38 @@ class _Connection(asyncio.Protocol):
 
     # -- used by the pool and the response
 
+    @staticmethod
+    def _framing(response: PoolResponse) -> None:
+        """For an answer that ends the connection: whether its body is delimited by the close, and
+        never a transfer coding other than chunked, whose bytes the client could not decode once
+        this hop drops the Transfer-Encoding line. Only answers without keep-alive get here, so
+        the usual exchange pays nothing for it."""
+        codings: list[bytes] = []
+        length = False
+        for name, value in response.headers:
+            low = name.lower()
+            if low == b"transfer-encoding":
+                codings += (c.strip().lower() for c in value.split(b","))
+            elif low == b"content-length":
+                length = True
+        if any(c != b"chunked" for c in codings):
+            raise BadResponse("the coordinator used a transfer coding other than chunked")
+        response.close_delimited = not codings and not length and response.status not in (204, 304)
+
+    def _body_closed(self) -> None:
+        """The coordinator closed its side: a body delimited by the close is complete now
+        (RFC 9112 6.3 rule 8). llhttp itself only ends such a message on llhttp_finish(), which
+        httptools does not offer."""
+        response = self.response
+        if response is not None and response.close_delimited and not response.complete \
+                and response.error is None:
+            response.complete = True
+            response._wake()
+
     def _parser_eof(self) -> None:
-        # A body delimited by the connection's end completes on EOF (no Content-Length, not chunked).
         try:
             self._parser.feed_data(b"")
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             pass
 
     def _error(self, error: UpstreamError | TimeoutError) -> None:
@@ -311,6 +378,7 @@ class _Connection(asyncio.Protocol):
         self._headers_ready = ready = self._loop.create_future()
         self.deadline = deadline or 0.0  # kept by the pool's sweep: no timer armed per request
         self.received_any = False
+        self._in_head, self._head_lines, self._unparsed = True, 0, 0
         self.transport.write(head + body if body else head)
         try:
             return await ready
@@ -325,6 +393,7 @@ class _Connection(asyncio.Protocol):
         self._on_headers = on_headers
         self.deadline = deadline
         self.received_any = False
+        self._in_head, self._head_lines, self._unparsed = True, 0, 0
         self.transport.write(head + body if body else head)
 
     def expire(self) -> None:
@@ -334,6 +403,9 @@ class _Connection(asyncio.Protocol):
         self.response = None
         self._headers_ready = None
         self._on_headers = None
+        if self.stream:
+            self.stream = False
+            self._pool.stream_ended()
         if reusable and not self.closed:
             self._pool.give_back(self)
         else:
@@ -349,7 +421,8 @@ def _expire(future: asyncio.Future) -> None:
 class UpstreamPool:
     def __init__(self, url: str, *, max_connections: int, connect_timeout_s: float,
                  idle_timeout_s: float = 4.0, sweep_interval_s: float = 0.1,
-                 queue_timeout_s: float | None = 1.0) -> None:
+                 queue_timeout_s: float | None = 1.0, stream_share: float = 1.0,
+                 max_response_head_bytes: int = MAX_RESPONSE_HEAD) -> None:
         parts = urlsplit(url)
         self._secure = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -376,6 +449,12 @@ class UpstreamPool:
         self.refused = 0
         # Connections dropped because a sibling proved the coordinator had restarted under them.
         self.dropped_stale = 0
+        self.max_head = max_response_head_bytes
+        # Event streams hold a connection for as long as a run lasts; they may take at most this
+        # many, so the rest stays for the short requests (GET, run start, cancel).
+        self.stream_slots = max(1, int(max_connections * stream_share))
+        self.streams = 0
+        self._stream_waiters: deque[asyncio.Future[_Connection | None]] = deque()
 
     @property
     def size(self) -> int:
@@ -383,19 +462,34 @@ class UpstreamPool:
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a connection right now."""
-        return len(self._waiters)
+        """Requests queued for a connection (or, for an event stream, for a stream slot) right now."""
+        return len(self._waiters) + len(self._stream_waiters)
 
-    async def request(self, head: bytes, body: bytes | None, *, deadline: float | None = None) -> PoolResponse:
+    async def request(self, head: bytes, body: bytes | None, *, deadline: float | None = None,
+                      stream: bool = False) -> PoolResponse:
         """Sends one request and returns once the response headers are in.
 
         `deadline` (event-loop time) bounds the wait for a free connection and for the response
         headers; TimeoutError when it passes (to within `sweep_interval_s`: one periodic sweep
         checks every connection, cheaper than a timer per request). Connecting has its own
-        connect timeout. PoolBusy when every connection stayed busy for `queue_timeout_s`."""
+        connect timeout. PoolBusy when every connection stayed busy for `queue_timeout_s`.
+        `stream`: the answer is an event stream, which first needs one of the `stream_slots`
+        (waiting for it as for a connection)."""
         if self._sweeper is None and deadline is not None:
             self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
-        conn, reused = await self._acquire(deadline)
+        if stream:
+            if self.streams < self.stream_slots and not self._stream_waiters:
+                self.streams += 1
+            else:
+                await self._queue(self._stream_waiters, deadline, f"all {self.stream_slots} stream slots")
+            try:
+                conn, reused = await self._acquire(deadline)
+            except BaseException:
+                self.stream_ended()
+                raise
+            conn.stream = True
+        else:
+            conn, reused = await self._acquire(deadline)
         try:
             return await conn.send(head, body, deadline)
         except BaseException as exc:
@@ -404,18 +498,33 @@ class UpstreamPool:
             conn.finish(reusable=False)
             raise
 
-    def idle_connection(self, deadline: float) -> _Connection | None:
-        """A live idle connection to send on now, or None when the caller has to wait for one."""
+    def idle_connection(self, deadline: float, stream: bool = False) -> _Connection | None:
+        """A live idle connection to send on now, or None when the caller has to wait for one
+        (an event stream also for a stream slot)."""
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
+        if stream and (self.streams >= self.stream_slots or self._stream_waiters):
+            return None
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and now - conn.idle_since < self._idle_timeout:
                 conn.reused = True
+                if stream:
+                    self.streams += 1
+                    conn.stream = True
                 return conn
             conn.finish(reusable=False)
         return None
+
+    def stream_ended(self) -> None:
+        """A stream slot is free: handed straight to the first waiting stream, so none jumps the queue."""
+        while self._stream_waiters:
+            waiter = self._stream_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.streams -= 1
 
     def _drop_idle(self) -> None:
         """A reused connection died before a single response byte: the coordinator most likely
@@ -438,9 +547,16 @@ class UpstreamPool:
             conn.finish(reusable=False)
         if self.size < self._max:
             return await self._connect(), False
+        handed = await self._queue(self._waiters, deadline, f"all {self._max} coordinator connections")
+        return (handed, True) if handed is not None else (await self._connect(), False)
+
+    async def _queue(self, waiters: deque[asyncio.Future[_Connection | None]], deadline: float | None,
+                     what: str) -> _Connection | None:
+        """Waits in `waiters` for what they hand over: a connection, or None (a free connection slot;
+        in `_stream_waiters`, a stream slot). PoolBusy after `queue_timeout_s`."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
-        self._waiters.append(waiter)
+        waiters.append(waiter)
         self.queued += 1
         busy = False
         if self._queue_timeout is not None:
@@ -449,28 +565,28 @@ class UpstreamPool:
                 deadline, busy = limit, True
         timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:
-            handed = await waiter
+            return await waiter
         except TimeoutError:
             if busy:
                 self.refused += 1
-                raise PoolBusy(f"all {self._max} coordinator connections stayed busy for "
-                               f"{self._queue_timeout:g} s") from None
+                raise PoolBusy(f"{what} stayed busy for {self._queue_timeout:g} s") from None
             raise
         except asyncio.CancelledError:
-            # A connection handed over in the same loop turn as the cancellation must not leak.
+            # What was handed over in the same loop turn as the cancellation must not leak.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 given = waiter.result()
                 if given is not None:
                     self.give_back(given)
+                elif waiters is self._stream_waiters:
+                    self.stream_ended()
                 else:
                     self._wake_one()
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-        return (handed, True) if handed is not None else (await self._connect(), False)
+            if waiter in waiters:
+                waiters.remove(waiter)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

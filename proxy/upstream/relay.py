@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..listener import ClientGone, Request
+from ..listener import ClientGone, Request, _reason
 from ..metrics import GatewayMetrics
 from ..routes import Route
 from .headers import ResponseHeaders
@@ -43,7 +43,8 @@ class Relay:
         request.upstream_s = upstream_s = time.perf_counter() - request.upstream_start
         if self.metrics is not None:
             self.metrics.upstream(route.template, upstream.status, upstream_s)
-        reason = upstream.reason.encode("latin-1")
+        # The gateway's own reason phrase: the coordinator's is free text (RFC 9112 4), so not relayed.
+        reason = _reason(upstream.status)
         block, dated = self._headers.block(upstream.headers)
         whole = upstream.body_if_complete()
         if whole is None:

@@ -440,7 +440,7 @@ def _config_keys() -> dict[str, set[str]]:
     from proxy import config as c
 
     sections = {"listen": c.ListenConfig, "upstream": c.UpstreamConfig, "auth": c.AuthConfig,
-                "logging": c.LoggingConfig}
+                "logging": c.LoggingConfig, "limits": c.LimitsConfig}
     if hasattr(c, "MetricsConfig"):
         sections["metrics"] = c.MetricsConfig
     keys = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
@@ -453,7 +453,8 @@ def metrics_key_exists() -> bool:
 
 
 def gateway_config(port: int, upstream: str, issuer: str | None, *, metrics: bool = False,
-                   workers: int = 1, max_connections: int = 100, access_log: bool = False) -> dict[str, Any]:
+                   workers: int = 1, max_connections: int = 100, streams: int | None = None,
+                   access_log: bool = False) -> dict[str, Any]:
     keys = _config_keys()
     cfg: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port, "workers": workers},
@@ -467,6 +468,10 @@ def gateway_config(port: int, upstream: str, issuer: str | None, *, metrics: boo
         # Stopping between sections must not wait out a Kubernetes drain.
         "drain_delay_s": 0, "shutdown_grace_s": 1,
     }
+    if streams is not None:
+        # One token holds every stream: no per-principal cap and no share of the pool kept for other calls.
+        cfg["upstream"]["stream_share"] = 1.0
+        cfg["limits"] = {"max_streams_per_principal": streams}
     if "metrics" in keys:
         cfg["metrics"] = {"enabled": metrics, "host": "127.0.0.1", "port": free_port()}
     for section, values in cfg.items():
@@ -990,7 +995,8 @@ class Bench:
         wait_until("stream upstream", lambda: port_open(ports["stream"]), 15, up, self.procs, "stream-upstream")
         # Room for the 1,000 held streams: the default pool (100) would queue 900 of them.
         gw = self.start_gateway("gw_stream", gateway_config(ports["gw_stream"], f"http://127.0.0.1:{ports['stream']}",
-                                                            self.issuer, max_connections=1100), TARGET_CPU)
+                                                            self.issuer, max_connections=1100, streams=1100),
+                              TARGET_CPU)
         self.wait_gateway_ready("gw_stream", ports["gw_stream"], gw)
         bases = {"direct": f"http://127.0.0.1:{ports['stream']}",
                  "nginx": f"http://127.0.0.1:{ports['nginx']}",

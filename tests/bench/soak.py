@@ -273,8 +273,10 @@ async def soak(args: argparse.Namespace) -> dict:
     children = Children()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         try:
+            # One token drives the whole mix: its streams are not capped per principal here.
             url, pid, token, bad = await start_stack(children, Path(tmp), latency=0, step_delay=0.02,
-                                                     upstream={"max_connections": 200})
+                                                     upstream={"max_connections": 200},
+                                                     limits={"max_streams_per_principal": 256})
             tally = Tally()
             runs: list[str] = []
             connector = aiohttp.TCPConnector(limit=256)

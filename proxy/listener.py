@@ -153,10 +153,13 @@ def default_max_connections(upstream_connections: int, max_buffered_bytes: int |
 class Budget:
     """limits.max_buffered_bytes: the head and body bytes held by all connections together.
 
-    Full at the limit; room again only below three quarters of it, so that a budget hovering at the
-    edge does not pause and resume every connection once per request."""
+    A body of known length is reserved whole before it is read, first come first served: were bodies
+    charged as they arrive, a crowd of uploads would share the budget out in fragments and none would
+    finish. Heads and chunked bodies are charged as they arrive. Full at the limit; room again only
+    below three quarters of it, so that a budget hovering at the edge does not pause and resume every
+    connection once per request."""
 
-    __slots__ = ("limit", "used", "full", "_low", "on_full", "on_room")
+    __slots__ = ("limit", "used", "full", "_low", "on_full", "on_room", "waiting")
 
     def __init__(self, limit: int, on_full: Callable[[], None], on_room: Callable[[], None]) -> None:
         self.limit = limit
@@ -165,6 +168,7 @@ class Budget:
         self._low = limit * 3 // 4
         self.on_full = on_full
         self.on_room = on_room
+        self.waiting: dict[ClientConnection, None] = {}  # bodies waiting for a reservation, oldest first
 
     def take(self, size: int) -> None:
         self.used += size
@@ -174,9 +178,34 @@ class Budget:
 
     def give(self, size: int) -> None:
         self.used -= size
+        if self.waiting:
+            self._admit()
         if self.full and self.used <= self._low:
             self.full = False
             self.on_room()
+
+    def reserve(self, conn: ClientConnection, size: int) -> bool:
+        """Takes `size` for a body now if it fits and nobody waits before it; else queues `conn`."""
+        if not self.waiting and self.used + size <= self.limit:
+            self.take(size)
+            return True
+        self.waiting[conn] = None
+        return False
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.waiting.pop(conn, None)
+
+    def _admit(self) -> None:
+        waiting = self.waiting
+        while waiting:
+            conn = next(iter(waiting))
+            need = conn.room_needed()
+            if need > 0 and self.used + need > self.limit:
+                return
+            del waiting[conn]
+            if need > 0:
+                self.take(need)
+                conn.admitted(need)
 
 
 @lru_cache(maxsize=1)
@@ -460,6 +489,9 @@ class ClientConnection(asyncio.Protocol):
         self._budget = listener.budget
         self._head_charge = 0       # what the head being parsed counts against the budget
         self._budget_held = False   # the budget is full: not reading, whatever _reading says
+        self._awaiting_room = False  # this body's reservation waits in the budget's queue
+        self._reserved_body = False  # reading a body whose bytes are reserved: exempt from the hold
+        self._transport_reading = True
         self._chunk_waiting = False  # a chunk size line was read and no data since: maybe the trailer section
         self._chunks_seen = 0
         self._trailers = 0
@@ -527,6 +559,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.forget(self)
+        self._budget.forget(self)
         self._uncharge_head()
         for held in (self._current, self._parsing, *self._queue):
             if held is not None:
@@ -635,6 +668,14 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         request.method = parser.get_method().decode("latin-1")
         request.keep_alive = parser.should_keep_alive()
+        length = request.content_length
+        if length and length <= self._limits.max_body_bytes:
+            if self._budget.reserve(self, length):
+                request._held += length
+                self._reserved_body = True
+            else:
+                self._awaiting_room = True
+                self._apply_reading()
         request.target = target = self._url
         request.request_id = new_request_id(request._given_id if request._ids == 1 else None)
         version = _VERSIONS.get(parser.get_http_version())
@@ -663,8 +704,9 @@ class ClientConnection(asyncio.Protocol):
             request._held = self._head_bytes
             self._stop()  # the answer is a 413; nothing more of this connection is worth reading
             raise _Refused(0, "", "")
-        request._held += len(body)
-        self._budget.take(len(body))
+        if not self._reserved_body:
+            request._held += len(body)
+            self._budget.take(len(body))
 
     def on_chunk_header(self) -> None:
         self._chunk_waiting = True
@@ -679,6 +721,9 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         self._parsing = None
         request.complete = True
+        if self._reserved_body:
+            self._reserved_body = False
+            self._apply_reading()
         request._wake(None)
         if self._current is not None and request is not self._current:
             # A whole request waits its turn: read no further until it is answered.
@@ -810,7 +855,7 @@ class ClientConnection(asyncio.Protocol):
         """The deadline of the current phase passed."""
         phase = self.phase
         self.deadline = 0.0
-        if self._budget_held and phase is not Phase.IDLE:
+        if phase is not Phase.IDLE and (self._awaiting_room or (self._budget_held and not self._reserved_body)):
             self._overloaded(phase)
         elif phase is Phase.BODY:
             self.listener.closed_for("body_timeout")
@@ -847,17 +892,40 @@ class ClientConnection(asyncio.Protocol):
             self._budget.give(charge)
 
     def hold_reading(self) -> None:
-        """The budget is full: read nothing more until it has room."""
+        """The budget is full: read nothing more until it has room (but a reserved body, paid for)."""
         if not self._budget_held:
             self._budget_held = True
-            if self._reading and not self.closed:
-                self.transport.pause_reading()
+            self._apply_reading()
 
     def release_reading(self) -> None:
         if self._budget_held:
             self._budget_held = False
-            if self._reading and not self.closed:
+            self._apply_reading()
+
+    def room_needed(self) -> int:
+        """What the body waiting for a reservation still needs (0: it needs nothing any more)."""
+        request = self._parsing
+        if self.closed or request is None or request.content_length is None:
+            return 0
+        return max(0, request.content_length - request.body_size)
+
+    def admitted(self, size: int) -> None:
+        request = self._parsing
+        assert request is not None
+        request._held += size
+        self._awaiting_room = False
+        self._reserved_body = True
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        """The transport reads when the connection wants to and the budget lets it."""
+        want = (self._reading and not self._awaiting_room and (self._reserved_body or not self._budget_held))
+        if want is not self._transport_reading and not self.closed:
+            self._transport_reading = want
+            if want:
                 self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     @property
     def reclaimable(self) -> bool:
@@ -882,14 +950,12 @@ class ClientConnection(asyncio.Protocol):
     def _pause_reading(self) -> None:
         if self._reading and not self.closed:
             self._reading = False
-            if not self._budget_held:
-                self.transport.pause_reading()
+            self._apply_reading()
 
     def _resume_reading(self) -> None:
         if not self._reading and not self.closed and not self._stopped:
             self._reading = True
-            if not self._budget_held:
-                self.transport.resume_reading()
+            self._apply_reading()
 
     def close(self) -> None:
         if not self.closed:

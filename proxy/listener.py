@@ -1037,7 +1037,9 @@ class Listener:
             victim.close()
         self.connections[conn] = None
         if self.budget.full:
-            conn.hold_reading()
+            # Not from connection_made: the transport starts reading after it returns (uvloop, and
+            # asyncio before 3.12), undoing a pause made here.
+            self.loop.call_soon(conn.hold_reading)
 
     def _oldest_reclaimable(self) -> ClientConnection | None:
         fallback = None

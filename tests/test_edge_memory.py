@@ -4,7 +4,8 @@ Each test runs a gateway in this process over real loopback sockets, with a
 coordinator that can be held (a slow coordinator keeps bodies buffered in the
 gateway), and reads `arp_gateway_buffered_bytes` from the gateway's own
 exposition. Client loops are bounded in count and time; timeouts are set to
-about a second so the tests can watch them act.
+about a second so the tests can watch them act. The budget tests run on both
+event loops the gateway offers: they differ in when a transport starts reading.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+import uvloop
 from aiohttp import web
 
 from proxy import listener as listener_module
@@ -245,7 +248,15 @@ async def test_a_1_mib_body_in_2_byte_chunks_holds_about_1_mib():
 # --------------------------------------------------------------------------- the budget
 
 
-async def test_uploads_past_the_budget_wait_then_get_503_overloaded_and_the_rest_resumes():
+LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+
+
+@LOOPS
+def test_uploads_past_the_budget_wait_then_get_503_overloaded_and_the_rest_resumes(run):
+    run(_uploads_past_the_budget())
+
+
+async def _uploads_past_the_budget() -> None:
     budget = 4 * MIB
     body = b"x" * MIB
     limits = {"max_buffered_bytes": budget, "body_timeout_s": 1, "header_timeout_s": 2}
@@ -285,15 +296,22 @@ async def test_uploads_past_the_budget_wait_then_get_503_overloaded_and_the_rest
             assert resp is not None and resp.status == 200, resp and resp.describe()
 
 
-async def test_many_unfinished_heads_stay_within_the_budget_and_starved_ones_get_503():
+@LOOPS
+def test_many_unfinished_heads_stay_within_the_budget_and_starved_ones_get_503(run):
+    run(_unfinished_heads())
+
+
+async def _unfinished_heads() -> None:
     budget = 1 * MIB
     limits = {"max_buffered_bytes": budget, "max_body_bytes": 64 * 1024, "header_timeout_s": 1}
     async with edge(limits=limits) as (coordinator, server, url):
         coordinator.gate.set()
-        conns = [await RawConnection.open(url) for _ in range(60)]
+        conns: list[RawConnection] = []
         try:
             async with Peak(server) as peak:
-                for conn in conns:  # 60 heads of 60 KB that never end: 3.5 MiB against a 1 MiB budget
+                for _ in range(60):  # 60 heads of 60 KB that never end: 3.5 MiB against a 1 MiB budget
+                    conn = await RawConnection.open(url)  # most connect while the budget is full
+                    conns.append(conn)
                     conn.writer.write(b"GET /v1/runs/r1 HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * 60000)
                 resps = await asyncio.gather(*(read_response(c.reader, timeout=10) for c in conns),
                                              return_exceptions=True)

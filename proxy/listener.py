@@ -159,12 +159,13 @@ class Budget:
     below three quarters of it, so that a budget hovering at the edge does not pause and resume every
     connection once per request."""
 
-    __slots__ = ("limit", "used", "full", "_low", "on_full", "on_room", "waiting")
+    __slots__ = ("limit", "used", "full", "ceiling", "_low", "on_full", "on_room", "waiting")
 
     def __init__(self, limit: int, on_full: Callable[[], None], on_room: Callable[[], None]) -> None:
         self.limit = limit
         self.used = 0
         self.full = False
+        self.ceiling = limit + limit // 4  # new connections are turned away past it (see Listener.admit)
         self._low = limit * 3 // 4
         self.on_full = on_full
         self.on_room = on_room
@@ -1035,11 +1036,19 @@ class Listener:
             self._limit_reached("reclaimed")
             self.closed_for("reclaimed")
             victim.close()
-        self.connections[conn] = None
-        if self.budget.full:
-            # Not from connection_made: the transport starts reading after it returns (uvloop, and
-            # asyncio before 3.12), undoing a pause made here.
+        budget = self.budget
+        if budget.full:
+            if budget.used >= budget.ceiling:
+                self._limit_reached("buffer_budget")
+                self._count("connections_refused", "buffer_budget")
+                conn.closed = True
+                conn.transport.close()
+                return
+            # Not from connection_made: uvloop starts reading once it returns, undoing a pause made
+            # here, and reads once before a callback scheduled now can pause it. That one read per
+            # connection accepted while the budget is full is what `ceiling` bounds.
             self.loop.call_soon(conn.hold_reading)
+        self.connections[conn] = None
 
     def _oldest_reclaimable(self) -> ClientConnection | None:
         fallback = None
@@ -1092,7 +1101,7 @@ class Listener:
             self._last_warning = now
             log.warning("connection limit reached", extra={
                 "event": "connection_limit", "action": what, "open": len(self.connections),
-                "max_connections": self.limits.max_connections})
+                "max_connections": self.limits.max_connections, "buffered_bytes": self.budget.used})
 
     def _watch_accept_errors(self) -> None:
         """At the file-descriptor limit accept() fails: count it and say so, at most every 10 s,

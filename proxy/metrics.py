@@ -45,7 +45,7 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 # Why the listener turned a connection away, or closed one that was not done with.
-CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit"),
+CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit", "buffer_budget"),
                      "connections_closed": ("reclaimed", "header_timeout", "body_timeout", "keepalive_timeout")}
 NO_ISSUER = "none"
 _TEMPLATES = frozenset(r.template for r in ALL_ROUTES)

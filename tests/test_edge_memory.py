@@ -320,7 +320,10 @@ async def _unfinished_heads() -> None:
                 await conn.close()
         refused = [r for r in resps if isinstance(r, Response) and overloaded(r)]
         assert refused, [r if not isinstance(r, Response) else r.status for r in resps]
-        assert peak.value <= budget + 256 * 1024, f"{peak.value / MIB:.2f} MiB buffered with a 1 MiB budget"
+        # A connection accepted while the budget is full may be read once before it is held (uvloop);
+        # past the ceiling new ones are turned away.
+        ceiling = server.listener.budget.ceiling
+        assert peak.value <= ceiling + 256 * 1024, f"{peak.value / MIB:.2f} MiB buffered with a 1 MiB budget"
         assert counter(server, "arp_gateway_overloaded", 'waiting_for="head"') == len(refused)
         assert await until(lambda: gauge(server) == 0, 3), gauge(server)
         async with await RawConnection.open(url) as conn:

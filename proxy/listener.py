@@ -305,7 +305,8 @@ class Request:
 
     async def read_body(self) -> bytes:
         """The whole body, once it has arrived. Sends `100 Continue` first when the client waits
-        for it. BodyTooLarge, BodyTimeout, BodyIncomplete or ClientGone otherwise."""
+        for it. BodyTooLarge, BodyTimeout, BodyIncomplete (TrailerTooLarge), Overloaded or ClientGone
+        otherwise."""
         if self.broken:
             raise TrailerTooLarge() if self.broken == "trailer_too_large" else BodyIncomplete(self.broken)
         if not self.complete and not self.too_large:

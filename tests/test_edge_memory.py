@@ -252,8 +252,10 @@ LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio"
 
 
 @LOOPS
-def test_uploads_past_the_budget_wait_then_get_503_overloaded_and_the_rest_resumes(run):
+def test_uploads_past_the_budget_wait_then_get_503_overloaded_and_the_rest_resumes(run, caplog):
     run(_uploads_past_the_budget())
+    said = [r for r in caplog.records if r.getMessage() == "buffer budget full: refusing with 503"]
+    assert len(said) == 1, "the 503s were not logged, or logged more than once in 10 s"
 
 
 async def _uploads_past_the_budget() -> None:

@@ -206,7 +206,7 @@ class Budget:
             del waiting[conn]
             if need > 0:
                 self.take(need)
-                conn.admitted(need)
+            conn.admitted(need)
 
 
 @lru_cache(maxsize=1)
@@ -723,7 +723,11 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         self._parsing = None
         request.complete = True
-        if self._reserved_body:
+        if self._reserved_body or self._awaiting_room:
+            # Done with this body's reservation; one that waited got its bytes charged as they came.
+            if self._awaiting_room:
+                self._awaiting_room = False
+                self._budget.forget(self)
             self._reserved_body = False
             self._apply_reading()
         request._wake(None)
@@ -912,11 +916,12 @@ class ClientConnection(asyncio.Protocol):
         return max(0, request.content_length - request.body_size)
 
     def admitted(self, size: int) -> None:
-        request = self._parsing
-        assert request is not None
-        request._held += size
+        """The budget reserved `size` more for the body that waited (0: it no longer needs any)."""
         self._awaiting_room = False
-        self._reserved_body = True
+        request = self._parsing
+        if size and request is not None:
+            request._held += size
+            self._reserved_body = True
         self._apply_reading()
 
     def _apply_reading(self) -> None:

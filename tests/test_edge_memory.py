@@ -335,6 +335,26 @@ async def _unfinished_heads() -> None:
             assert resp is not None and resp.status == 200, resp and resp.describe()
 
 
+async def test_a_body_that_arrived_while_waiting_for_its_reservation_does_not_stall_the_connection():
+    """Two pipelined uploads in one write: the first one's reservation leaves no room for the second's,
+    whose body came in the same read anyway. Once both are answered the connection reads on."""
+    limits = {"max_buffered_bytes": 109_000, "max_body_bytes": 100_000, "max_header_bytes": 9000}
+    async with edge(limits=limits) as (coordinator, server, url):
+        async with await RawConnection.open(url) as conn:
+            await conn.send(request("POST", "/v1/runs/a:cancel", [JSON], b"a" * 100_000)
+                            + request("POST", "/v1/runs/b:cancel", [JSON], b"b" * 9000))
+            assert await until(lambda: len(coordinator.bodies) == 1, 5)
+            coordinator.gate.set()
+            for _ in range(2):
+                resp = await conn.response(method="POST")
+                assert resp is not None and resp.status == 200, resp and resp.describe()
+            await conn.send(request("POST", "/v1/runs/c:cancel", [JSON], b"c" * 10))
+            resp = await conn.response(method="POST", timeout=5)
+            assert resp is not None and resp.status == 200, resp and resp.describe()
+        assert [len(b) for b in coordinator.bodies] == [100_000, 9000, 10]
+        assert await until(lambda: gauge(server) == 0, 3), gauge(server)
+
+
 async def test_the_gauge_returns_to_zero_after_finished_refused_vanished_and_timed_out_requests():
     body = b"y" * 200_000
     limits = {"body_timeout_s": 1, "header_timeout_s": 1, "max_body_bytes": 300_000}

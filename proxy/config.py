@@ -131,6 +131,9 @@ class LimitsConfig:
     body_timeout_s: float = 10.0        # a body must arrive whole within it once wanted, or 408
     max_header_bytes: int = 64 * 1024   # the request target plus header lines; larger heads get 431
     max_headers: int = 100              # header lines per request; more get 431
+    # Head and body bytes held in memory by all connections together; while full the gateway reads
+    # nothing more, and what stays starved past its header or body timeout gets 503 overloaded.
+    max_buffered_bytes: int = 64 * MIB
     run_start_rate: RateConfig | None = None  # None: run starts are not rate limited
     max_streams_per_principal: int = 8  # event streams open at once per principal; more get 429
 
@@ -440,6 +443,8 @@ def _limits(r: _Reader, raw: Any) -> LimitsConfig:
         body_timeout_s=r.number(sec, p, "body_timeout_s", d.body_timeout_s, positive=True),
         max_header_bytes=r.number(sec, p, "max_header_bytes", d.max_header_bytes, integer=True, minimum=1024),
         max_headers=r.number(sec, p, "max_headers", d.max_headers, integer=True, minimum=8),
+        max_buffered_bytes=r.number(sec, p, "max_buffered_bytes", d.max_buffered_bytes, integer=True,
+                                    positive=True),
         run_start_rate=_rate(r, sec.get("run_start_rate"), "limits.run_start_rate"),
         max_streams_per_principal=r.number(sec, p, "max_streams_per_principal", d.max_streams_per_principal,
                                            integer=True, minimum=1),
@@ -648,6 +653,10 @@ def build_config(raw: Any, origins: Mapping[str, str] | None = None) -> GatewayC
         r.fail("limits.max_header_bytes", f"must leave room for a token of auth.max_token_bytes "
                                           f"({cfg.auth.max_token_bytes}) plus other headers, so an oversized "
                                           "token gets its 401")
+    lim = cfg.limits
+    if lim.max_buffered_bytes < lim.max_body_bytes + lim.max_header_bytes:
+        r.fail("limits.max_buffered_bytes", f"must hold at least one whole request: limits.max_body_bytes plus "
+                                            f"limits.max_header_bytes ({lim.max_body_bytes + lim.max_header_bytes})")
     if cfg.listen.workers > 1 and cfg.listen.port == 0:
         r.fail("listen.workers", "several workers need a fixed listen.port to share")
     if r.problems:

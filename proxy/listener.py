@@ -11,6 +11,9 @@ stage sees a request:
   listener rather than a timer per request;
 - the connection cap: idle connections are reclaimed, oldest first, before a
   new client is turned away;
+- memory: every head and body byte held counts against one process-wide budget
+  (`limits.max_buffered_bytes`); while it is full no connection reads, and a
+  head or body still starved of it when its timeout passes gets 503 `overloaded`;
 - order: pipelined requests are answered strictly one after another.
 
 A request refused here still reaches the gateway, carrying its `refusal`, so
@@ -52,6 +55,9 @@ FD_HEADROOM = 64
 # stops reading, answers what it has and closes.
 MAX_PIPELINED = 16
 LIMIT_LOG_INTERVAL_S = 10.0
+# What one connection is assumed to need at least: the budget admits no more connections than
+# could each hold a small head in it.
+CONNECTION_BYTES = 4096
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # RFC 3986 origin-form: "/" path characters (unreserved, sub-delims, ":", "@", "/", "%") and a
 # query that may also hold "?". Removing these must leave nothing.
@@ -94,6 +100,17 @@ class BodyIncomplete(Exception):
         self.reason = reason
 
 
+class TrailerTooLarge(BodyIncomplete):
+    """The chunked body's trailer section grew past limits.max_header_bytes or max_headers."""
+
+    def __init__(self) -> None:
+        super().__init__("trailer_too_large")
+
+
+class Overloaded(Exception):
+    """limits.max_buffered_bytes stayed full until limits.body_timeout_s passed: the body could not be read."""
+
+
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing with this answer."""
 
@@ -111,6 +128,7 @@ class EdgeLimits:
     max_headers: int = 100
     max_body_bytes: int = 1024 * 1024
     max_connections: int = 1024
+    max_buffered_bytes: int = 64 * 1024 * 1024
 
     @property
     def sweep_interval_s(self) -> float:
@@ -119,13 +137,76 @@ class EdgeLimits:
         return max(0.01, min(1.0, shortest / 4))
 
 
-def default_max_connections(upstream_connections: int) -> int:
+def default_max_connections(upstream_connections: int, max_buffered_bytes: int | None = None) -> int:
     """Client connections that fit under the open-file limit beside the coordinator pool and
-    the control plane, so accept() never meets EMFILE from client sockets alone."""
+    the control plane, so accept() never meets EMFILE from client sockets alone; and, given the
+    memory budget, no more than it could give a small head each (pods often allow a million files)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(1, soft - upstream_connections - FD_HEADROOM)
+    by_files = soft - upstream_connections - FD_HEADROOM
+    if max_buffered_bytes is not None:
+        by_files = min(by_files, max_buffered_bytes // CONNECTION_BYTES)
+    return max(1, by_files)
+
+
+class Budget:
+    """limits.max_buffered_bytes: the head and body bytes held by all connections together.
+
+    A body of known length is reserved whole before it is read, first come first served: were bodies
+    charged as they arrive, a crowd of uploads would share the budget out in fragments and none would
+    finish. Heads and chunked bodies are charged as they arrive. Full at the limit; room again only
+    below three quarters of it, so that a budget hovering at the edge does not pause and resume every
+    connection once per request."""
+
+    __slots__ = ("limit", "used", "full", "ceiling", "_low", "on_full", "on_room", "waiting")
+
+    def __init__(self, limit: int, on_full: Callable[[], None], on_room: Callable[[], None]) -> None:
+        self.limit = limit
+        self.used = 0
+        self.full = False
+        self.ceiling = limit + limit // 4  # new connections are turned away past it (see Listener.admit)
+        self._low = limit * 3 // 4
+        self.on_full = on_full
+        self.on_room = on_room
+        self.waiting: dict[ClientConnection, None] = {}  # bodies waiting for a reservation, oldest first
+
+    def take(self, size: int) -> None:
+        self.used += size
+        if self.used >= self.limit and not self.full:
+            self.full = True
+            self.on_full()
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        if self.waiting:
+            self._admit()
+        if self.full and self.used <= self._low:
+            self.full = False
+            self.on_room()
+
+    def reserve(self, conn: ClientConnection, size: int) -> bool:
+        """Takes `size` for a body now if it fits and nobody waits before it; else queues `conn`."""
+        if not self.waiting and self.used + size <= self.limit:
+            self.take(size)
+            return True
+        self.waiting[conn] = None
+        return False
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.waiting.pop(conn, None)
+
+    def _admit(self) -> None:
+        waiting = self.waiting
+        while waiting:
+            conn = next(iter(waiting))
+            need = conn.room_needed()
+            if need > 0 and self.used + need > self.limit:
+                return
+            del waiting[conn]
+            if need > 0:
+                self.take(need)
+            conn.admitted(need)
 
 
 @lru_cache(maxsize=1)
@@ -164,8 +245,8 @@ class Request:
 
     __slots__ = ("conn", "method", "target", "path", "version", "headers", "authorization", "content_type",
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
-                 "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_chunks",
-                 "_size", "_waiter", "_given_id", "_ids", "status", "bytes_out", "upstream_s", "head_sent",
+                 "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_body",
+                 "_size", "_held", "_waiter", "_given_id", "_ids", "status", "bytes_out", "upstream_s", "head_sent",
                  "will_close", "_chunked_out", "finished", "aborter", "started", "route", "outcome", "client",
                  "user_agent", "upstream_start")
 
@@ -191,8 +272,11 @@ class Request:
         self.complete = False                           # the whole message, body included, has arrived
         self.too_large = False
         self.broken = ""                                # why the body ended or broke before its end
-        self._chunks: list[bytes] = []
+        # One piece as it came, or one growing buffer: never a list of pieces, which a body sent in
+        # tiny chunks would multiply many times over in object headers.
+        self._body: bytes | bytearray = b""
         self._size = 0
+        self._held = 0                                  # bytes this request counts against the budget
         self._waiter: asyncio.Future[None] | None = None
         self._given_id: bytes | None = None
         self._ids = 0
@@ -225,9 +309,10 @@ class Request:
 
     async def read_body(self) -> bytes:
         """The whole body, once it has arrived. Sends `100 Continue` first when the client waits
-        for it. BodyTooLarge, BodyTimeout, BodyIncomplete or ClientGone otherwise."""
+        for it. BodyTooLarge, BodyTimeout, BodyIncomplete (TrailerTooLarge), Overloaded or ClientGone
+        otherwise."""
         if self.broken:
-            raise BodyIncomplete(self.broken)
+            raise TrailerTooLarge() if self.broken == "trailer_too_large" else BodyIncomplete(self.broken)
         if not self.complete and not self.too_large:
             conn = self.conn
             if conn.closed:
@@ -248,22 +333,31 @@ class Request:
         """The whole body of a complete request (BodyTooLarge past limits.max_body_bytes)."""
         if self.too_large:
             raise BodyTooLarge()
-        chunks = self._chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body = self._body
+        if body.__class__ is bytearray:
+            body = self._body = bytes(body)
+        return body  # type: ignore[return-value]
 
     def _feed(self, chunk: bytes, limit: int) -> bool:
         self._size += len(chunk)
         if self._size > limit:
             self.too_large = True
-            self._chunks.clear()
+            self._body = b""
             self._wake(None)
             return False
-        self._chunks.append(chunk)
+        body = self._body
+        if not body:
+            self._body = chunk
+        elif body.__class__ is bytes:
+            grown = self._body = bytearray(body)
+            grown += chunk
+        else:
+            body += chunk
         return True
 
     def _break(self, reason: str) -> None:
         self.broken = reason
-        self._wake(BodyIncomplete(reason))
+        self._wake(TrailerTooLarge() if reason == "trailer_too_large" else BodyIncomplete(reason))
 
     def _wake(self, error: BaseException | None) -> None:
         waiter = self._waiter
@@ -398,6 +492,15 @@ class ClientConnection(asyncio.Protocol):
         self._stopped = False       # no more requests are parsed on this connection
         self._reading = True
         self._eof = False
+        self._budget = listener.budget
+        self._head_charge = 0       # what the head being parsed counts against the budget
+        self._budget_held = False   # the budget is full: not reading, whatever _reading says
+        self._awaiting_room = False  # this body's reservation waits in the budget's queue
+        self._reserved_body = False  # reading a body whose bytes are reserved: exempt from the hold
+        self._transport_reading = True
+        self._chunk_waiting = False  # a chunk size line was read and no data since: maybe the trailer section
+        self._chunks_seen = 0
+        self._trailers = 0
 
     # -- asyncio.Protocol
 
@@ -415,6 +518,9 @@ class ClientConnection(asyncio.Protocol):
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + self._limits.header_timeout_s
         was_in_head = self._in_head
+        in_trailer = self._chunk_waiting
+        if in_trailer:
+            chunks = self._chunks_seen
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -433,6 +539,16 @@ class ClientConnection(asyncio.Protocol):
                 self._head_seen += len(data)
                 if self._head_seen > self._limits.max_header_bytes:
                     self._refuse(431, "header_too_large", "The request head is too large")
+            elif in_trailer and self._chunk_waiting and self._chunks_seen == chunks:
+                # A whole read after a chunk size line and no data: the trailer section, which llhttp
+                # buffers (and httptools copies per piece) like a header line.
+                self._head_seen += len(data)
+                if self._head_seen > self._limits.max_header_bytes:
+                    self._refuse(431, "trailer_too_large", "The request trailer section is too large")
+            if self._in_head and not self._stopped:
+                # Until the head is whole it holds at most what was read since it began.
+                self._head_charge += len(data)
+                self._budget.take(len(data))
         if self._current is None and self._queue and not self.closed:
             # Begun after the whole read is parsed, never from inside llhttp: a request whose body
             # came in the same read is complete by now.
@@ -449,6 +565,11 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.forget(self)
+        self._budget.forget(self)
+        self._uncharge_head()
+        for held in (self._current, self._parsing, *self._queue):
+            if held is not None:
+                self._release(held)
         for request in (self._current, self._parsing):
             if request is not None:
                 request._wake(ClientGone())
@@ -488,6 +609,8 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._head_bytes = 0
         self._head_seen = 0
+        self._trailers = 0
+        self._chunk_waiting = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -496,11 +619,16 @@ class ClientConnection(asyncio.Protocol):
             raise _Refused(414, "target_too_long", "The request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # trailer fields of a chunked body: never headers of the request
         request = self._parsing
         assert request is not None
         self._head_bytes += len(name) + len(value) + 4
+        if not self._in_head:
+            # Trailer fields of a chunked body: never headers of the request, but counted with them.
+            self._trailers += 1
+            if (self._head_bytes > self._limits.max_header_bytes or self._trailers + len(request.headers)
+                    + len(request.authorization) > self._limits.max_headers):
+                raise _Refused(431, "trailer_too_large", "The request trailer section is too large")
+            return
         if self._head_bytes > self._limits.max_header_bytes:
             raise _Refused(431, "header_too_large", "The request head is too large")
         low = name.lower()
@@ -538,12 +666,24 @@ class ClientConnection(asyncio.Protocol):
         request = self._parsing
         assert request is not None
         self._in_head = False
+        # What the request keeps of its head (target and header lines) is held until it ends.
+        self._uncharge_head()
+        request._held = self._head_bytes
+        self._budget.take(self._head_bytes)
         # Counted once the head is whole: its bytes, bounded above, already bound the memory it took.
         if len(request.headers) + len(request.authorization) > self._limits.max_headers:
             raise _Refused(431, "too_many_headers", "The request has too many header fields")
         parser = self._parser
         request.method = parser.get_method().decode("latin-1")
         request.keep_alive = parser.should_keep_alive()
+        length = request.content_length
+        if length and length <= self._limits.max_body_bytes:
+            if self._budget.reserve(self, length):
+                request._held += length
+                self._reserved_body = True
+            else:
+                self._awaiting_room = True
+                self._apply_reading()
         request.target = target = self._url
         request.request_id = new_request_id(request._given_id if request._ids == 1 else None)
         version = _VERSIONS.get(parser.get_http_version())
@@ -566,15 +706,36 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         request = self._parsing
         assert request is not None
+        self._chunk_waiting = False
         if not request._feed(body, self._limits.max_body_bytes):
+            self._budget.give(request._held - self._head_bytes)
+            request._held = self._head_bytes
             self._stop()  # the answer is a 413; nothing more of this connection is worth reading
             raise _Refused(0, "", "")
+        if not self._reserved_body:
+            request._held += len(body)
+            self._budget.take(len(body))
+
+    def on_chunk_header(self) -> None:
+        self._chunk_waiting = True
+        self._chunks_seen += 1
+        self._head_seen = 0
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_waiting = False
 
     def on_message_complete(self) -> None:
         request = self._parsing
         assert request is not None
         self._parsing = None
         request.complete = True
+        if self._reserved_body or self._awaiting_room:
+            # Done with this body's reservation; one that waited got its bytes charged as they came.
+            if self._awaiting_room:
+                self._awaiting_room = False
+                self._budget.forget(self)
+            self._reserved_body = False
+            self._apply_reading()
         request._wake(None)
         if self._current is not None and request is not self._current:
             # A whole request waits its turn: read no further until it is answered.
@@ -621,6 +782,7 @@ class ClientConnection(asyncio.Protocol):
         request.finish()
 
     def finished(self, request: Request) -> None:
+        self._release(request)
         if request is not self._current or self.closed:
             return
         if request.will_close or self.closing or (self._eof and not self._queue):
@@ -668,7 +830,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = None
         if request is not None and (request is self._current or request in self._queue):
             # Its head was fine and it is being answered: what broke is its body.
-            request._break("bad_framing")
+            request._break("trailer_too_large" if reason == "trailer_too_large" else "bad_framing")
             request.keep_alive = False
             if request is self._current:
                 return
@@ -679,9 +841,10 @@ class ClientConnection(asyncio.Protocol):
         request.request_id = request.request_id or new_request_id(None)
         code = {400: "invalid_request", 408: "request_timeout", 413: "payload_too_large",
                 414: "uri_too_long", 431: "request_header_fields_too_large",
-                501: "not_implemented", 505: "http_version_not_supported"}.get(status, "invalid_request")
+                501: "not_implemented", 503: "overloaded",
+                505: "http_version_not_supported"}.get(status, "invalid_request")
         request.refusal = error_answer(status, code, message, request_id=request.request_id,
-                                       details={"reason": reason})
+                                       details={"reason": reason}, retryable=True if status == 503 else None)
         if request is not self._current and request not in self._queue:
             self._queue.append(request)
 
@@ -704,13 +867,78 @@ class ClientConnection(asyncio.Protocol):
         """The deadline of the current phase passed."""
         phase = self.phase
         self.deadline = 0.0
-        if phase is Phase.BODY:
+        if phase is not Phase.IDLE and (self._awaiting_room or (self._budget_held and not self._reserved_body)):
+            self._overloaded(phase)
+        elif phase is Phase.BODY:
             self.listener.closed_for("body_timeout")
             if self._current is not None:
                 self._current._wake(BodyTimeout())
         else:
             self.listener.closed_for("keepalive_timeout" if phase is Phase.IDLE else "header_timeout")
             self.close()
+
+    def _overloaded(self, phase: Phase) -> None:
+        """The budget stayed full for this connection's whole head or body timeout: 503, retryable,
+        rather than a 408 the client did not cause."""
+        self.listener.overloaded("body" if phase is Phase.BODY else "head")
+        if phase is Phase.BODY:
+            if self._current is not None:
+                self._current._wake(Overloaded())
+            return
+        self._refuse(503, "buffer_budget_full", "The gateway holds too many request bytes; retry shortly")
+        if self._current is None and self._queue:
+            self._begin(self._queue.popleft())
+
+    # -- the memory budget
+
+    def _release(self, request: Request) -> None:
+        held = request._held
+        if held:
+            request._held = 0
+            self._budget.give(held)
+
+    def _uncharge_head(self) -> None:
+        charge = self._head_charge
+        if charge:
+            self._head_charge = 0
+            self._budget.give(charge)
+
+    def hold_reading(self) -> None:
+        """The budget is full: read nothing more until it has room (but a reserved body, paid for)."""
+        if not self._budget_held:
+            self._budget_held = True
+            self._apply_reading()
+
+    def release_reading(self) -> None:
+        if self._budget_held:
+            self._budget_held = False
+            self._apply_reading()
+
+    def room_needed(self) -> int:
+        """What the body waiting for a reservation still needs (0: it needs nothing any more)."""
+        request = self._parsing
+        if self.closed or request is None or request.content_length is None:
+            return 0
+        return max(0, request.content_length - request.body_size)
+
+    def admitted(self, size: int) -> None:
+        """The budget reserved `size` more for the body that waited (0: it no longer needs any)."""
+        self._awaiting_room = False
+        request = self._parsing
+        if size and request is not None:
+            request._held += size
+            self._reserved_body = True
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        """The transport reads when the connection wants to and the budget lets it."""
+        want = (self._reading and not self._awaiting_room and (self._reserved_body or not self._budget_held))
+        if want is not self._transport_reading and not self.closed:
+            self._transport_reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     @property
     def reclaimable(self) -> bool:
@@ -735,12 +963,12 @@ class ClientConnection(asyncio.Protocol):
     def _pause_reading(self) -> None:
         if self._reading and not self.closed:
             self._reading = False
-            self.transport.pause_reading()
+            self._apply_reading()
 
     def _resume_reading(self) -> None:
         if not self._reading and not self.closed and not self._stopped:
             self._reading = True
-            self.transport.resume_reading()
+            self._apply_reading()
 
     def close(self) -> None:
         if not self.closed:
@@ -792,7 +1020,9 @@ class Listener:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_warning = -LIMIT_LOG_INTERVAL_S
+        self._last_overload_warning = -LIMIT_LOG_INTERVAL_S
         self._all_closed: asyncio.Event | None = None
+        self.budget = Budget(limits.max_buffered_bytes, self._hold_all, self._release_all)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> str:
         self.loop = loop = asyncio.get_running_loop()
@@ -818,6 +1048,18 @@ class Listener:
             self._limit_reached("reclaimed")
             self.closed_for("reclaimed")
             victim.close()
+        budget = self.budget
+        if budget.full:
+            if budget.used >= budget.ceiling:
+                self._limit_reached("buffer_budget")
+                self._count("connections_refused", "buffer_budget")
+                conn.closed = True
+                conn.transport.close()
+                return
+            # Not from connection_made: uvloop starts reading once it returns, undoing a pause made
+            # here, and reads once before a callback scheduled now can pause it. That one read per
+            # connection accepted while the budget is full is what `ceiling` bounds.
+            self.loop.call_soon(conn.hold_reading)
         self.connections[conn] = None
 
     def _oldest_reclaimable(self) -> ClientConnection | None:
@@ -837,6 +1079,27 @@ class Listener:
     def abandoned(self, request: Request, status: int) -> None:
         self.handler.abandoned(request, status)
 
+    # -- the memory budget
+
+    def _hold_all(self) -> None:
+        for conn in self.connections:
+            conn.hold_reading()
+
+    def _release_all(self) -> None:
+        for conn in list(self.connections):
+            conn.release_reading()
+
+    def overloaded(self, waiting_for: str) -> None:
+        """A head or body starved of the budget for its whole timeout: counted, and said at most every 10 s."""
+        if self.metrics is not None:
+            self.metrics.overloaded(waiting_for)  # type: ignore[attr-defined]
+        now = self.loop.time()
+        if now - self._last_overload_warning >= LIMIT_LOG_INTERVAL_S:
+            self._last_overload_warning = now
+            log.warning("buffer budget full: refusing with 503", extra={
+                "event": "overloaded", "waiting_for": waiting_for, "buffered_bytes": self.budget.used,
+                "max_buffered_bytes": self.budget.limit, "open": len(self.connections)})
+
     def closed_for(self, reason: str) -> None:
         self._count("connections_closed", reason)
 
@@ -850,7 +1113,7 @@ class Listener:
             self._last_warning = now
             log.warning("connection limit reached", extra={
                 "event": "connection_limit", "action": what, "open": len(self.connections),
-                "max_connections": self.limits.max_connections})
+                "max_connections": self.limits.max_connections, "buffered_bytes": self.budget.used})
 
     def _watch_accept_errors(self) -> None:
         """At the file-descriptor limit accept() fails: count it and say so, at most every 10 s,

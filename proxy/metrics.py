@@ -45,7 +45,7 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 # Why the listener turned a connection away, or closed one that was not done with.
-CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit"),
+CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit", "buffer_budget"),
                      "connections_closed": ("reclaimed", "header_timeout", "body_timeout", "keepalive_timeout")}
 NO_ISSUER = "none"
 _TEMPLATES = frozenset(r.template for r in ALL_ROUTES)
@@ -91,6 +91,8 @@ class GatewayMetrics:
         self._connection_events = {(family, reason): 0 for family, reasons in CONNECTION_EVENTS.items()
                                    for reason in reasons}
         self.open_connections: Callable[[], int] = lambda: 0
+        self.buffered_bytes: Callable[[], int] = lambda: 0  # the listener's budget in use, read at scrape time
+        self._overloaded = {"head": 0, "body": 0}
         self._jwks_duration = Histogram(PREFIX + "jwks_fetch_duration_seconds", "JWKS (and discovery) fetch "
                                         "time", ("issuer",), registry=self.registry)
         for issuer in self.issuers:
@@ -141,6 +143,9 @@ class GatewayMetrics:
 
     def connection_event(self, family: str, reason: str) -> None:
         self._connection_events[(family, reason)] += 1
+
+    def overloaded(self, waiting_for: str) -> None:
+        self._overloaded[waiting_for] += 1
 
     # -- control plane
 
@@ -196,6 +201,14 @@ class _HotPathCollector:
         for (family, reason), count in m._connection_events.items():
             (refused if family == "connections_refused" else closed).add_metric((reason,), count)
         yield from (refused, closed)
+        overloaded = CounterMetricFamily(PREFIX + "overloaded", "Requests refused with 503 overloaded: "
+                                         "limits.max_buffered_bytes stayed full while their head or body "
+                                         "waited", labels=("waiting_for",))
+        for waiting_for, count in m._overloaded.items():
+            overloaded.add_metric((waiting_for,), count)
+        yield overloaded
+        yield GaugeMetricFamily(PREFIX + "buffered_bytes", "Request head and body bytes held in memory now, "
+                                "counted against limits.max_buffered_bytes", value=m.buffered_bytes())
         limited = CounterMetricFamily(PREFIX + "rate_limited", "Requests refused with 429 by the run-start rate "
                                       "limit", labels=("route",))
         for route, count in sorted(m.rate_limited.items()):

@@ -41,7 +41,9 @@ def edge_limits(cfg: GatewayConfig) -> EdgeLimits:
         header_timeout_s=cfg.limits.header_timeout_s, body_timeout_s=cfg.limits.body_timeout_s,
         keepalive_timeout_s=cfg.listen.keepalive_timeout_s, max_header_bytes=cfg.limits.max_header_bytes,
         max_headers=cfg.limits.max_headers, max_body_bytes=cfg.limits.max_body_bytes,
-        max_connections=cfg.listen.max_connections or default_max_connections(cfg.upstream.max_connections))
+        max_buffered_bytes=cfg.limits.max_buffered_bytes,
+        max_connections=cfg.listen.max_connections or default_max_connections(cfg.upstream.max_connections,
+                                                                              cfg.limits.max_buffered_bytes))
 
 
 class GatewayServer:
@@ -72,6 +74,7 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
     listener = Listener(gateway, edge_limits(cfg), gateway.metrics)
     if gateway.metrics is not None:
         gateway.metrics.open_connections = lambda: len(listener.connections)
+        gateway.metrics.buffered_bytes = lambda: listener.budget.used
     server = GatewayServer(gateway, listener, None)
     try:
         url = await listener.start(cfg.listen.host, cfg.listen.port, reuse_port=worker is not None)

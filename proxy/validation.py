@@ -38,7 +38,7 @@ from referencing.jsonschema import DRAFT202012
 
 from .answers import Answer, error_answer
 from .config import LimitsConfig
-from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Request
+from .listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Overloaded, Request, TrailerTooLarge
 from .routes import START_RUN, Route
 
 Problem = dict[str, str]
@@ -197,7 +197,8 @@ class BodyRules:
 
     async def later(self, request: Request, route: Route) -> bytes | None | Answer:
         """The body to forward once it has arrived (`100 Continue` first if the client waits), or the
-        refusal: 413 past the limit, 408 past the body timeout, 400 when it ends early or breaks."""
+        refusal: 413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full
+        that long, 431 for an oversized trailer section, 400 when it ends early or breaks."""
         rid = request.request_id
         try:
             body = await request.read_body()
@@ -206,6 +207,12 @@ class BodyRules:
         except BodyTimeout:
             return error_answer(408, "request_timeout", "The request body did not arrive in time", request_id=rid,
                                 details={"body_timeout_s": self._body_timeout_s})
+        except Overloaded:
+            return error_answer(503, "overloaded", "The gateway holds too many request bytes; retry shortly",
+                                request_id=rid, retryable=True, details={"reason": "buffer_budget_full"})
+        except TrailerTooLarge:
+            return error_answer(431, "request_header_fields_too_large", "The request trailer section is too large",
+                                request_id=rid, details={"reason": "trailer_too_large"})
         except BodyIncomplete as exc:
             return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
                                 request_id=rid, details={"reason": exc.reason})

@@ -2,7 +2,7 @@
 
 Hypothesis generates pipelines of 1-4 hand-framed requests (Content-Length and
 Transfer-Encoding variants, valid and hostile; chunk sizes, extensions and
-trailers; Content-Encoding with gzip bodies hiding a whole request; odd
+trailers, valid and oversized; Content-Encoding with gzip bodies hiding a whole request; odd
 targets; header names with `_`; spoofed identity headers) and writes each
 pipeline in one write to a gateway in front of a strict h11 coordinator.
 
@@ -155,6 +155,18 @@ def valid_chunked(draw: Any, body: bytes) -> tuple[list[bytes], bytes, list[str]
 
 
 @st.composite
+def oversized_trailers(draw: Any, body: bytes) -> tuple[list[bytes], bytes, str]:
+    """A chunked body whose trailer section passes limits.max_header_bytes (64 KiB) or, with the
+    head's fields, limits.max_headers (100): refused with 431 like an oversized head."""
+    why, trailers = draw(st.sampled_from([
+        ("one 70 KB trailer field", [(b"X-Big", b"v" * 70_000)]),
+        ("many small trailer fields of 70 KB in all", [(b"X-T-%d" % i, b"w" * 700) for i in range(99)]),
+        ("101 trailer fields", [(b"X-T-%d" % i, b"1") for i in range(101)]),
+    ]))
+    return [b"Transfer-Encoding: chunked"], draw(chunked_wire(body, trailers=trailers)), why
+
+
+@st.composite
 def bad_framing(draw: Any, body: bytes) -> tuple[list[bytes], bytes, str, bool]:
     """(framing lines, wire body, why, maybe): framing the gateway must refuse (when maybe: may accept).
     Unless `why` is in KNOWN_BOUNDARY, the refusal must also close: the next request's start is unknown."""
@@ -253,7 +265,8 @@ def requests(draw: Any, *, token: str | None) -> Req:
         req.hard.append((frozenset({400}), "invalid_request"))
     req.body = body
 
-    framing = draw(st.sampled_from(["length", "chunked", "bad"] if body else ["none", "length", "chunked", "bad"]))
+    framing = draw(st.sampled_from(["length", "chunked", "bad", "big_trailer"] if body
+                                   else ["none", "length", "chunked", "bad", "big_trailer"]))
     any_code = (frozenset(range(400, 500)) | {501}, None)
     framing_lines: list[bytes] = []
     if framing == "bad":
@@ -269,6 +282,12 @@ def requests(draw: Any, *, token: str | None) -> Req:
             req.framing_error = why not in KNOWN_BOUNDARY
             req.hard.append(any_code)
         framing_lines = lines
+    elif framing == "big_trailer":
+        framing_lines, req.wire_body, why = draw(oversized_trailers(body))
+        req.notes.append(f"trailers: {why}")
+        # Whatever else the request does wrong, the gateway may find that first; then the connection closes.
+        req.hard.append((frozenset({431}), "request_header_fields_too_large"))
+        req.framing_error = True
     elif framing == "length":
         lines, req.wire_body, notes = draw(valid_length(body))
         framing_lines = lines

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import httptools
 
 from .answers import Answer, error_answer
+from .sweep import DeadlineSweep
 
 log = logging.getLogger("proxy.listener")
 
@@ -774,6 +775,10 @@ class Handler(Protocol):
         """`request` ended without `finish()`: the client left (499), or handling failed (500)."""
 
 
+def _expire(conn: ClientConnection, now: float) -> None:
+    conn.expire()
+
+
 class Listener:
     """The public port: accepts connections within the cap and keeps their deadlines."""
 
@@ -784,7 +789,7 @@ class Listener:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.connections: dict[ClientConnection, None] = {}  # insertion order: oldest first
         self._server: asyncio.AbstractServer | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep = DeadlineSweep("listener", limits.sweep_interval_s, due=self._due, expire=_expire)
         self._last_warning = -LIMIT_LOG_INTERVAL_S
         self._all_closed: asyncio.Event | None = None
 
@@ -793,7 +798,7 @@ class Listener:
         self._server = await loop.create_server(lambda: ClientConnection(self), host, port,
                                                 reuse_port=reuse_port or None, backlog=backlog)
         self._watch_accept_errors()
-        self._sweeper = loop.call_later(self.limits.sweep_interval_s, self._sweep)
+        self._sweep.start(loop)
         sock = self._server.sockets[0]
         addr, bound = sock.getsockname()[:2]
         return f"http://{'[' + addr + ']' if ':' in addr else addr}:{bound}"
@@ -867,12 +872,8 @@ class Listener:
 
     # -- deadlines
 
-    def _sweep(self) -> None:
-        now = self.loop.time()
-        expired = [conn for conn in self.connections if 0.0 < conn.deadline <= now]
-        for conn in expired:
-            conn.expire()
-        self._sweeper = self.loop.call_later(self.limits.sweep_interval_s, self._sweep)
+    def _due(self, now: float) -> list[ClientConnection]:
+        return [conn for conn in self.connections if 0.0 < conn.deadline <= now]
 
     # -- shutdown
 
@@ -890,7 +891,6 @@ class Listener:
             except asyncio.TimeoutError:
                 for conn in list(self.connections):
                     conn.abort()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweep.stop()
         if self._server is not None:
             await self._server.wait_closed()

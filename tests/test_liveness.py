@@ -1,0 +1,235 @@
+"""Liveness: every timeout stays enforced, whatever one pass of a periodic loop runs into.
+
+The deadline sweeps (listener and coordinator pool), the JWKS refresh loop and
+the access-log flush each meet one failing iteration here, and the next
+deadline, refresh or flush must still happen. Gateways and coordinators are
+real sockets on loopback with small timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from proxy.accesslog import FLUSH_LINES, AccessLog
+from proxy.auth.jwks_fetch import FetchErrorKind
+from proxy.clock import FakeClock
+from proxy.listener import ClientConnection
+from proxy.upstream.pool import UpstreamPool, _Connection
+from tests.auth.test_jwks_refresh import ScriptedFetcher, UpperBound, scheduler
+from tests.support.gateway import RUN_START
+from tests.support.rawhttp import RawConnection, Response, request
+
+RUN_START_BODY = json.dumps(RUN_START).encode()
+JSON = ("Content-Type", "application/json")
+
+
+class FirstAnswerThenSilent:
+    """A coordinator that answers the first request on each connection, then never again (it keeps
+    reading, so the connection stays open until the gateway gives up on it)."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.base_events.Server | None = None
+        self.connections = 0
+        self._handlers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers[task] = writer
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            body = b'{"run_id":"r1","state":"running"}'
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            while await reader.read(65536):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._handlers.pop(task, None)
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self._handlers.values():
+            writer.transport.abort()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+
+async def _ask(url: str, data: bytes, limit_s: float) -> tuple[Response | None, float]:
+    """One request on a fresh connection: the answer and how long it took, None if none came in `limit_s`."""
+    started = time.monotonic()
+    async with await RawConnection.open(url) as conn:
+        await conn.send(data)
+        try:
+            resp = await asyncio.wait_for(conn.response(), limit_s)
+        except asyncio.TimeoutError:
+            resp = None
+    return resp, time.monotonic() - started
+
+
+def _mix(n: int) -> list[bytes]:
+    kinds = [request("GET", "/v1/runs/r1"),
+             request("POST", "/v1/runs", [JSON], RUN_START_BODY),
+             request("GET", "/v1/runs/r1/events")]
+    return [kinds[i % 3] for i in range(n)]
+
+
+async def test_reused_connections_that_go_silent_all_time_out_with_504(gateway):
+    coordinator = FirstAnswerThenSilent()
+    upstream_url = await coordinator.start()
+    timeout = 1.0
+    url = await gateway(upstream_url, upstream={"request_timeout_s": timeout, "max_connections": 12})
+    try:
+        for _ in range(3):
+            # Six coordinator connections that each answered once, now idle in the pool...
+            warm = await asyncio.gather(*(_ask(url, data, 5) for data in _mix(6)))
+            assert all(resp is not None and resp.status in (200, 201) for resp, _ in warm), warm
+            # ...are reused at once by six requests, and go silent: each must time out on its own.
+            answers = await asyncio.gather(*(_ask(url, data, timeout + 3) for data in _mix(6)))
+            for resp, took in answers:
+                assert resp is not None, "a request to a silent coordinator hung past its timeout"
+                assert resp.status == 504 and resp.envelope()["code"] == "run_coordinator_timeout"
+                assert took < timeout + 2
+    finally:
+        await coordinator.close()
+
+
+# --------------------------------------------------------------------------- one failing sweep pass
+
+
+async def test_a_failing_expiry_in_the_listener_sweep_leaves_later_deadlines_enforced(gateway, monkeypatch, caplog):
+    real = ClientConnection.expire
+    raised = []
+
+    def expire_once_failing(self: ClientConnection) -> None:
+        if not raised:
+            raised.append(self)
+            raise RuntimeError("injected")
+        real(self)
+
+    monkeypatch.setattr(ClientConnection, "expire", expire_once_failing)
+    url = await gateway(None, limits={"header_timeout_s": 0.3})
+    with caplog.at_level(logging.ERROR, logger="proxy.sweep"):
+        async with await RawConnection.open(url) as first:
+            await first.send(b"GET /v1/runs/r1 HTTP/1.1\r\n")  # a head that never ends
+            await asyncio.sleep(0.6)   # its deadline passed and its expiry raised
+            assert raised
+            async with await RawConnection.open(url) as second:
+                await second.send(b"GET /v1/runs/r1 HTTP/1.1\r\n")
+                assert await asyncio.wait_for(second.closed_by_peer(), 3), "the sweep stopped after one failure"
+            assert await asyncio.wait_for(first.closed_by_peer(), 3)
+    failures = [r for r in caplog.records if r.name == "proxy.sweep"]
+    assert len(failures) == 1 and "injected" in (failures[0].exc_text or "")
+
+
+async def test_a_failing_expiry_in_the_pool_sweep_leaves_later_deadlines_enforced(monkeypatch):
+    silent = FirstAnswerThenSilent()
+    url = await silent.start()
+    real = _Connection.expire
+    raised = []
+
+    def expire_once_failing(self: _Connection) -> None:
+        if not raised:
+            raised.append(self)
+            raise RuntimeError("injected")
+        real(self)
+
+    monkeypatch.setattr(_Connection, "expire", expire_once_failing)
+    pool = UpstreamPool(url, max_connections=2, connect_timeout_s=1, sweep_interval_s=0.05)
+    loop = asyncio.get_running_loop()
+    head = b"GET /x HTTP/1.1\r\nHost: c\r\n\r\n"
+    try:
+        # Two connections that each answered once: every later request on them goes unanswered.
+        warm = await asyncio.gather(*(pool.request(head, None, deadline=loop.time() + 1) for _ in range(2)))
+        for response in warm:
+            response.release()
+        first = asyncio.create_task(pool.request(head, None, deadline=loop.time() + 0.2))
+        await asyncio.sleep(0.4)
+        assert raised
+        second = asyncio.create_task(pool.request(head, None, deadline=loop.time() + 0.2))
+        # Bounded by asyncio.wait, whose own timeout raises nothing: only the pool's TimeoutError counts.
+        done, pending = await asyncio.wait({first, second}, timeout=3)
+        for task in pending:
+            task.cancel()
+        assert not pending, "the sweep stopped after one failure: a deadline was never enforced"
+        assert all(isinstance(task.exception(), TimeoutError) for task in done)
+    finally:
+        await pool.close()
+        await silent.close()
+
+
+# --------------------------------------------------------------------------- the other periodic loops
+
+
+async def test_a_failing_jwks_refresh_iteration_does_not_end_the_loop(caplog) -> None:
+    clock = FakeClock()
+    sleeps: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+        clock.advance(delay)
+        if len(sleeps) == 4:
+            raise asyncio.CancelledError
+
+    s = scheduler(clock, ScriptedFetcher(["k1"], FetchErrorKind.TIMEOUT, ["k2"]), sleep=sleep, rng=UpperBound())
+    real = s.keys.set_keys
+    calls = []
+
+    def set_keys_once_failing(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        real(*args, **kwargs)
+
+    s.keys.set_keys = set_keys_once_failing  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="proxy.jwks"), pytest.raises(asyncio.CancelledError):
+        await s.run()
+    # The first iteration failed while installing; the loop backed off, retried, and recovered.
+    assert s.keys.ready and s.keys.find_key("k2") is not None
+    assert sleeps[1] == 1 and sleeps[2] == 2      # backed off after each failure instead of spinning
+    assert len([r for r in caplog.records if "iteration failed" in r.getMessage()]) == 1
+
+
+async def test_a_failing_access_log_flush_neither_fails_the_request_nor_stops_later_flushes() -> None:
+    class Flaky(io.StringIO):
+        fails = 1
+
+        def write(self, text: str) -> int:
+            if self.fails:
+                self.fails -= 1
+                raise RuntimeError("injected")
+            return super().write(text)
+
+    out = Flaky()
+    access = AccessLog(out, log_subject=False)
+
+    def record(n: int) -> None:
+        access.record(request_id=f"r{n}", method="GET", route="/v1/runs/{run_id}", status=200, seconds=0.001,
+                      upstream_s=None, bytes_in=0, bytes_out=2, auth_result="allowed", auth_reason="",
+                      subject=None)
+
+    for n in range(FLUSH_LINES):  # the last one fills the batch and flushes inline, into the failing write
+        record(n)
+    record(FLUSH_LINES)
+    await asyncio.sleep(0.4)     # the timed flush of the next batch
+    lines = out.getvalue().splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == [f"r{FLUSH_LINES}"]

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import TextIO
 
+log = logging.getLogger("proxy.accesslog")
+
 FLUSH_INTERVAL_S = 0.2
 FLUSH_LINES = 256
+ERROR_LOG_INTERVAL_S = 10.0
 
 
 class AccessLog:
@@ -28,6 +32,7 @@ class AccessLog:
         self._log_subject = log_subject
         self._pending: list[str] = []
         self._handle: asyncio.TimerHandle | None = None
+        self._last_error: float | None = None
 
     def record(self, *, request_id: str, method: str, route: str, status: int, seconds: float,
                upstream_s: float | None, bytes_in: int, bytes_out: int, auth_result: str,
@@ -58,6 +63,13 @@ class AccessLog:
                 self._out.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken stdout must never fail a request; the lines are lost
+            except Exception:
+                # Anything else is a bug in the stream, not in the request that happened to fill the
+                # batch: it must neither fail that request nor stop later flushes. Said once per interval.
+                now = time.monotonic()
+                if self._last_error is None or now - self._last_error >= ERROR_LOG_INTERVAL_S:
+                    self._last_error = now
+                    log.exception("access log write failed; %d lines lost", len(lines.splitlines()))
 
 
 _LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'

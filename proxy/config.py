@@ -119,6 +119,7 @@ class LimitsConfig:
     body_timeout_s: float = 10.0        # a body must arrive whole within it once wanted, or 408
     max_header_bytes: int = 64 * 1024   # the request target plus header lines; larger heads get 431
     max_headers: int = 100              # header lines per request; more get 431
+    send_timeout_s: float = 60.0        # unread answer bytes must drain within it, else the connection is aborted
     run_start_rate: RateConfig | None = None  # None: run starts are not rate limited
 
 
@@ -387,6 +388,7 @@ def _limits(r: _Reader, raw: Any) -> LimitsConfig:
         body_timeout_s=r.number(sec, p, "body_timeout_s", d.body_timeout_s, positive=True),
         max_header_bytes=r.number(sec, p, "max_header_bytes", d.max_header_bytes, integer=True, minimum=1024),
         max_headers=r.number(sec, p, "max_headers", d.max_headers, integer=True, minimum=8),
+        send_timeout_s=r.number(sec, p, "send_timeout_s", d.send_timeout_s, positive=True),
         run_start_rate=_rate(r, sec.get("run_start_rate"), "limits.run_start_rate"),
     )
 

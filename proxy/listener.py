@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
 import re
 import resource
@@ -112,11 +113,12 @@ class EdgeLimits:
     max_headers: int = 100
     max_body_bytes: int = 1024 * 1024
     max_connections: int = 1024
+    send_timeout_s: float = 60.0
 
     @property
     def sweep_interval_s(self) -> float:
         """Timeouts are enforced to within a quarter of the shortest one (and a second at most)."""
-        shortest = min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s)
+        shortest = min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s, self.send_timeout_s)
         return max(0.01, min(1.0, shortest / 4))
 
 
@@ -379,8 +381,10 @@ class ClientConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.phase = Phase.HEAD
         self.deadline = 0.0
+        self.send_deadline = 0.0    # unsent answer bytes must drain by then (limits.send_timeout_s); 0: none
         self.closing = False        # the listener is draining: answer what is in flight, then close
         self.closed = False
+        self.lost = False           # connection_lost has run: the socket is gone
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._parsing: Request | None = None
@@ -445,6 +449,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True
+        self.send_deadline = 0.0
         self.listener.forget(self)
         for request in (self._current, self._parsing):
             if request is not None:
@@ -464,9 +470,11 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.send_deadline = self.loop.time() + self._limits.send_timeout_s
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.send_deadline = 0.0
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -705,11 +713,23 @@ class ClientConnection(asyncio.Protocol):
                 self._current._wake(BodyTimeout())
         else:
             self.listener.closed_for("keepalive_timeout" if phase is Phase.IDLE else "header_timeout")
-            self.close()
+            if self.unsent():
+                self.abort()  # a client that does not read would keep a closed socket open until it does
+            else:
+                self.close()
+
+    def send_expired(self) -> None:
+        """Answer bytes stayed unread for limits.send_timeout_s: the socket is freed, the bytes dropped."""
+        self.send_deadline = 0.0
+        self.listener.closed_for("send_timeout")
+        self.abort()
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size() if not self.lost else 0
 
     @property
     def reclaimable(self) -> bool:
-        return self.phase is Phase.IDLE or (self.phase is Phase.HEAD and self._current is None)
+        return not self.closed and (self.phase is Phase.IDLE or (self.phase is Phase.HEAD and self._current is None))
 
     # -- transport
 
@@ -737,17 +757,22 @@ class ClientConnection(asyncio.Protocol):
             self._reading = True
             self.transport.resume_reading()
 
+    # A closed connection stays in the listener's count until connection_lost: the transport keeps
+    # the socket open while unsent bytes remain, and they have send_timeout_s to drain.
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.deadline = 0.0
             self.transport.close()
-            self.listener.forget(self)
+            if self.send_deadline == 0.0 and self.unsent():
+                self.send_deadline = self.loop.time() + self._limits.send_timeout_s
 
     def abort(self) -> None:
-        if not self.closed:
+        if not self.lost:
             self.closed = True
+            self.deadline = self.send_deadline = 0.0
             self.transport.abort()
-            self.listener.forget(self)
 
     def shut_down(self) -> None:
         """Draining: an idle connection closes now, a busy one after its answer."""
@@ -776,7 +801,10 @@ class Handler(Protocol):
 
 
 def _expire(conn: ClientConnection, now: float) -> None:
-    conn.expire()
+    if 0.0 < conn.send_deadline <= now:
+        conn.send_expired()
+    elif 0.0 < conn.deadline <= now:
+        conn.expire()
 
 
 class Listener:
@@ -791,6 +819,7 @@ class Listener:
         self._server: asyncio.AbstractServer | None = None
         self._sweep = DeadlineSweep("listener", limits.sweep_interval_s, due=self._due, expire=_expire)
         self._last_warning = -LIMIT_LOG_INTERVAL_S
+        self._probe_fd = -1
         self._all_closed: asyncio.Event | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> str:
@@ -798,6 +827,9 @@ class Listener:
         self._server = await loop.create_server(lambda: ClientConnection(self), host, port,
                                                 reuse_port=reuse_port or None, backlog=backlog)
         self._watch_accept_errors()
+        # libuv meets EMFILE on accept() by accepting and closing the connection itself, unseen by
+        # the exception handler: under uvloop each sweep pass probes for a full descriptor table.
+        self._probe_fd = self._server.sockets[0].fileno() if type(loop).__module__.startswith("uvloop") else -1
         self._sweep.start(loop)
         sock = self._server.sockets[0]
         addr, bound = sock.getsockname()[:2]
@@ -816,12 +848,17 @@ class Listener:
                 return
             self._limit_reached("reclaimed")
             self.closed_for("reclaimed")
-            victim.close()
+            if victim.unsent():
+                victim.abort()
+            else:
+                victim.close()
         self.connections[conn] = None
 
     def _oldest_reclaimable(self) -> ClientConnection | None:
         fallback = None
         for conn in self.connections:
+            if conn.closed:
+                continue  # on its way out already, counted until connection_lost
             if conn.phase is Phase.IDLE:
                 return conn
             if fallback is None and conn.reclaimable:
@@ -870,10 +907,21 @@ class Listener:
 
         loop.set_exception_handler(handler)
 
+    def _probe_fds(self) -> None:
+        try:
+            os.close(os.dup(self._probe_fd))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._count("connections_refused", "fd_limit")
+                self._limit_reached("fd_limit")
+
     # -- deadlines
 
     def _due(self, now: float) -> list[ClientConnection]:
-        return [conn for conn in self.connections if 0.0 < conn.deadline <= now]
+        if self._probe_fd >= 0:
+            self._probe_fds()
+        return [conn for conn in self.connections
+                if 0.0 < conn.deadline <= now or 0.0 < conn.send_deadline <= now]
 
     # -- shutdown
 

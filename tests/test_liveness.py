@@ -12,10 +12,12 @@ import asyncio
 import io
 import json
 import logging
+import socket
 import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from proxy.accesslog import FLUSH_LINES, AccessLog
 from proxy.auth.jwks_fetch import FetchErrorKind
@@ -233,3 +235,112 @@ async def test_a_failing_access_log_flush_neither_fails_the_request_nor_stops_la
     await asyncio.sleep(0.4)     # the timed flush of the next batch
     lines = out.getvalue().splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == [f"r{FLUSH_LINES}"]
+
+
+# --------------------------------------------------------------------------- clients that stop reading
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def _non_reader(url: str, data: bytes, *, repeat: int, limit_s: float = 4.0) -> socket.socket:
+    """A client with a small receive buffer that writes `data` up to `repeat` times, never reading,
+    until the gateway stops taking its bytes (or `limit_s` passes)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, _address(url))
+    ends = time.monotonic() + limit_s
+    pending, sent, stalled = b"", 0, 0
+    while time.monotonic() < ends and stalled < 10:
+        if not pending:
+            if sent == repeat:
+                break
+            pending, sent = data, sent + 1
+        try:
+            pending = pending[sock.send(pending):]
+            stalled = 0
+            await asyncio.sleep(0.002)  # paced, so the gateway answers as it goes rather than queueing
+        except BlockingIOError:
+            stalled += 1
+            await asyncio.sleep(0.05)
+        except OSError:
+            break  # the gateway already gave up on it
+    return sock
+
+
+async def _served(url: str, path: str, limit_s: float) -> Response | None:
+    """Retries a request on fresh connections until one is answered, for at most `limit_s`."""
+    ends = time.monotonic() + limit_s
+    while time.monotonic() < ends:
+        try:
+            async with asyncio.timeout(max(0.1, ends - time.monotonic())):
+                async with await RawConnection.open(url) as conn:
+                    await conn.send(request("GET", path))
+                    resp = await conn.response()
+                    if resp is not None:
+                        return resp
+        except (OSError, TimeoutError):
+            pass
+        await asyncio.sleep(0.1)
+    return None
+
+
+async def test_clients_that_never_read_their_answers_lose_their_slots_after_the_send_timeout(gateway):
+    url = await gateway(None, listen={"max_connections": 4}, limits={"send_timeout_s": 0.5})
+    # Eight requests at a time: answered as they come, until the unread answers pause the writing side.
+    hogs = [await _non_reader(url, request("GET", "/nothing-here") * 8, repeat=5000) for _ in range(4)]
+    try:
+        resp = await _served(url, "/nothing-here", 6)
+        assert resp is not None, "clients that never read held every connection slot"
+        assert resp.status == 404
+    finally:
+        for sock in hogs:
+            sock.close()
+
+
+async def test_a_client_that_never_reads_a_large_answer_frees_the_coordinator_connection(gateway, upstream):
+    gone = asyncio.Event()
+
+    async def large(req: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(req)
+        try:
+            for _ in range(128):  # 8 MiB
+                await response.write(b" " * 65536)
+        except BaseException:
+            gone.set()
+            raise
+        return response
+
+    upstream.route("GET", "/v1/runs/large", large)
+    upstream.route("GET", "/v1/runs/small", lambda req: _json({"run_id": "small"}))
+    url = await gateway(await upstream.start(), limits={"send_timeout_s": 0.5},
+                        upstream={"max_connections": 1, "queue_timeout_s": 0.2})
+    hog = await _non_reader(url, request("GET", "/v1/runs/large"), repeat=1, limit_s=1)
+    try:
+        await asyncio.wait_for(gone.wait(), 6)   # the coordinator's connection was closed under it
+        resp = await _served(url, "/v1/runs/small", 4)
+        assert resp is not None and resp.status == 200, resp and resp.describe()
+        # The non-reader's connection was cut: what it reads now ends short of the 8 MiB.
+        received = await asyncio.wait_for(_read_all(hog), 5)
+        assert received < 8 * 1024 * 1024
+    finally:
+        hog.close()
+
+
+async def _read_all(sock: socket.socket) -> int:
+    loop = asyncio.get_running_loop()
+    total = 0
+    try:
+        while chunk := await loop.sock_recv(sock, 1 << 20):
+            total += len(chunk)
+    except ConnectionResetError:
+        pass
+    return total
+
+
+async def _json(body: Any) -> web.Response:
+    return web.json_response(body)

@@ -50,9 +50,12 @@ log = logging.getLogger("proxy.listener")
 
 # Sockets the process needs besides client connections: the coordinator pool is added on top.
 FD_HEADROOM = 64
-# Pipelined requests parsed ahead of the one being answered; past it the connection
-# stops reading, answers what it has and closes.
+# Pipelined requests parsed ahead of the one being answered; past it the rest of the read is held
+# unparsed and reading pauses until the queue has room again.
 MAX_PIPELINED = 16
+# A request head ends in two line feeds (an optional CR between them), or in one at the start of a
+# read when the head's end straddles two reads. So a read holds at most this many heads' ends.
+_HEAD_END = re.compile(rb"\n\r?\n|^\r?\n")
 LIMIT_LOG_INTERVAL_S = 10.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # RFC 3986 origin-form: "/" path characters (unreserved, sub-delims, ":", "@", "/", "%") and a
@@ -399,6 +402,9 @@ class ClientConnection(asyncio.Protocol):
         self._stopped = False       # no more requests are parsed on this connection
         self._reading = True
         self._eof = False
+        self._held = b""            # read but not yet parsed: the pipelining queue was full
+        self._advancing = False
+        self._advance_again = False
 
     # -- asyncio.Protocol
 
@@ -415,6 +421,38 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + self._limits.header_timeout_s
+        if self._held:
+            data, self._held = self._held + data, b""  # parsed in the order it came
+        self._parse(data)
+        if self._current is None and self._queue and not self.closed:
+            # Begun after the whole read is parsed, never from inside llhttp: a request whose body
+            # came in the same read is complete by now.
+            self._begin(self._queue.popleft())
+
+    def _parse(self, data: bytes) -> None:
+        """Parses as much of `data` as the pipelining queue has room for; holds the rest."""
+        room = MAX_PIPELINED - len(self._queue)
+        if data.count(b"\n") < 2 * room:
+            self._feed(data)  # cannot hold more heads than there is room for
+            return
+        start = 0
+        while start < len(data) and not self._stopped and not self.closed:
+            room = MAX_PIPELINED - len(self._queue)
+            if room <= 0:
+                self._held = data[start:]
+                self._pause_reading()
+                return
+            end = start
+            for _ in range(room):
+                found = _HEAD_END.search(data, end)
+                if found is None:
+                    end = len(data)
+                    break
+                end = found.end()
+            self._feed(data[start:end])
+            start = end
+
+    def _feed(self, data: bytes) -> None:
         was_in_head = self._in_head
         try:
             self._parser.feed_data(data)
@@ -434,10 +472,6 @@ class ClientConnection(asyncio.Protocol):
                 self._head_seen += len(data)
                 if self._head_seen > self._limits.max_header_bytes:
                     self._refuse(431, "header_too_large", "The request head is too large")
-        if self._current is None and self._queue and not self.closed:
-            # Begun after the whole read is parsed, never from inside llhttp: a request whose body
-            # came in the same read is complete by now.
-            self._begin(self._queue.popleft())
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -445,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
         if parsing is not None:
             parsing._break("incomplete_body")
         # Keep the writing side open while an answer is owed.
-        return self._current is not None or bool(self._queue)
+        return self._current is not None or bool(self._queue) or bool(self._held)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -626,7 +660,7 @@ class ClientConnection(asyncio.Protocol):
     def finished(self, request: Request) -> None:
         if request is not self._current or self.closed:
             return
-        if request.will_close or self.closing or (self._eof and not self._queue):
+        if request.will_close or self.closing or (self._eof and not self._queue and not self._held):
             self.close()
         elif self.write_paused:
             self._advance_when_drained = True  # the client is slow to take large answers: wait for it
@@ -634,6 +668,25 @@ class ClientConnection(asyncio.Protocol):
             self._advance()
 
     def _advance(self) -> None:
+        # Requests answered without waiting finish inside _begin, which would advance again from there:
+        # run such advances one after another here instead, so a long pipeline cannot nest deeper
+        # with each request.
+        if self._advancing:
+            self._advance_again = True
+            return
+        self._advancing = True
+        try:
+            self._advance_again = True
+            while self._advance_again:
+                self._advance_again = False
+                self._advance_once()
+        finally:
+            self._advancing = False
+
+    def _advance_once(self) -> None:
+        if self._held and not self._stopped:
+            held, self._held = self._held, b""
+            self._parse(held)
         if self._queue:
             self._begin(self._queue.popleft())
             return
@@ -753,7 +806,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if not self._reading and not self.closed and not self._stopped:
+        if not self._reading and not self.closed and not self._stopped and not self._held:
             self._reading = True
             self.transport.resume_reading()
 

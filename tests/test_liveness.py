@@ -262,7 +262,6 @@ async def _non_reader(url: str, data: bytes, *, repeat: int, limit_s: float = 4.
         try:
             pending = pending[sock.send(pending):]
             stalled = 0
-            await asyncio.sleep(0.002)  # paced, so the gateway answers as it goes rather than queueing
         except BlockingIOError:
             stalled += 1
             await asyncio.sleep(0.05)
@@ -290,8 +289,9 @@ async def _served(url: str, path: str, limit_s: float) -> Response | None:
 
 async def test_clients_that_never_read_their_answers_lose_their_slots_after_the_send_timeout(gateway):
     url = await gateway(None, listen={"max_connections": 4}, limits={"send_timeout_s": 0.5})
-    # Eight requests at a time: answered as they come, until the unread answers pause the writing side.
-    hogs = [await _non_reader(url, request("GET", "/nothing-here") * 8, repeat=5000) for _ in range(4)]
+    # Requests pipelined until the unread answers fill every buffer and the gateway stops taking more.
+    hogs = await asyncio.gather(*(_non_reader(url, request("GET", "/nothing-here") * 32, repeat=5000)
+                                  for _ in range(4)))
     try:
         resp = await _served(url, "/nothing-here", 6)
         assert resp is not None, "clients that never read held every connection slot"
@@ -344,3 +344,19 @@ async def _read_all(sock: socket.socket) -> int:
 
 async def _json(body: Any) -> web.Response:
     return web.json_response(body)
+
+
+# --------------------------------------------------------------------------- edge framing (RFC 9112)
+
+
+async def test_twenty_pipelined_requests_in_one_write_are_all_answered_in_order(gateway):
+    url = await gateway(None)
+    async with await RawConnection.open(url) as conn:
+        await conn.send(b"".join(request("GET", f"/nothing/{i}", [("X-Request-ID", f"pipe-{i}")])
+                                 for i in range(20)))
+        ids = []
+        for _ in range(20):
+            resp = await conn.response()
+            assert resp is not None, f"the connection closed after {len(ids)} answers"
+            ids.append(resp.request_id)
+    assert ids == [f"pipe-{i}" for i in range(20)]

@@ -12,21 +12,29 @@ import asyncio
 import io
 import json
 import logging
+import os
+import re
+import resource
+import signal
 import socket
+import sys
 import time
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy.accesslog import FLUSH_LINES, AccessLog
 from proxy.auth.jwks_fetch import FetchErrorKind
 from proxy.clock import FakeClock
 from proxy.listener import ClientConnection
+from proxy.server import start_gateway
 from proxy.upstream.pool import UpstreamPool, _Connection
 from tests.auth.test_jwks_refresh import ScriptedFetcher, UpperBound, scheduler
-from tests.support.gateway import RUN_START
+from tests.support.gateway import RUN_START, gateway_config
 from tests.support.rawhttp import RawConnection, Response, request
+from tests.test_edge_hostile import ROOT, _free_port, _lines
 
 RUN_START_BODY = json.dumps(RUN_START).encode()
 JSON = ("Content-Type", "application/json")
@@ -360,3 +368,110 @@ async def test_twenty_pipelined_requests_in_one_write_are_all_answered_in_order(
             assert resp is not None, f"the connection closed after {len(ids)} answers"
             ids.append(resp.request_id)
     assert ids == [f"pipe-{i}" for i in range(20)]
+
+
+async def test_a_closed_connection_with_unsent_answers_counts_until_its_socket_is_gone():
+    server, url = await start_gateway(gateway_config(None, limits={"send_timeout_s": 0.6},
+                                                     logging={"access_log": False}))
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, _address(url))
+        await asyncio.sleep(0.05)
+        (conn,) = server.listener.connections
+        # The gateway's side of this one socket buffers little, so unread answers stay in the transport.
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        answers = 151
+        pipeline_parts = [request("GET", "/nothing-here")] * (answers - 1) + [
+            request("GET", "/nothing-here", [("Connection", "close")])]
+        for start in range(0, answers, 10):  # a few at a time, never deeper than the pipelining queue
+            await loop.sock_sendall(sock, b"".join(pipeline_parts[start:start + 10]))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert conn.closed and conn.transport.get_write_buffer_size() > 0, \
+            "the answers drained: the case under test did not arise"
+        # Closed, but its socket is open while its bytes wait: it still counts against the cap.
+        assert list(server.listener.connections) == [conn]
+        async with asyncio.timeout(3):
+            while server.listener.connections:
+                await asyncio.sleep(0.05)
+        received = await asyncio.wait_for(_read_all(sock), 3)   # the socket was freed: the client sees its end
+        assert received < answers * 167, "the unsent answers were not dropped"
+        sock.close()
+    finally:
+        await server.cleanup()
+
+
+# --------------------------------------------------------------------------- descriptor exhaustion under uvloop
+
+
+def _file_limit_128() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+
+async def test_descriptor_exhaustion_under_uvloop_is_counted_and_logged(tmp_path):
+    ops_port = _free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": 0, "event_loop": "uvloop", "max_connections": 1000},
+        "upstream": {"url": None},
+        "auth": {"mode": "disabled"},
+        "limits": {"header_timeout_s": 30, "send_timeout_s": 0.4},   # sweeps every 0.1 s
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": ops_port},
+        "logging": {"access_log": False},
+        "drain_delay_s": 0, "shutdown_grace_s": 1,
+    }))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(config), cwd=ROOT,
+        env={"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=_file_limit_128, limit=1 << 20)
+    logs: list[tuple[float, dict]] = []
+    assert proc.stdout is not None
+    reading = asyncio.create_task(_lines(proc.stdout, logs))
+    clients: list[asyncio.StreamWriter] = []
+    try:
+        async with asyncio.timeout(20):
+            while not any(e.get("event") == "start" for _, e in logs):
+                assert proc.returncode is None, "the gateway exited"
+                await asyncio.sleep(0.05)
+        url = next(e["url"] for _, e in logs if e.get("event") == "start")
+        host, port = _address(url)
+        for _ in range(160):  # more than the gateway has descriptors for
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+            except (OSError, TimeoutError):
+                continue
+            clients.append(writer)
+        async with asyncio.timeout(5):
+            while not any(e.get("event") == "connection_limit" and e.get("action") == "fd_limit" for _, e in logs):
+                await asyncio.sleep(0.05)
+        for writer in clients:
+            writer.close()
+        clients.clear()
+        exposition = ""
+        async with asyncio.timeout(10):  # the descriptors come back once the gateway sees the clients leave
+            while 'reason="fd_limit"' not in exposition:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", ops_port)
+                    writer.write(request("GET", "/metrics", [("Connection", "close")]))
+                    exposition = (await reader.read()).decode()
+                    writer.close()
+                except OSError:
+                    await asyncio.sleep(0.1)
+        found = re.search(r'^arp_gateway_connections_refused_total\{reason="fd_limit"\} (\S+)$', exposition, re.M)
+        assert found is not None and float(found.group(1)) >= 1, exposition[:2000]
+    finally:
+        for writer in clients:
+            writer.close()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(15):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        reading.cancel()

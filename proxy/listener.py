@@ -69,6 +69,11 @@ _HOST_CHARS = _TARGET_CHARS.replace(b"/", b"").replace(b"?", b"") + b"[]"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _IDS = random.Random()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# RFC 9112 9.6: closing while the client still sends would reset the connection and could destroy the
+# answer before the client reads it. So such a connection is half-closed and drained, for this long at most.
+LINGER_S = 5.0
+# RFC 9112 3.2.2 absolute-form: scheme "://" authority, then the path and query.
+_ABSOLUTE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?]*)(.*)", re.S)
 
 
 class Phase(IntEnum):
@@ -76,6 +81,7 @@ class Phase(IntEnum):
     HEAD = 1    # a request head is arriving
     BODY = 2    # the gateway waits for a request body
     BUSY = 3    # a request is being answered
+    LINGER = 4  # answered and half-closed: what the client still sends is read and dropped
 
 
 class ClientGone(Exception):
@@ -475,6 +481,8 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self.phase is Phase.LINGER:
+            return False  # both sides are done: the transport closes
         parsing = self._parsing
         if parsing is not None:
             parsing._break("incomplete_body")
@@ -584,11 +592,17 @@ class ClientConnection(asyncio.Protocol):
         request.target = target = self._url
         request.request_id = new_request_id(request._given_id if request._ids == 1 else None)
         version = _VERSIONS.get(parser.get_http_version())
+        stop = False
         if version is None:
             request.refusal = error_answer(505, "http_version_not_supported", "Use HTTP/1.1 or HTTP/1.0",
                                            request_id=request.request_id)
         else:
             request.version = version
+            authority = None
+            if target[:1] != b"/" and (absolute := _ABSOLUTE.fullmatch(target)) is not None:
+                # Routed on its path; forwarded in origin-form, as the coordinator would expect.
+                authority, rest = absolute.groups()
+                request.target = target = rest if rest[:1] == b"/" else b"/" + rest
             if not valid_target(target):
                 request.refusal = _bad(request, "invalid_target",
                                        "The request target must be an origin-form path of RFC 3986 characters")
@@ -596,9 +610,29 @@ class ClientConnection(asyncio.Protocol):
                 request.refusal = _bad(request, "invalid_host", "Send exactly one Host header")
             elif request.host is not None and request.host.translate(None, _HOST_CHARS):
                 request.refusal = _bad(request, "invalid_host", "The Host header is not a valid authority")
+            elif authority is not None and (request.host is None or authority.lower() != request.host.lower()):
+                # RFC 9112 3.2: a client sends Host identical to the target's authority; one that does not
+                # leaves two answers to which host is meant, and the gateway picks neither.
+                request.refusal = _bad(request, "invalid_host", "The Host header must equal the target's authority")
+            elif request.chunked and version == b"1.0":
+                # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing: answer, then close.
+                request.refusal = _bad(request, "bad_framing", "HTTP/1.0 requests cannot use Transfer-Encoding")
+                stop = True
+            elif request.has_body and parser.should_upgrade():
+                # Upgrades are not offered, and llhttp ends an upgrade request at its head, handing over the
+                # rest as another protocol's bytes: its body would be dropped, and the request forwarded
+                # without it. (Upgrade without `Connection: upgrade` is no upgrade: its body is framed as usual.)
+                request.refusal = _bad(request, "upgrade_with_body", "A request with Upgrade cannot carry a body")
+                stop = True
             else:
                 request.path = target.partition(b"?")[0].decode("ascii")
         self._queue.append(request)  # begun once this read is parsed, when its turn comes
+        if stop:
+            # Its framing cannot be trusted: nothing after its head is parsed, so none of it is forwarded,
+            # and the connection closes after the answer.
+            request.keep_alive = False
+            self._stopped = True
+            raise _Refused(0, "", "")
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -760,7 +794,9 @@ class ClientConnection(asyncio.Protocol):
         """The deadline of the current phase passed."""
         phase = self.phase
         self.deadline = 0.0
-        if phase is Phase.BODY:
+        if phase is Phase.LINGER:
+            self.abort()
+        elif phase is Phase.BODY:
             self.listener.closed_for("body_timeout")
             if self._current is not None:
                 self._current._wake(BodyTimeout())
@@ -816,10 +852,35 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if not self._eof and not self.lost and self._may_still_send():
+                self._linger()
+                return
             self.deadline = 0.0
             self.transport.close()
             if self.send_deadline == 0.0 and self.unsent():
                 self.send_deadline = self.loop.time() + self._limits.send_timeout_s
+
+    def _may_still_send(self) -> bool:
+        current = self._current
+        return (self._stopped or self._parsing is not None or bool(self._held)
+                or (current is not None and not current.complete))
+
+    def _linger(self) -> None:
+        """Closing while the client may still be sending (a refused body, bad framing): the answer
+        goes out, then a FIN, and what still arrives is read and dropped until the client closes its side
+        or LINGER_S passes. Closing at once would reset the connection, and a reset can destroy the
+        answer in the client's buffers before it is read."""
+        self.phase = Phase.LINGER
+        self._stopped = True  # data_received drops everything from now on
+        self.deadline = self.loop.time() + LINGER_S
+        if self.send_deadline == 0.0 and self.unsent():
+            self.send_deadline = self.loop.time() + self._limits.send_timeout_s
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.transport.close()
+            return
+        self.transport.resume_reading()
 
     def abort(self) -> None:
         if not self.lost:

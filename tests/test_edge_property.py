@@ -107,7 +107,7 @@ BAD_TARGETS = [
     (b"/v1/runs/r\xc3\xa9", "raw non-ASCII"), (b"/v1/runs/r\x01x", "control character"),
     (b"/v1/runs/r\x7fx", "DEL"), (b"/v1/runs/r\x00x", "NUL"), (b"/v1/runs/r\tx", "tab"),
     (b"/v1/runs/a\\b", "backslash"), (b"/v1/runs/%zz", "invalid escape"), (b"/v1/runs/r%4", "short escape"),
-    (b"/v1/runs/r1?q=%g1", "invalid escape in query"), (b"http://c/v1/runs/r1", "absolute-form"),
+    (b"/v1/runs/r1?q=%g1", "invalid escape in query"), (b"http://c/v1/runs/r1", "absolute-form, authority not the Host"),
     (b"*", "asterisk-form"), (b"/v1/runs/a<b>", "angle brackets"), (b'/v1/runs/"q"', "quote"),
     (b"/v1/runs/{x}", "braces"), (b"/v1/runs/a|b", "pipe"), (b"/v1/runs/a^b", "caret"),
     (b"/v1/runs/a`b", "backtick"), (b"/v1/runs/a b", "space"), (b"/v1/runs/r1?a=[1]", "brackets in query"),

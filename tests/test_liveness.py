@@ -34,6 +34,7 @@ from proxy.upstream.pool import UpstreamPool, _Connection
 from tests.auth.test_jwks_refresh import ScriptedFetcher, UpperBound, scheduler
 from tests.support.gateway import RUN_START, gateway_config
 from tests.support.rawhttp import RawConnection, Response, request
+from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
 from tests.test_edge_hostile import ROOT, _free_port, _lines
 
 RUN_START_BODY = json.dumps(RUN_START).encode()
@@ -475,3 +476,99 @@ async def test_descriptor_exhaustion_under_uvloop_is_counted_and_logged(tmp_path
                 proc.kill()
                 await proc.wait()
         reading.cancel()
+
+
+async def _one(url: str, data: bytes) -> tuple[Response | None, bool]:
+    """Sends `data` on a fresh connection: the first answer, and whether the gateway then closed."""
+    async with await RawConnection.open(url) as conn:
+        await conn.send(data)
+        resp = await conn.response()
+        closed = resp is None or resp.closes and await conn.closed_by_peer()
+        return resp, closed
+
+
+NEXT = b"GET /v1/runs/r2 HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+async def test_http10_with_transfer_encoding_is_400_and_closes_without_forwarding_what_follows(
+        gateway, strict_upstream):
+    url = await gateway(strict_upstream.url)
+    resp, closed = await _one(url, b"POST /v1/runs/r1:cancel HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n"
+                                   b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                   b"2\r\n{}\r\n0\r\n\r\n" + NEXT)
+    assert resp is not None and resp.status == 400, resp and resp.describe()
+    error = resp.envelope()
+    assert error is not None and error["details"]["reason"] == "bad_framing"
+    assert closed
+    await asyncio.sleep(0.05)
+    assert strict_upstream.requests == []
+
+
+async def test_a_request_with_upgrade_and_a_body_is_400_and_nothing_is_forwarded(gateway, strict_upstream):
+    url = await gateway(strict_upstream.url)
+    resp, closed = await _one(url, b"POST /v1/runs/r1:cancel HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+                                   b"Upgrade: websocket\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 16\r\n\r\n" + b'{"reason": "up"}' + NEXT)
+    assert resp is not None and resp.status == 400, resp and resp.describe()
+    error = resp.envelope()
+    assert error is not None and error["details"]["reason"] == "upgrade_with_body"
+    assert closed
+    await asyncio.sleep(0.05)
+    assert strict_upstream.requests == []
+
+
+@pytest.mark.parametrize("target,forwarded", [
+    (b"http://gateway.test/v1/runs/r1", b"/v1/runs/r1"),
+    (b"HTTP://Gateway.Test/v1/runs/r1?a=b", b"/v1/runs/r1?a=b"),
+    (b"http://gateway.test:8080/v1/runs/r1/events", b"/v1/runs/r1/events"),
+])
+async def test_absolute_form_targets_are_routed_on_their_path(gateway, strict_upstream, target, forwarded):
+    url = await gateway(strict_upstream.url)
+    host = target.split(b"/")[2].decode()
+    resp, _ = await _one(url, request("GET", target, [("Host", host)]))
+    assert resp is not None and resp.status == 200, resp and resp.describe()
+    (rec,) = strict_upstream.requests
+    assert rec.target == forwarded
+
+
+async def test_an_absolute_form_target_whose_authority_is_not_the_host_is_400(gateway, strict_upstream):
+    url = await gateway(strict_upstream.url)
+    resp, _ = await _one(url, request("GET", b"http://elsewhere.test/v1/runs/r1", [("Host", "gateway.test")]))
+    assert resp is not None and resp.status == 400
+    error = resp.envelope()
+    assert error is not None and error["details"]["reason"] == "invalid_host"
+    await asyncio.sleep(0.05)
+    assert strict_upstream.requests == []
+
+
+async def test_a_client_still_sending_a_huge_body_reads_its_413_once_it_is_done(gateway, strict_upstream):
+    """Like most simple clients, it writes the whole request, then reads. The 413 comes long before the body
+    ends; closing then resets the connection under the upload, and such a client reports the reset
+    instead of the answer. The gateway drains (lingers) instead, for a bounded time."""
+    url = await gateway(strict_upstream.url)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, _address(url))
+    size = 16 * 1024 * 1024
+    chunk = b" " * 65536
+    try:
+        await loop.sock_sendall(sock, b"POST /v1/runs HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+                                      b"Content-Length: %d\r\n\r\n" % size)
+        try:
+            async with asyncio.timeout(4):
+                for _ in range(size // len(chunk)):
+                    await loop.sock_sendall(sock, chunk)
+        except OSError as exc:
+            pytest.fail(f"the upload was cut ({exc!r}): a client that reads after writing never sees its 413")
+        received = b""
+        try:
+            async with asyncio.timeout(5):
+                while b"\r\n\r\n" not in received and (data := await loop.sock_recv(sock, 65536)):
+                    received += data
+        except ConnectionResetError:
+            pytest.fail(f"the connection was reset before the answer was read: {received!r}")
+    finally:
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 413 "), received[:200]
+    assert strict_upstream.requests == []

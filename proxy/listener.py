@@ -5,13 +5,15 @@ stage sees a request:
 - framing: llhttp parses in its strict mode and bodies are buffered whole (up
   to `limits.max_body_bytes`), so whatever reaches the coordinator is framed by
   the gateway alone; nothing is ever decompressed;
-- the target: origin-form, RFC 3986 characters only;
+- the target: origin-form, RFC 3986 characters only (absolute-form is routed on its path);
 - the head's size and line count (llhttp has no limit of its own), and the
   header, body and keep-alive timeouts, kept by one periodic sweep per
   listener rather than a timer per request;
 - the connection cap: idle connections are reclaimed, oldest first, before a
   new client is turned away;
-- order: pipelined requests are answered strictly one after another.
+- order: pipelined requests are answered strictly one after another;
+- clients that stop reading: unsent answer bytes get `limits.send_timeout_s` to drain, then the
+  connection is aborted; a connection counts against the cap until its socket is gone.
 
 A request refused here still reaches the gateway, carrying its `refusal`, so
 it gets an ErrorEnvelope, an access-log line and a count like any other.

@@ -56,7 +56,7 @@ FD_HEADROOM = 64
 # unparsed and reading pauses until the queue has room again.
 MAX_PIPELINED = 16
 # A request head ends in two line feeds (an optional CR between them), or in one at the start of a
-# read when the head's end straddles two reads. So a read holds at most this many heads' ends.
+# read when the head's end straddles two reads: counting these bounds the requests a read can queue.
 _HEAD_END = re.compile(rb"\n\r?\n|^\r?\n")
 LIMIT_LOG_INTERVAL_S = 10.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -804,10 +804,7 @@ class ClientConnection(asyncio.Protocol):
                 self._current._wake(BodyTimeout())
         else:
             self.listener.closed_for("keepalive_timeout" if phase is Phase.IDLE else "header_timeout")
-            if self.unsent():
-                self.abort()  # a client that does not read would keep a closed socket open until it does
-            else:
-                self.close()
+            self.close_now()
 
     def send_expired(self) -> None:
         """Answer bytes stayed unread for limits.send_timeout_s: the socket is freed, the bytes dropped."""
@@ -852,6 +849,8 @@ class ClientConnection(asyncio.Protocol):
     # the socket open while unsent bytes remain, and they have send_timeout_s to drain.
 
     def close(self) -> None:
+        """Closes after an answer: its bytes still go out (within send_timeout_s), and a client that
+        may still be sending is drained first (_linger)."""
         if not self.closed:
             self.closed = True
             if not self._eof and not self.lost and self._may_still_send():
@@ -861,6 +860,16 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             if self.send_deadline == 0.0 and self.unsent():
                 self.send_deadline = self.loop.time() + self._limits.send_timeout_s
+
+    def close_now(self) -> None:
+        """Closes for a timeout or to reclaim the slot: no answer is owed, so nothing lingers, and unsent
+        bytes (a client that does not read) are dropped rather than holding the socket open."""
+        if self.unsent():
+            self.abort()
+        elif not self.closed:
+            self.closed = True
+            self.deadline = 0.0
+            self.transport.close()
 
     def _may_still_send(self) -> bool:
         current = self._current
@@ -964,10 +973,7 @@ class Listener:
                 return
             self._limit_reached("reclaimed")
             self.closed_for("reclaimed")
-            if victim.unsent():
-                victim.abort()
-            else:
-                victim.close()
+            victim.close_now()
         self.connections[conn] = None
 
     def _oldest_reclaimable(self) -> ClientConnection | None:

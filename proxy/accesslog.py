@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import TextIO
 
 from .boundedcache import BoundedCache
 
+log = logging.getLogger("proxy.accesslog")
+
 FLUSH_INTERVAL_S = 0.2
 FLUSH_LINES = 256
 USER_AGENT_CHARS = 256
 RUN_ID_CHARS = 256
+ERROR_LOG_INTERVAL_S = 10.0
 # Clients repeat their User-Agent: each distinct one is escaped once.
 USER_AGENT_CACHE = 1024
 
@@ -41,6 +45,7 @@ class AccessLog:
         self._agents: BoundedCache[bytes, str] = BoundedCache(USER_AGENT_CACHE)
         self._agent = self._agents.getter(touch=False)
         self._issuers: dict[str, str] = {}   # only configured issuers reach here: a bounded set
+        self._last_error: float | None = None
 
     def record(self, *, request_id: str, method: str, route: str, status: int, seconds: float,
                upstream_s: float | None, bytes_in: int, bytes_out: int, auth_result: str,
@@ -90,6 +95,13 @@ class AccessLog:
                 self._out.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken stdout must never fail a request; the lines are lost
+            except Exception:
+                # Anything else is a bug in the stream, not in the request that happened to fill the
+                # batch: it must neither fail that request nor stop later flushes. Said once per interval.
+                now = time.monotonic()
+                if self._last_error is None or now - self._last_error >= ERROR_LOG_INTERVAL_S:
+                    self._last_error = now
+                    log.exception("access log write failed; %d lines lost", len(lines.splitlines()))
 
 
 _LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'

@@ -134,6 +134,7 @@ class LimitsConfig:
     # Head and body bytes held in memory by all connections together; while full the gateway reads
     # nothing more, and what stays starved past its header or body timeout gets 503 overloaded.
     max_buffered_bytes: int = 64 * MIB
+    send_timeout_s: float = 60.0        # unread answer bytes must drain within it, else the connection is aborted
     run_start_rate: RateConfig | None = None  # None: run starts are not rate limited
     max_streams_per_principal: int = 8  # event streams open at once per principal; more get 429
 
@@ -445,6 +446,7 @@ def _limits(r: _Reader, raw: Any) -> LimitsConfig:
         max_headers=r.number(sec, p, "max_headers", d.max_headers, integer=True, minimum=8),
         max_buffered_bytes=r.number(sec, p, "max_buffered_bytes", d.max_buffered_bytes, integer=True,
                                     positive=True),
+        send_timeout_s=r.number(sec, p, "send_timeout_s", d.send_timeout_s, positive=True),
         run_start_rate=_rate(r, sec.get("run_start_rate"), "limits.run_start_rate"),
         max_streams_per_principal=r.number(sec, p, "max_streams_per_principal", d.max_streams_per_principal,
                                            integer=True, minimum=1),

@@ -5,7 +5,7 @@ stage sees a request:
 - framing: llhttp parses in its strict mode and bodies are buffered whole (up
   to `limits.max_body_bytes`), so whatever reaches the coordinator is framed by
   the gateway alone; nothing is ever decompressed;
-- the target: origin-form, RFC 3986 characters only;
+- the target: origin-form, RFC 3986 characters only (absolute-form is routed on its path);
 - the head's size and line count (llhttp has no limit of its own), and the
   header, body and keep-alive timeouts, kept by one periodic sweep per
   listener rather than a timer per request;
@@ -14,7 +14,9 @@ stage sees a request:
 - memory: every head and body byte held counts against one process-wide budget
   (`limits.max_buffered_bytes`); while it is full no connection reads, and a
   head or body still starved of it when its timeout passes gets 503 `overloaded`;
-- order: pipelined requests are answered strictly one after another.
+- order: pipelined requests are answered strictly one after another;
+- clients that stop reading: unsent answer bytes get `limits.send_timeout_s` to drain, then the
+  connection is aborted; a connection counts against the cap until its socket is gone.
 
 A request refused here still reaches the gateway, carrying its `refusal`, so
 it gets an ErrorEnvelope, an access-log line and a count like any other.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
 import re
 import resource
@@ -46,14 +49,18 @@ from typing import Any, Protocol
 import httptools
 
 from .answers import Answer, error_answer
+from .sweep import DeadlineSweep
 
 log = logging.getLogger("proxy.listener")
 
 # Sockets the process needs besides client connections: the coordinator pool is added on top.
 FD_HEADROOM = 64
-# Pipelined requests parsed ahead of the one being answered; past it the connection
-# stops reading, answers what it has and closes.
+# Pipelined requests parsed ahead of the one being answered; past it the rest of the read is held
+# unparsed and reading pauses until the queue has room again.
 MAX_PIPELINED = 16
+# A request head ends in two line feeds (an optional CR between them), or in one at the start of a
+# read when the head's end straddles two reads: counting these bounds the requests a read can queue.
+_HEAD_END = re.compile(rb"\n\r?\n|^\r?\n")
 LIMIT_LOG_INTERVAL_S = 10.0
 # What one connection is assumed to need at least: the budget admits no more connections than
 # could each hold a small head in it.
@@ -70,6 +77,11 @@ _HOST_CHARS = _TARGET_CHARS.replace(b"/", b"").replace(b"?", b"") + b"[]"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _IDS = random.Random()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# RFC 9112 9.6: closing while the client still sends would reset the connection and could destroy the
+# answer before the client reads it. So such a connection is half-closed and drained, for this long at most.
+LINGER_S = 5.0
+# RFC 9112 3.2.2 absolute-form: scheme "://" authority, then the path and query.
+_ABSOLUTE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?]*)(.*)", re.S)
 
 
 class Phase(IntEnum):
@@ -77,6 +89,7 @@ class Phase(IntEnum):
     HEAD = 1    # a request head is arriving
     BODY = 2    # the gateway waits for a request body
     BUSY = 3    # a request is being answered
+    LINGER = 4  # answered and half-closed: what the client still sends is read and dropped
 
 
 class ClientGone(Exception):
@@ -129,11 +142,12 @@ class EdgeLimits:
     max_body_bytes: int = 1024 * 1024
     max_connections: int = 1024
     max_buffered_bytes: int = 64 * 1024 * 1024
+    send_timeout_s: float = 60.0
 
     @property
     def sweep_interval_s(self) -> float:
         """Timeouts are enforced to within a quarter of the shortest one (and a second at most)."""
-        shortest = min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s)
+        shortest = min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s, self.send_timeout_s)
         return max(0.01, min(1.0, shortest / 4))
 
 
@@ -476,8 +490,10 @@ class ClientConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.phase = Phase.HEAD
         self.deadline = 0.0
+        self.send_deadline = 0.0    # unsent answer bytes must drain by then (limits.send_timeout_s); 0: none
         self.closing = False        # the listener is draining: answer what is in flight, then close
         self.closed = False
+        self.lost = False           # connection_lost has run: the socket is gone
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._parsing: Request | None = None
@@ -501,6 +517,9 @@ class ClientConnection(asyncio.Protocol):
         self._chunk_waiting = False  # a chunk size line was read and no data since: maybe the trailer section
         self._chunks_seen = 0
         self._trailers = 0
+        self._held = b""            # read but not yet parsed: the pipelining queue was full
+        self._advancing = False
+        self._advance_again = False
 
     # -- asyncio.Protocol
 
@@ -517,6 +536,38 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + self._limits.header_timeout_s
+        if self._held:
+            data, self._held = self._held + data, b""  # parsed in the order it came
+        self._parse(data)
+        if self._current is None and self._queue and not self.closed:
+            # Begun after the whole read is parsed, never from inside llhttp: a request whose body
+            # came in the same read is complete by now.
+            self._begin(self._queue.popleft())
+
+    def _parse(self, data: bytes) -> None:
+        """Parses as much of `data` as the pipelining queue has room for; holds the rest."""
+        room = MAX_PIPELINED - len(self._queue)
+        if data.count(b"\n") < 2 * room:
+            self._feed(data)  # cannot hold more heads than there is room for
+            return
+        start = 0
+        while start < len(data) and not self._stopped and not self.closed:
+            room = MAX_PIPELINED - len(self._queue)
+            if room <= 0:
+                self._held = data[start:]
+                self._pause_reading()
+                return
+            end = start
+            for _ in range(room):
+                found = _HEAD_END.search(data, end)
+                if found is None:
+                    end = len(data)
+                    break
+                end = found.end()
+            self._feed(data[start:end])
+            start = end
+
+    def _feed(self, data: bytes) -> None:
         was_in_head = self._in_head
         in_trailer = self._chunk_waiting
         if in_trailer:
@@ -549,21 +600,21 @@ class ClientConnection(asyncio.Protocol):
                 # Until the head is whole it holds at most what was read since it began.
                 self._head_charge += len(data)
                 self._budget.take(len(data))
-        if self._current is None and self._queue and not self.closed:
-            # Begun after the whole read is parsed, never from inside llhttp: a request whose body
-            # came in the same read is complete by now.
-            self._begin(self._queue.popleft())
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self.phase is Phase.LINGER:
+            return False  # both sides are done: the transport closes
         parsing = self._parsing
         if parsing is not None:
             parsing._break("incomplete_body")
         # Keep the writing side open while an answer is owed.
-        return self._current is not None or bool(self._queue)
+        return self._current is not None or bool(self._queue) or bool(self._held)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True
+        self.send_deadline = 0.0
         self.listener.forget(self)
         self._budget.forget(self)
         self._uncharge_head()
@@ -588,9 +639,11 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.send_deadline = self.loop.time() + self._limits.send_timeout_s
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.send_deadline = 0.0
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -687,11 +740,17 @@ class ClientConnection(asyncio.Protocol):
         request.target = target = self._url
         request.request_id = new_request_id(request._given_id if request._ids == 1 else None)
         version = _VERSIONS.get(parser.get_http_version())
+        stop = False
         if version is None:
             request.refusal = error_answer(505, "http_version_not_supported", "Use HTTP/1.1 or HTTP/1.0",
                                            request_id=request.request_id)
         else:
             request.version = version
+            authority = None
+            if target[:1] != b"/" and (absolute := _ABSOLUTE.fullmatch(target)) is not None:
+                # Routed on its path; forwarded in origin-form, as the coordinator would expect.
+                authority, rest = absolute.groups()
+                request.target = target = rest if rest[:1] == b"/" else b"/" + rest
             if not valid_target(target):
                 request.refusal = _bad(request, "invalid_target",
                                        "The request target must be an origin-form path of RFC 3986 characters")
@@ -699,9 +758,29 @@ class ClientConnection(asyncio.Protocol):
                 request.refusal = _bad(request, "invalid_host", "Send exactly one Host header")
             elif request.host is not None and request.host.translate(None, _HOST_CHARS):
                 request.refusal = _bad(request, "invalid_host", "The Host header is not a valid authority")
+            elif authority is not None and (request.host is None or authority.lower() != request.host.lower()):
+                # RFC 9112 3.2: a client sends Host identical to the target's authority; one that does not
+                # leaves two answers to which host is meant, and the gateway picks neither.
+                request.refusal = _bad(request, "invalid_host", "The Host header must equal the target's authority")
+            elif request.chunked and version == b"1.0":
+                # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing: answer, then close.
+                request.refusal = _bad(request, "bad_framing", "HTTP/1.0 requests cannot use Transfer-Encoding")
+                stop = True
+            elif request.has_body and parser.should_upgrade():
+                # Upgrades are not offered, and llhttp ends an upgrade request at its head, handing over the
+                # rest as another protocol's bytes: its body would be dropped, and the request forwarded
+                # without it. (Upgrade without `Connection: upgrade` is no upgrade: its body is framed as usual.)
+                request.refusal = _bad(request, "upgrade_with_body", "A request with Upgrade cannot carry a body")
+                stop = True
             else:
                 request.path = target.partition(b"?")[0].decode("ascii")
         self._queue.append(request)  # begun once this read is parsed, when its turn comes
+        if stop:
+            # Its framing cannot be trusted: nothing after its head is parsed, so none of it is forwarded,
+            # and the connection closes after the answer.
+            request.keep_alive = False
+            self._stopped = True
+            raise _Refused(0, "", "")
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -785,7 +864,7 @@ class ClientConnection(asyncio.Protocol):
         self._release(request)
         if request is not self._current or self.closed:
             return
-        if request.will_close or self.closing or (self._eof and not self._queue):
+        if request.will_close or self.closing or (self._eof and not self._queue and not self._held):
             self.close()
         elif self.write_paused:
             self._advance_when_drained = True  # the client is slow to take large answers: wait for it
@@ -793,6 +872,25 @@ class ClientConnection(asyncio.Protocol):
             self._advance()
 
     def _advance(self) -> None:
+        # Requests answered without waiting finish inside _begin, which would advance again from there:
+        # run such advances one after another here instead, so a long pipeline cannot nest deeper
+        # with each request.
+        if self._advancing:
+            self._advance_again = True
+            return
+        self._advancing = True
+        try:
+            self._advance_again = True
+            while self._advance_again:
+                self._advance_again = False
+                self._advance_once()
+        finally:
+            self._advancing = False
+
+    def _advance_once(self) -> None:
+        if self._held and not self._stopped:
+            held, self._held = self._held, b""
+            self._parse(held)
         if self._queue:
             self._begin(self._queue.popleft())
             return
@@ -867,7 +965,9 @@ class ClientConnection(asyncio.Protocol):
         """The deadline of the current phase passed."""
         phase = self.phase
         self.deadline = 0.0
-        if phase is not Phase.IDLE and (self._awaiting_room or (self._budget_held and not self._reserved_body)):
+        if phase is Phase.LINGER:
+            self.abort()
+        elif phase is not Phase.IDLE and (self._awaiting_room or (self._budget_held and not self._reserved_body)):
             self._overloaded(phase)
         elif phase is Phase.BODY:
             self.listener.closed_for("body_timeout")
@@ -875,7 +975,16 @@ class ClientConnection(asyncio.Protocol):
                 self._current._wake(BodyTimeout())
         else:
             self.listener.closed_for("keepalive_timeout" if phase is Phase.IDLE else "header_timeout")
-            self.close()
+            self.close_now()
+
+    def send_expired(self) -> None:
+        """Answer bytes stayed unread for limits.send_timeout_s: the socket is freed, the bytes dropped."""
+        self.send_deadline = 0.0
+        self.listener.closed_for("send_timeout")
+        self.abort()
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size() if not self.lost else 0
 
     def _overloaded(self, phase: Phase) -> None:
         """The budget stayed full for this connection's whole head or body timeout: 503, retryable,
@@ -942,7 +1051,7 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def reclaimable(self) -> bool:
-        return self.phase is Phase.IDLE or (self.phase is Phase.HEAD and self._current is None)
+        return not self.closed and (self.phase is Phase.IDLE or (self.phase is Phase.HEAD and self._current is None))
 
     # -- transport
 
@@ -966,21 +1075,63 @@ class ClientConnection(asyncio.Protocol):
             self._apply_reading()
 
     def _resume_reading(self) -> None:
-        if not self._reading and not self.closed and not self._stopped:
+        if not self._reading and not self.closed and not self._stopped and not self._held:
             self._reading = True
             self._apply_reading()
 
+    # A closed connection stays in the listener's count until connection_lost: the transport keeps
+    # the socket open while unsent bytes remain, and they have send_timeout_s to drain.
+
     def close(self) -> None:
+        """Closes after an answer: its bytes still go out (within send_timeout_s), and a client that
+        may still be sending is drained first (_linger)."""
         if not self.closed:
             self.closed = True
+            if not self._eof and not self.lost and self._may_still_send():
+                self._linger()
+                return
+            self.deadline = 0.0
             self.transport.close()
-            self.listener.forget(self)
+            if self.send_deadline == 0.0 and self.unsent():
+                self.send_deadline = self.loop.time() + self._limits.send_timeout_s
+
+    def close_now(self) -> None:
+        """Closes for a timeout or to reclaim the slot: no answer is owed, so nothing lingers, and unsent
+        bytes (a client that does not read) are dropped rather than holding the socket open."""
+        if self.unsent():
+            self.abort()
+        elif not self.closed:
+            self.closed = True
+            self.deadline = 0.0
+            self.transport.close()
+
+    def _may_still_send(self) -> bool:
+        current = self._current
+        return (self._stopped or self._parsing is not None or bool(self._held)
+                or (current is not None and not current.complete))
+
+    def _linger(self) -> None:
+        """Closing while the client may still be sending (a refused body, bad framing): the answer
+        goes out, then a FIN, and what still arrives is read and dropped until the client closes its side
+        or LINGER_S passes. Closing at once would reset the connection, and a reset can destroy the
+        answer in the client's buffers before it is read."""
+        self.phase = Phase.LINGER
+        self._stopped = True  # data_received drops everything from now on
+        self.deadline = self.loop.time() + LINGER_S
+        if self.send_deadline == 0.0 and self.unsent():
+            self.send_deadline = self.loop.time() + self._limits.send_timeout_s
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.transport.close()
+            return
+        self.transport.resume_reading()
 
     def abort(self) -> None:
-        if not self.closed:
+        if not self.lost:
             self.closed = True
+            self.deadline = self.send_deadline = 0.0
             self.transport.abort()
-            self.listener.forget(self)
 
     def shut_down(self) -> None:
         """Draining: an idle connection closes now, a busy one after its answer."""
@@ -1008,6 +1159,13 @@ class Handler(Protocol):
         """`request` ended without `finish()`: the client left (499), or handling failed (500)."""
 
 
+def _expire(conn: ClientConnection, now: float) -> None:
+    if 0.0 < conn.send_deadline <= now:
+        conn.send_expired()
+    elif 0.0 < conn.deadline <= now:
+        conn.expire()
+
+
 class Listener:
     """The public port: accepts connections within the cap and keeps their deadlines."""
 
@@ -1018,9 +1176,10 @@ class Listener:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.connections: dict[ClientConnection, None] = {}  # insertion order: oldest first
         self._server: asyncio.AbstractServer | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep = DeadlineSweep("listener", limits.sweep_interval_s, due=self._due, expire=_expire)
         self._last_warning = -LIMIT_LOG_INTERVAL_S
         self._last_overload_warning = -LIMIT_LOG_INTERVAL_S
+        self._probe_fd = -1
         self._all_closed: asyncio.Event | None = None
         self.budget = Budget(limits.max_buffered_bytes, self._hold_all, self._release_all)
 
@@ -1029,7 +1188,10 @@ class Listener:
         self._server = await loop.create_server(lambda: ClientConnection(self), host, port,
                                                 reuse_port=reuse_port or None, backlog=backlog)
         self._watch_accept_errors()
-        self._sweeper = loop.call_later(self.limits.sweep_interval_s, self._sweep)
+        # libuv meets EMFILE on accept() by accepting and closing the connection itself, unseen by
+        # the exception handler: under uvloop each sweep pass probes for a full descriptor table.
+        self._probe_fd = self._server.sockets[0].fileno() if type(loop).__module__.startswith("uvloop") else -1
+        self._sweep.start(loop)
         sock = self._server.sockets[0]
         addr, bound = sock.getsockname()[:2]
         return f"http://{'[' + addr + ']' if ':' in addr else addr}:{bound}"
@@ -1047,7 +1209,7 @@ class Listener:
                 return
             self._limit_reached("reclaimed")
             self.closed_for("reclaimed")
-            victim.close()
+            victim.close_now()
         budget = self.budget
         if budget.full:
             if budget.used >= budget.ceiling:
@@ -1065,6 +1227,8 @@ class Listener:
     def _oldest_reclaimable(self) -> ClientConnection | None:
         fallback = None
         for conn in self.connections:
+            if conn.closed:
+                continue  # on its way out already, counted until connection_lost
             if conn.phase is Phase.IDLE:
                 return conn
             if fallback is None and conn.reclaimable:
@@ -1134,14 +1298,21 @@ class Listener:
 
         loop.set_exception_handler(handler)
 
+    def _probe_fds(self) -> None:
+        try:
+            os.close(os.dup(self._probe_fd))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._count("connections_refused", "fd_limit")
+                self._limit_reached("fd_limit")
+
     # -- deadlines
 
-    def _sweep(self) -> None:
-        now = self.loop.time()
-        expired = [conn for conn in self.connections if 0.0 < conn.deadline <= now]
-        for conn in expired:
-            conn.expire()
-        self._sweeper = self.loop.call_later(self.limits.sweep_interval_s, self._sweep)
+    def _due(self, now: float) -> list[ClientConnection]:
+        if self._probe_fd >= 0:
+            self._probe_fds()
+        return [conn for conn in self.connections
+                if 0.0 < conn.deadline <= now or 0.0 < conn.send_deadline <= now]
 
     # -- shutdown
 
@@ -1159,7 +1330,6 @@ class Listener:
             except asyncio.TimeoutError:
                 for conn in list(self.connections):
                     conn.abort()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweep.stop()
         if self._server is not None:
             await self._server.wait_closed()

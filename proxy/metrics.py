@@ -46,7 +46,8 @@ KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPT
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 # Why the listener turned a connection away, or closed one that was not done with.
 CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit", "buffer_budget"),
-                     "connections_closed": ("reclaimed", "header_timeout", "body_timeout", "keepalive_timeout")}
+                     "connections_closed": ("reclaimed", "header_timeout", "body_timeout", "keepalive_timeout",
+                                            "send_timeout")}
 NO_ISSUER = "none"
 _TEMPLATES = frozenset(r.template for r in ALL_ROUTES)
 _FORWARDED = tuple(r.template for r in ALL_ROUTES if r.forward)

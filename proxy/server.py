@@ -41,6 +41,7 @@ def edge_limits(cfg: GatewayConfig) -> EdgeLimits:
         header_timeout_s=cfg.limits.header_timeout_s, body_timeout_s=cfg.limits.body_timeout_s,
         keepalive_timeout_s=cfg.listen.keepalive_timeout_s, max_header_bytes=cfg.limits.max_header_bytes,
         max_headers=cfg.limits.max_headers, max_body_bytes=cfg.limits.max_body_bytes,
+        send_timeout_s=cfg.limits.send_timeout_s,
         max_buffered_bytes=cfg.limits.max_buffered_bytes,
         max_connections=cfg.listen.max_connections or default_max_connections(cfg.upstream.max_connections,
                                                                               cfg.limits.max_buffered_bytes))

@@ -46,6 +46,7 @@ Sleep = Callable[[float], Awaitable[Any]]
 REFRESH_AT_FRACTION = 0.9
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
+LOOP_ERROR_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class RefreshScheduler:
         self._failures = 0
         self._last_refetch: float | None = None
         self._next_attempt_at: float | None = None
+        self._last_loop_error: float | None = None
 
         self.last_error: str | None = None
         self.fetches_ok = 0
@@ -158,7 +160,17 @@ class RefreshScheduler:
             delay = self.next_refresh_delay()
             self._next_attempt_at = self._clock.monotonic() + delay
             await self._sleep(delay)
-            await self._refresh_quietly()
+            try:
+                await self._refresh_quietly()
+            except Exception:
+                # A bug past the fetch (installing the keys, say) must not end the loop: this issuer
+                # would never be refreshed again. Counted as a failure, so the loop backs off.
+                self._failures += 1
+                self.fetches_failed += 1
+                now = self._clock.monotonic()
+                if self._last_loop_error is None or now - self._last_loop_error >= LOOP_ERROR_LOG_INTERVAL_S:
+                    self._last_loop_error = now
+                    log.exception("JWKS refresh loop iteration failed for %s", self.issuer)
 
     async def close(self) -> None:
         await self._flight.cancel()

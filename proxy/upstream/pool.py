@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from ..sweep import DeadlineSweep
+
 # Reading pauses when this much body is waiting for a slow client, so memory stays bounded.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -413,6 +415,12 @@ class _Connection(asyncio.Protocol):
             self._pool.forget(self)
 
 
+def _expire_conn(conn: _Connection, now: float) -> None:
+    # Cleared only once the expiry went through: one that failed is tried again on the next pass.
+    conn.expire()
+    conn.deadline = 0.0
+
+
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -440,8 +448,7 @@ class UpstreamPool:
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._ssl = ssl.create_default_context() if self._secure else None
         self.closed = False
-        self._sweep_interval = sweep_interval_s
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep = DeadlineSweep("upstream_pool", sweep_interval_s, due=self._due, expire=_expire_conn)
         # None: wait for a connection until the request's own deadline (the old behaviour).
         self._queue_timeout = queue_timeout_s
         # Counters for metrics: requests that had to wait for a connection, and those shed after waiting.
@@ -475,8 +482,8 @@ class UpstreamPool:
         connect timeout. PoolBusy when every connection stayed busy for `queue_timeout_s`.
         `stream`: the answer is an event stream, which first needs one of the `stream_slots`
         (waiting for it as for a connection)."""
-        if self._sweeper is None and deadline is not None:
-            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
+        if not self._sweep.started and deadline is not None and not self.closed:
+            self._sweep.start(asyncio.get_running_loop())
         if stream:
             if self.streams < self.stream_slots and not self._stream_waiters:
                 self.streams += 1
@@ -501,8 +508,8 @@ class UpstreamPool:
     def idle_connection(self, deadline: float, stream: bool = False) -> _Connection | None:
         """A live idle connection to send on now, or None when the caller has to wait for one
         (an event stream also for a stream slot)."""
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
+        if not self._sweep.started and not self.closed:
+            self._sweep.start(asyncio.get_running_loop())
         if stream and (self.streams >= self.stream_slots or self._stream_waiters):
             return None
         now = time.monotonic()
@@ -626,18 +633,12 @@ class UpstreamPool:
                 waiter.set_result(None)
                 break
 
-    def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for conn in self._all:
-            if 0.0 < conn.deadline <= now:
-                conn.deadline = 0.0
-                conn.expire()
-        self._sweeper = None if self.closed else loop.call_later(self._sweep_interval, self._sweep)
+    def _due(self, now: float) -> list[_Connection]:
+        # A snapshot: an expired connection is usually closed, and so leaves `_all`, while it expires.
+        return [conn for conn in self._all if 0.0 < conn.deadline <= now]
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._sweep.stop()
         self.closed = True
         for conn in list(self._all):
             conn._abort()

@@ -12,11 +12,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.clock import FakeClock
-from proxy.config import AuthConfig
+from proxy.util.clock import FakeClock
+from proxy.settings.config import AuthConfig
 from proxy.dev import coordinator as devcoordinator
 from proxy.auth.jwks_refresh import JwksRegistry
-from proxy.server import start_gateway
+from proxy.runtime.server import start_gateway
 from tests.support.gateway import Upstream, gateway_config
 from tests.support.keys import IdP, Registries, park, signer
 

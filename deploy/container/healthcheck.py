@@ -13,8 +13,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from proxy.cli import parse_args
-from proxy.config import load_config
+from proxy.runtime.cli import parse_args
+from proxy.settings.config import load_config
 
 
 def _livez_url(pid: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import AccessRule
+from ..settings.config import AccessRule
 from .principal import Principal
 
 

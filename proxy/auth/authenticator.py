@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..answers import Answer, error_answer
-from ..boundedcache import BoundedCache
-from ..config import AuthConfig, AuthMode
-from ..listener import Request
-from ..routes import Route
+from ..arp.answers import Answer, error_answer
+from ..arp.routes import Route
+from ..edge.listener import Request
+from ..settings.config import AuthConfig, AuthMode
+from ..util.boundedcache import BoundedCache
 from .access import AccessPolicy
 from .identity import Identity
 from .jwks_store import KeysUnavailable

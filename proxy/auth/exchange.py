@@ -24,11 +24,11 @@ import re
 import aiohttp
 from aiohttp_retry import ExponentialRetry, RetryClient
 
-from ..boundedcache import BoundedCache
-from ..clock import Clock
-from ..config import ExchangeConfig
-from ..secretfile import SecretFile
-from ..singleflight import SingleFlight
+from ..settings.config import ExchangeConfig
+from ..util.boundedcache import BoundedCache
+from ..util.clock import Clock
+from ..util.secretfile import SecretFile
+from ..util.singleflight import SingleFlight
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"

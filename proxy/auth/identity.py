@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import re
 
-from ..answers import Answer, error_answer
-from ..boundedcache import BoundedCache
-from ..config import AuthConfig, ForwardToken
-from ..listener import Request
+from ..arp.answers import Answer, error_answer
+from ..edge.listener import Request
+from ..settings.config import AuthConfig, ForwardToken
+from ..util.boundedcache import BoundedCache
 from .exchange import ExchangeFailed, TokenExchanger
 from .principal import Principal, PrincipalKind
 

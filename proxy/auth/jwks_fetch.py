@@ -28,7 +28,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
-from ..config import HMAC_ALGORITHMS, AuthConfig, IssuerConfig
+from ..settings.config import HMAC_ALGORITHMS, AuthConfig, IssuerConfig
 from .jwks_store import Imported
 
 log = logging.getLogger("proxy.jwks")

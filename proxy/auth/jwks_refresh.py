@@ -30,10 +30,10 @@ from typing import Any
 import aiohttp
 from joserfc.jwk import Key
 
-from ..backoff import full_jitter
-from ..clock import Clock
-from ..config import AuthConfig
-from ..singleflight import SingleFlight
+from ..settings.config import AuthConfig
+from ..util.backoff import full_jitter
+from ..util.clock import Clock
+from ..util.singleflight import SingleFlight
 from .jwks_fetch import FetchErrorKind, FetchSettings, JwksFetcher, JwksFetchError
 from .jwks_store import Imported, IssuerKeys, JwksStore, KeysUnavailable, StoreSettings
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from joserfc.jwk import Key, OctKey
 
-from ..clock import Clock
-from ..config import HMAC_ALGORITHMS, AuthConfig, IssuerConfig
+from ..settings.config import HMAC_ALGORITHMS, AuthConfig, IssuerConfig
+from ..util.clock import Clock
 
 # A usable JWK: the JSON it came from (so an unchanged JWK keeps its imported key) and the key.
 Imported = tuple[dict[str, Any], Key]

@@ -27,9 +27,9 @@ from joserfc.errors import ExceededSizeError, InvalidKeyCurveError, JoseError, K
 from joserfc.jwk import Key
 from joserfc.jws import CompactSignature, JWSRegistry
 
-from ..boundedcache import BoundedCache
-from ..clock import Clock
-from ..config import HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS, AuthConfig
+from ..settings.config import HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS, AuthConfig
+from ..util.boundedcache import BoundedCache
+from ..util.clock import Clock
 from .jwks_refresh import JwksRegistry
 from .jwks_store import IssuerKeys, KeysUnavailable
 from .principal import Principal, PrincipalKind, scopes_of

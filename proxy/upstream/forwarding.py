@@ -19,12 +19,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..answers import error_answer
-from ..backoff import full_jitter
-from ..config import UpstreamConfig
-from ..listener import Request
-from ..metrics import GatewayMetrics
-from ..routes import Route
+from ..arp.answers import error_answer
+from ..arp.routes import Route
+from ..edge.listener import Request
+from ..observability.metrics import GatewayMetrics
+from ..settings.config import UpstreamConfig
+from ..util.backoff import full_jitter
 from .headers import ClientHeaders, TrustedProxies
 from .pool import ConnectFailed, PoolBusy, PoolResponse, UpstreamError, UpstreamPool
 from .relay import Done, Relay

@@ -24,8 +24,8 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-from ..boundedcache import BoundedCache
-from ..listener import Request
+from ..edge.listener import Request
+from ..util.boundedcache import BoundedCache
 
 # RFC 9110 section 7.6.1 plus the legacy names proxies still meet in the wild.
 HOP_BY_HOP = frozenset({

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ..sweep import DeadlineSweep
+from ..edge.sweep import DeadlineSweep
 
 # Reading pauses when this much body is waiting for a slow client, so memory stays bounded.
 HIGH_WATER = 256 * 1024

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..listener import ClientGone, Request, _reason
-from ..metrics import GatewayMetrics
-from ..routes import Route
+from ..arp.routes import Route
+from ..edge.listener import ClientGone, Request, _reason
+from ..observability.metrics import GatewayMetrics
 from .headers import ResponseHeaders
 from .pool import PoolResponse, UpstreamError
 

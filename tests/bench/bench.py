@@ -437,7 +437,7 @@ backend coordinator
 
 def _config_keys() -> dict[str, set[str]]:
     """The keys this checkout's gateway config accepts, so the bench never writes one it would reject."""
-    from proxy import config as c
+    from proxy.settings import config as c
 
     sections = {"listen": c.ListenConfig, "upstream": c.UpstreamConfig, "auth": c.AuthConfig,
                 "logging": c.LoggingConfig, "limits": c.LimitsConfig}

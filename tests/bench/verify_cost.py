@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from joserfc import jwt  # noqa: E402
 from joserfc.jwk import ECKey, RSAKey  # noqa: E402
 
-from proxy.clock import SystemClock  # noqa: E402
-from proxy.config import build_config  # noqa: E402
+from proxy.util.clock import SystemClock  # noqa: E402
+from proxy.settings.config import build_config  # noqa: E402
 from proxy.auth.jwks_refresh import JwksRegistry  # noqa: E402
 from proxy.auth.tokens import TokenVerifier  # noqa: E402
 

@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -154,7 +153,3 @@ def compose_argv(image: tuple[list[str], list[str]], spec: dict[str, Any] | None
     return list(entrypoint) + list(spec["args"] if "args" in spec else cmd)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config import GatewayConfig, build_config
+from proxy.settings.config import GatewayConfig, build_config
 from tests.support.servers import serve_app
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "arp-spec-v1"

@@ -20,8 +20,8 @@ from aiohttp import web
 from joserfc import jws, jwt
 from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
 
-from proxy.clock import FakeClock
-from proxy.config import AuthConfig, IssuerConfig
+from proxy.util.clock import FakeClock
+from proxy.settings.config import AuthConfig, IssuerConfig
 from proxy.auth.jwks_refresh import JwksRegistry
 
 # The `registries` fixture (tests/conftest.py): `await registries(auth_config(idp))` starts one.

@@ -22,8 +22,8 @@ from aiohttp import web
 
 from proxy.dev import coordinator as devcoordinator
 from proxy.dev import issuer as devissuer
-from proxy.config import build_config
-from proxy.server import start_gateway
+from proxy.settings.config import build_config
+from proxy.runtime.server import start_gateway
 
 AUDIENCE = "arp-run-gateway"
 

@@ -1,0 +1,250 @@
+"""Request bodies at the edge: their limits, their reading, and `POST /v1/runs` against the ARP
+`RunStartRequest` schema.
+
+Only POST routes take a body; it is read whole, within `limits.max_body_bytes` and
+`limits.body_timeout_s`, and what can refuse a request before its body is read does so
+first (so a refused client is never sent `100 Continue`).
+
+    bodies = BodyRules(cfg.limits)
+    refusal = bodies.before(request, route)             # type, encoding, declared size
+    body = bodies.now(request, route)                   # a complete request: bytes, None or the refusal
+    body = await bodies.later(request, route)           # one whose body is still arriving
+
+Two well-kept libraries, each where it is good: fastjsonschema compiles the
+schema into Python code once and accepts a valid body on the request path;
+only a refused body is handed to jsonschema, which lists every problem, so
+the 400 names each one. The schema files are package data (`schemas/`); their
+relative `$ref`s resolve to those files, never to the network.
+
+The schema check itself:
+
+    validate = load_run_start_validator()
+    problems = validate(json.loads(body))   # [] when valid, else [{"path": ..., "message": ...}]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+from jsonschema import Draft202012Validator, ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from ..edge.listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Overloaded, Request, TrailerTooLarge
+from ..settings.config import LimitsConfig
+from .answers import Answer, error_answer
+from .routes import START_RUN, Route
+
+Problem = dict[str, str]
+
+SCHEMA_DIR = Path(__file__).with_name("schemas")
+RUN_START_SCHEMA = "run_gateway/runs/run_start_request.schema.json"
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+               float: "number", type(None): "null"}
+
+
+@cache
+def _read(uri: str) -> dict[str, Any]:
+    """A schema file by its file: URI; only files under SCHEMA_DIR, so nothing is ever fetched."""
+    path = Path(uri.removeprefix("file://")).resolve()
+    if not path.is_relative_to(SCHEMA_DIR.resolve()):
+        raise ValueError(f"schema reference outside {SCHEMA_DIR}: {uri}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _remote(uri: str) -> dict[str, Any]:
+    raise ValueError(f"schema reference to the network refused: {uri}")
+
+
+def _uri(path: Path) -> str:
+    return path.resolve().as_uri()
+
+
+def _accepting(schema_path: Path) -> Callable[[Any], Any]:
+    """fastjsonschema's compiled check: returns for a valid document, raises JsonSchemaValueException."""
+    uri = _uri(schema_path)
+    # The $id gives the relative $refs a base; the `file` handler serves them from SCHEMA_DIR.
+    # `format` stays an annotation, as in JSON Schema 2020-12 without a format assertion.
+    return fastjsonschema.compile({**_read(uri), "$id": uri},
+                                  handlers={"file": _read, "http": _remote, "https": _remote},
+                                  use_default=False, use_formats=False)
+
+
+def _listing(schema_path: Path) -> Draft202012Validator:
+    """jsonschema, with every schema file registered under its file: URI."""
+    registry: Registry = Registry()
+    for path in SCHEMA_DIR.rglob("*.schema.json"):
+        registry = registry.with_resource(_uri(path), Resource.from_contents(
+            _read(_uri(path)), default_specification=DRAFT202012))
+    return Draft202012Validator({"$ref": _uri(schema_path)}, registry=registry)
+
+
+def _render(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "$"
+
+
+def _type_message(names: list[str], value: Any) -> str:
+    return f"must be of type {' or '.join(names)}, not {_JSON_NAMES.get(type(value), type(value).__name__)}"
+
+
+def _problems(error: ValidationError) -> list[Problem]:
+    """One jsonschema error as problems named by instance path; `required` and
+    `additionalProperties` become one problem per property, at that property's path."""
+    at = list(error.absolute_path)
+    kind: Any = error.validator
+    expected: Any = error.validator_value
+    schema: Any = error.schema
+    value = error.instance
+    if kind == "required":
+        return [{"path": _render([*at, name]), "message": "is required"}
+                for name in expected if isinstance(value, dict) and name not in value]
+    if kind == "additionalProperties" and expected is False and isinstance(value, dict):
+        known = schema.get("properties", {})
+        patterns = [re.compile(p) for p in schema.get("patternProperties", {})]
+        return [{"path": _render([*at, name]), "message": "is not an allowed field"}
+                for name in value if name not in known and not any(p.search(name) for p in patterns)]
+    if kind == "type":
+        names = [expected] if isinstance(expected, str) else list(expected)
+        message = _type_message(names, value)
+    elif kind == "enum":
+        message = f"must be one of {', '.join(map(str, expected))}"
+    elif kind == "minimum":
+        message = f"must be >= {expected}"
+    elif kind == "minItems":
+        message = f"must have at least {expected} items"
+    elif schema is False:
+        message = "is not allowed"
+    else:
+        message = error.message
+    return [{"path": _render(at), "message": message}]
+
+
+def compile_schema(path: Path) -> Callable[[Any], list[Problem]]:
+    """A validator for a schema file (and everything it references): [] when valid."""
+    accept = _accepting(path)
+    lister = _listing(path)
+
+    def validate(document: Any) -> list[Problem]:
+        try:
+            accept(document)
+        except fastjsonschema.JsonSchemaValueException as refused:
+            problems = [p for error in lister.iter_errors(document) for p in _problems(error)]
+            # fastjsonschema's verdict stands; should jsonschema find nothing, its own reason is the answer.
+            return problems or [{"path": _render(refused.path[1:]), "message": refused.message}]
+        return []
+    return validate
+
+
+def load_run_start_validator() -> Callable[[Any], list[Problem]]:
+    return compile_schema(SCHEMA_DIR / RUN_START_SCHEMA)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# Built once: json.loads with any keyword argument builds a new decoder per call.
+_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
+_JSON_TYPES = (b"application/json",)
+# The exact header values clients send: accepted without parsing.
+_PLAIN_JSON = frozenset({b"application/json", b"application/json; charset=utf-8", b"application/json;charset=UTF-8"})
+
+
+class BodyRules:
+    def __init__(self, limits: LimitsConfig) -> None:
+        self._limit = limits.max_body_bytes
+        self._body_timeout_s = limits.body_timeout_s
+        self._validate = load_run_start_validator()
+
+    def before(self, request: Request, route: Route) -> Answer | None:
+        """What refuses a request before its body is read: a body where none belongs, a run start
+        that is not JSON or comes encoded (the edge validates it and decompresses nothing), a
+        declared size over the limit."""
+        rid = request.request_id
+        if request.method != "POST":
+            return _no_body(request, route) if request.content_length else None
+        if route is START_RUN and request.content_type not in _PLAIN_JSON:
+            ctype = (request.content_type or b"").partition(b";")[0].strip().lower()
+            if ctype not in _JSON_TYPES and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
+                return error_answer(415, "unsupported_media_type", "Send the run start body as application/json",
+                                    request_id=rid, details={"content_type": ctype[:100].decode("latin-1")})
+        if route is START_RUN and request.content_encoding is not None:
+            coding = request.content_encoding
+            if coding.strip().lower() != b"identity":
+                return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
+                                    request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
+        if request.content_length is not None and request.content_length > self._limit:
+            return self._too_large(rid)
+        return None
+
+    def now(self, request: Request, route: Route) -> bytes | None | Answer:
+        """The body to forward of a complete request, or the refusal."""
+        try:
+            body = request.body_now()
+        except BodyTooLarge:
+            return self._too_large(request.request_id)
+        return self._checked(request, route, body)
+
+    async def later(self, request: Request, route: Route) -> bytes | None | Answer:
+        """The body to forward once it has arrived (`100 Continue` first if the client waits), or the
+        refusal: 413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full
+        that long, 431 for an oversized trailer section, 400 when it ends early or breaks."""
+        rid = request.request_id
+        try:
+            body = await request.read_body()
+        except BodyTooLarge:
+            return self._too_large(rid)
+        except BodyTimeout:
+            return error_answer(408, "request_timeout", "The request body did not arrive in time", request_id=rid,
+                                details={"body_timeout_s": self._body_timeout_s})
+        except Overloaded:
+            return error_answer(503, "overloaded", "The gateway holds too many request bytes; retry shortly",
+                                request_id=rid, retryable=True, details={"reason": "buffer_budget_full"})
+        except TrailerTooLarge:
+            return error_answer(431, "request_header_fields_too_large", "The request trailer section is too large",
+                                request_id=rid, details={"reason": "trailer_too_large"})
+        except BodyIncomplete as exc:
+            return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
+                                request_id=rid, details={"reason": exc.reason})
+        return self._checked(request, route, body)
+
+    def _checked(self, request: Request, route: Route, body: bytes) -> bytes | None | Answer:
+        """None on GET routes (an empty chunked body is no body), a valid RunStartRequest on a run
+        start, the body as it came on a cancel."""
+        if request.method != "POST":
+            return _no_body(request, route) if body else None
+        if route is START_RUN:
+            problems = self._problems(body)
+            if problems:
+                return error_answer(400, "invalid_request", "The run start request is not a valid RunStartRequest",
+                                    request_id=request.request_id, details={"errors": problems})
+        return body
+
+    def _problems(self, body: bytes) -> list[Problem]:
+        try:
+            document = _DECODE(body.decode("utf-8"))  # RFC 8259: JSON between systems is UTF-8
+        except (ValueError, RecursionError) as exc:
+            problem = {"path": "$", "message": f"not valid JSON: {type(exc).__name__}"}
+            if isinstance(exc, json.JSONDecodeError):
+                problem["message"] = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            return [problem]
+        return self._validate(document)
+
+    def _too_large(self, rid: str) -> Answer:
+        return error_answer(413, "payload_too_large", f"The request body exceeds {self._limit} bytes",
+                            request_id=rid, details={"max_body_bytes": self._limit})
+
+
+def _no_body(request: Request, route: Route) -> Answer:
+    return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
+                        request_id=request.request_id, details={"reason": "unexpected_body"})

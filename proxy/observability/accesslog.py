@@ -1,0 +1,119 @@
+"""The access log: one JSON line per request on stdout.
+
+Lines are buffered and written in batches (at most every 0.2 s, or sooner
+when many pile up): a write and flush per request would cost more than
+everything else the gateway does for it. Logged are values the gateway itself
+produced or checked (ids, route templates, sizes, auth reasons, the client
+address, a configured issuer, the routed run id) and one header, the
+User-Agent, cut to USER_AGENT_CHARS and JSON-escaped; never a token. The
+subject only when configured. `upstream_ms` is null when the coordinator
+never answered (unreachable, timed out, garbled), else the time to its headers.
+
+    log = AccessLog(sys.stdout, log_subject=False)
+    log.record(request_id=rid, method="POST", route="/v1/runs", status=200, seconds=0.0021, upstream_s=0.0015,
+               bytes_in=120, bytes_out=180, auth_result="allowed", auth_reason="", subject=None,
+               client="10.1.2.3", user_agent=b"curl/8.5.0", issuer="https://idp", run_id=None)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TextIO
+
+from ..util.boundedcache import BoundedCache
+
+log = logging.getLogger("proxy.observability.accesslog")
+
+FLUSH_INTERVAL_S = 0.2
+FLUSH_LINES = 256
+USER_AGENT_CHARS = 256
+RUN_ID_CHARS = 256
+ERROR_LOG_INTERVAL_S = 10.0
+# Clients repeat their User-Agent: each distinct one is escaped once.
+USER_AGENT_CACHE = 1024
+
+
+class AccessLog:
+    def __init__(self, out: TextIO, *, log_subject: bool) -> None:
+        self._out = out
+        self._log_subject = log_subject
+        self._pending: list[str] = []
+        self._handle: asyncio.TimerHandle | None = None
+        self._agents: BoundedCache[bytes, str] = BoundedCache(USER_AGENT_CACHE)
+        self._agent = self._agents.getter(touch=False)
+        self._issuers: dict[str, str] = {}   # only configured issuers reach here: a bounded set
+        self._last_error: float | None = None
+
+    def record(self, *, request_id: str, method: str, route: str, status: int, seconds: float,
+               upstream_s: float | None, bytes_in: int, bytes_out: int, auth_result: str,
+               auth_reason: str, subject: str | None, client: str, user_agent: bytes | None,
+               issuer: str | None, run_id: str | None) -> None:
+        # A %-template, not json.dumps of a dict: every field is a number or a gateway-made token
+        # (request ids are validated, routes are templates, reasons fixed words, the client an
+        # address from the socket or one parsed as an address, the run id a routed path segment of
+        # RFC 3986 characters, which hold no quote, backslash or control) except the method, the
+        # user agent, the issuer and the subject, which are JSON-escaped.
+        if user_agent is not None:
+            agent = user_agent[:USER_AGENT_CHARS]
+            escaped = self._agent(agent)
+            if escaped is None:
+                escaped = _dumps(agent.decode("utf-8", "replace"))
+                self._agents.put(agent, escaped)
+        else:
+            escaped = "null"
+        line = _LINE % (_timestamp(), request_id, _dumps(method), route, status, seconds * 1000,
+                        "null" if upstream_s is None else "%.3f" % (upstream_s * 1000),
+                        bytes_in, bytes_out, auth_result, auth_reason, client, escaped,
+                        "null" if issuer is None else self._issuer(issuer),
+                        "null" if run_id is None else '"' + run_id[:RUN_ID_CHARS] + '"')
+        if self._log_subject and subject is not None:
+            line = line[:-1] + ',"subject":' + _dumps(subject) + "}"
+        self._pending.append(line)
+        if len(self._pending) >= FLUSH_LINES:
+            self.flush()
+        elif self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self.flush)
+
+    def _issuer(self, issuer: str) -> str:
+        escaped = self._issuers.get(issuer)
+        if escaped is None:
+            escaped = self._issuers[issuer] = _dumps(issuer)
+        return escaped
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._pending:
+            lines = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            try:
+                self._out.write(lines)
+                self._out.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken stdout must never fail a request; the lines are lost
+            except Exception:
+                # Anything else is a bug in the stream, not in the request that happened to fill the
+                # batch: it must neither fail that request nor stop later flushes. Said once per interval.
+                now = time.monotonic()
+                if self._last_error is None or now - self._last_error >= ERROR_LOG_INTERVAL_S:
+                    self._last_error = now
+                    log.exception("access log write failed; %d lines lost", len(lines.splitlines()))
+
+
+_LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'
+         '"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,"bytes_out":%d,"auth":"%s","auth_reason":"%s",'
+         '"client":"%s","user_agent":%s,"issuer":%s,"run_id":%s}')
+_dumps = json.JSONEncoder(ensure_ascii=True).encode
+_second: list = [-1, ""]
+
+
+def _timestamp() -> str:
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:  # strftime once a second, not once a request
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"

@@ -1,0 +1,60 @@
+"""Observing requests: the one place that counts a request in and out and writes its log line.
+
+Every request passes `begin` once when the listener hands it over and `end` once when its
+answer is written (or it ended without one: 499 when the client left, 500 when handling
+failed), so `requests_in_flight` can never drift and every answer has its metrics and its
+access-log line.
+
+    observer = RequestObserver(metrics, access_log)
+    observer.begin(request)
+    ...
+    observer.end(request, status=0)     # 0: the status the answer carried
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, Route
+from ..auth import EXEMPT, AuthOutcome
+from ..edge.listener import Request
+from .accesslog import AccessLog
+from .metrics import GatewayMetrics
+
+# Characters after the run id in each route that names one (its path starts "/v1/runs/").
+_RUN_ID_TAIL = {GET_RUN: 0, CANCEL_RUN: len(":cancel"), RUN_EVENTS: len("/events")}
+
+
+class RequestObserver:
+    def __init__(self, metrics: GatewayMetrics | None, access_log: AccessLog | None) -> None:
+        self._metrics = metrics
+        self._access_log = access_log
+
+    def begin(self, request: Request) -> None:
+        request.started = time.perf_counter()
+        if self._metrics is not None:
+            self._metrics.in_flight += 1
+
+    def end(self, request: Request, status: int = 0) -> None:
+        """`status`: what the request ended with when it was not an answer (499, 500)."""
+        seconds = time.perf_counter() - request.started
+        status = status or request.status or 500
+        route: Route = request.route  # type: ignore[assignment]
+        outcome: AuthOutcome | None = request.outcome  # type: ignore[assignment]
+        principal = outcome.principal if outcome is not None else None
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.in_flight -= 1
+            metrics.request(route.template, request.method, status, seconds,
+                            None if outcome is None or outcome is EXEMPT else
+                            (outcome.issuer, outcome.result, outcome.reason))
+        if self._access_log is not None:
+            tail = _RUN_ID_TAIL.get(route)
+            self._access_log.record(
+                request_id=request.request_id, method=request.method or "-", route=route.template, status=status,
+                seconds=seconds, upstream_s=request.upstream_s, bytes_in=request.body_size,
+                bytes_out=request.bytes_out, auth_result=outcome.result if outcome else "none",
+                auth_reason=outcome.reason if outcome else "", subject=principal.subject if principal else None,
+                client=request.client or request.conn.peer, user_agent=request.user_agent,
+                issuer=outcome.issuer if outcome else None,
+                run_id=None if tail is None else request.path[9:len(request.path) - tail])

@@ -1,0 +1,1 @@
+"""The configuration: its models, the environment overlay and the checks run at load."""

@@ -1,0 +1,460 @@
+"""Tests for bearer-token verification (proxy/auth/tokens.py) against a real JWKS server.
+
+The IdP and key fake is tests/support/keys.py; its fixtures are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from joserfc import jws, jwt
+from joserfc.jwk import OctKey
+from joserfc.jws import JWSRegistry
+from joserfc.registry import HeaderParameter
+
+import proxy.auth.tokens
+from proxy.util.clock import FakeClock
+from proxy.settings.config import AuthConfig
+from proxy.auth.jwks_fetch import JwksFetchError
+from proxy.auth.jwks_store import KeysUnavailable
+from proxy.auth.tokens import (
+    AudienceMismatch, BadSignature, Expired, ForbiddenHeader, InvalidClaim, IssuerMismatch,
+    MalformedToken, MissingClaim, NotYetValid, TokenError, TokenTooLarge, TokenVerifier,
+    UnknownKey, UnsupportedAlg,
+)
+from tests.support.keys import ASYM_ALGS, IdP, Registries, auth_config, claims_for, issuer_config, signer
+
+HMAC_SECRET = "an-hmac-secret-of-at-least-32-bytes!"
+
+VerifierFor = Callable[[AuthConfig], Awaitable[TokenVerifier]]
+
+
+@pytest.fixture
+def verifier_for(registries: Registries, clock: FakeClock) -> VerifierFor:
+    async def make(auth: AuthConfig) -> TokenVerifier:
+        return TokenVerifier(auth, await registries(auth), clock)
+    return make
+
+
+@pytest.fixture
+async def verifier(idp: IdP, verifier_for: VerifierFor) -> TokenVerifier:
+    return await verifier_for(auth_config(idp))
+
+
+def good(idp: IdP, clock: FakeClock, tenant: str = "a", **overrides: Any) -> dict[str, Any]:
+    return claims_for(idp.issuer(tenant), clock, **overrides)
+
+
+async def rejected(verifier: TokenVerifier, token: str, error: type[TokenError]) -> TokenError:
+    with pytest.raises(error) as caught:
+        await verifier.verify(token)
+    assert caught.value.reason == error.reason
+    if len(token) >= 8:
+        assert token not in caught.value.description and token not in str(caught.value)
+    return caught.value
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def segments(token: str) -> list[str]:
+    return token.split(".")
+
+
+# --------------------------------------------------------------------------- accepted tokens
+
+
+@pytest.mark.filterwarnings("ignore::joserfc.errors.SecurityWarning")  # joserfc: EdDSA per RFC 9864
+@pytest.mark.parametrize("alg", ASYM_ALGS)
+async def test_valid_token_passes(idp: IdP, verifier_for: VerifierFor, clock: FakeClock, alg: str) -> None:
+    key = signer(f"a-{alg}", alg)
+    idp.publish("a", key)
+    verifier = await verifier_for(auth_config(idp))
+    token = key.sign(good(idp, clock))
+    principal = await verifier.verify(token)
+    assert principal.subject == "user-1" and principal.issuer == idp.issuer("a")
+    assert principal.scopes == {"runs:read", "runs:write"} and principal.kind == "token"
+    assert principal.token == token and principal.expires_at == clock.time() + 300
+    assert principal.claims["aud"] == "arp-run-gateway"
+
+
+async def test_audience_array_containing_ours_passes(idp: IdP, verifier: TokenVerifier,
+                                                     clock: FakeClock) -> None:
+    token = signer("a-rsa").sign(good(idp, clock, aud=["other", "arp-run-gateway"]))
+    assert (await verifier.verify(token)).subject == "user-1"
+
+
+# --------------------------------------------------------------------------- keys and algorithms
+
+
+async def test_key_of_another_issuer_never_verifies(idp: IdP, verifier: TokenVerifier,
+                                                    clock: FakeClock) -> None:
+    b_key = signer("b-rsa")
+    await rejected(verifier, b_key.sign(good(idp, clock, "a")), UnknownKey)
+    # ...not even when the token names one of A's kids.
+    await rejected(verifier, b_key.sign(good(idp, clock, "a"), kid="a-rsa"), BadSignature)
+    assert (await verifier.verify(b_key.sign(good(idp, clock, "b")))).issuer == idp.issuer("b")
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+async def test_alg_none_is_rejected(idp: IdP, verifier: TokenVerifier, clock: FakeClock, alg: str) -> None:
+    header = b64(json.dumps({"alg": alg, "kid": "a-rsa"}).encode())
+    payload = b64(json.dumps(good(idp, clock)).encode())
+    await rejected(verifier, f"{header}.{payload}.", UnsupportedAlg)
+
+
+async def test_hs256_signed_with_the_rsa_public_key_is_rejected(
+        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    pem = signer("a-rsa").key.as_pem(private=False)
+    # The classic key-confusion forgery. joserfc refuses to import a PEM as an oct key,
+    # so the attacker's key is built directly.
+    forged = OctKey(pem, pem)
+    claims = good(idp, clock)
+    token = jwt.encode({"alg": "HS256", "kid": "a-rsa"}, claims, forged, algorithms=["HS256"])
+    await rejected(await verifier_for(auth_config(idp)), token, UnsupportedAlg)
+    # Even where HS256 is allowed, only the configured secret is an HMAC key.
+    mixed = issuer_config(idp, "a", algorithms=("RS256", "HS256"), hmac_secret=HMAC_SECRET)
+    await rejected(await verifier_for(auth_config(idp, mixed)), token, BadSignature)
+
+
+async def test_hs256_passes_only_on_the_issuer_with_that_secret(
+        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    secret = OctKey.import_key(HMAC_SECRET.encode())
+    token = jwt.encode({"alg": "HS256"}, good(idp, clock, "h"), secret, algorithms=["HS256"])
+    with_secret = issuer_config(idp, "h", jwks_uri=None, algorithms=("HS256",), hmac_secret=HMAC_SECRET)
+    principal = await (await verifier_for(auth_config(idp, with_secret))).verify(token)
+    assert principal.issuer == idp.issuer("h")
+    without = issuer_config(idp, "h", algorithms=("RS256",))
+    await rejected(await verifier_for(auth_config(idp, without)), token, UnsupportedAlg)
+
+
+async def test_kid_of_a_key_for_another_alg_is_rejected(idp: IdP, verifier: TokenVerifier,
+                                                        clock: FakeClock) -> None:
+    # a-rsa is published with alg RS256; the same RSA key signing PS256 must not pass.
+    token = signer("a-rsa").sign(good(idp, clock), alg="PS256")
+    await rejected(verifier, token, UnknownKey)
+
+
+async def test_unknown_kid_refetches_once_then_respects_the_cooldown(
+        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-unpublished").sign(good(idp, clock))
+    await rejected(verifier, token, UnknownKey)
+    assert idp.fetches("a") == 2
+    await rejected(verifier, token, UnknownKey)
+    assert idp.fetches("a") == 2
+
+
+async def test_rotated_key_is_picked_up_by_the_unknown_kid_refresh(
+        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    idp.publish("a", signer("a-rsa"), signer("a-rsa-next"))
+    token = signer("a-rsa-next").sign(good(idp, clock))
+    assert (await verifier.verify(token)).subject == "user-1"
+    assert idp.fetches("a") == 2
+
+
+async def test_thousand_concurrent_tokens_with_a_new_kid_cause_one_fetch(
+        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    idp.publish("a", signer("a-rsa-next"))
+    token = signer("a-rsa-next").sign(good(idp, clock))
+    principals = await asyncio.gather(*(verifier.verify(token) for _ in range(1000)))
+    assert idp.fetches("a") == 2
+    assert len(principals) == 1000 and all(p.subject == "user-1" for p in principals)
+
+
+# --------------------------------------------------------------------------- headers
+
+
+@pytest.mark.parametrize("name", ["jku", "x5u", "jwk", "x5c"])
+async def test_key_carrying_headers_are_rejected_and_never_followed(
+        idp: IdP, verifier: TokenVerifier, clock: FakeClock, name: str) -> None:
+    attacker = signer("attacker")
+    value: Any = {
+        "jku": f"{idp.base}/evil/jwks",
+        "x5u": f"{idp.base}/evil/cert.pem",
+        "jwk": attacker.jwk(),
+        "x5c": ["MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"],
+    }[name]
+    token = attacker.sign(good(idp, clock), **{name: value})
+    error = await rejected(verifier, token, ForbiddenHeader)
+    assert name in error.description
+    await asyncio.sleep(0.05)  # had anything gone out, it would have arrived by now
+    assert idp.hits["evil"] == 0 and idp.fetches("a") == 1
+
+
+async def test_crit_header_is_rejected(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    key = signer("a-rsa")
+    registry = JWSRegistry(header_registry={"ext": HeaderParameter("an extension", "str")},
+                           algorithms=["RS256"])
+    header = {"alg": "RS256", "kid": "a-rsa", "crit": ["ext"], "ext": "must-understand"}
+    token = jws.serialize_compact(header, json.dumps(good(idp, clock)), key.key, registry=registry)
+    await rejected(verifier, token, ForbiddenHeader)
+
+
+async def test_unknown_non_critical_header_is_ignored(idp: IdP, verifier: TokenVerifier,
+                                                      clock: FakeClock) -> None:
+    header = {"alg": "RS256", "kid": "a-rsa", "x-vendor": "1"}
+    lenient = JWSRegistry(algorithms=["RS256"], strict_check_header=False)
+    token = jws.serialize_compact(header, json.dumps(good(idp, clock)), signer("a-rsa").key,
+                                  registry=lenient)
+    assert (await verifier.verify(token)).subject == "user-1"
+
+
+# --------------------------------------------------------------------------- shape
+
+
+async def test_oversized_token_is_rejected_before_any_fetch(
+        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-unpublished").sign(good(idp, clock, pad="x" * 8192))
+    await rejected(verifier, token, TokenTooLarge)
+    await rejected(verifier, "a" * 100_000, TokenTooLarge)
+    assert idp.fetches("a") == 1 and verifier.cache_misses == 0
+
+
+@pytest.mark.parametrize("token", [
+    "not-base64!.eyJ9.sig",
+    "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0",        # two segments
+    "a.b.c.d",
+    "",
+    "ééé.ééé.ééé",
+    b64(b"[1]") + "." + b64(b"{}") + ".c2ln",       # header is not an object
+    b64(b'{"alg":"RS256"}') + ".%%%.c2ln",           # payload not base64url
+    b64(b'{"alg":"RS256"}') + "." + b64(b"[1,2]") + ".c2ln",  # payload not an object
+    b64(b'{"typ":"JWT"}') + "." + b64(b"{}") + ".c2ln",       # no alg
+])
+async def test_malformed_tokens(verifier: TokenVerifier, token: str) -> None:
+    await rejected(verifier, token, MalformedToken)
+
+
+async def test_tampered_payload_fails(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    header, _, signature = segments(signer("a-rsa").sign(good(idp, clock)))
+    forged = b64(json.dumps(good(idp, clock, sub="admin")).encode())
+    await rejected(verifier, f"{header}.{forged}.{signature}", BadSignature)
+
+
+async def test_tampered_signature_fails(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    header, payload, signature = segments(signer("a-rsa").sign(good(idp, clock)))
+    middle = len(signature) // 2
+    flipped = signature[:middle] + ("A" if signature[middle] != "A" else "B") + signature[middle + 1:]
+    await rejected(verifier, f"{header}.{payload}.{flipped}", BadSignature)
+
+
+# --------------------------------------------------------------------------- claims
+
+
+async def test_wrong_issuer(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    key = signer("a-rsa")
+    await rejected(verifier, key.sign(good(idp, clock, iss=idp.issuer("c"))), IssuerMismatch)
+    await rejected(verifier, key.sign(good(idp, clock, iss=idp.issuer("a") + "/")), IssuerMismatch)
+    await rejected(verifier, key.sign(good(idp, clock, iss=None)), MissingClaim)
+    await rejected(verifier, key.sign(good(idp, clock, iss=["x"])), InvalidClaim)
+
+
+@pytest.mark.parametrize("aud", ["someone-else", ["someone-else", "another"], []])
+async def test_wrong_audience(idp: IdP, verifier: TokenVerifier, clock: FakeClock, aud: Any) -> None:
+    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, aud=aud)), AudienceMismatch)
+
+
+async def test_audience_missing_or_malformed(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    key = signer("a-rsa")
+    await rejected(verifier, key.sign(good(idp, clock, aud=None)), MissingClaim)
+    await rejected(verifier, key.sign(good(idp, clock, aud=5)), InvalidClaim)
+    await rejected(verifier, key.sign(good(idp, clock, aud=["arp-run-gateway", 5])), InvalidClaim)
+
+
+def test_default_clock_skew_is_sixty_seconds() -> None:
+    assert AuthConfig().clock_skew_s == 60
+
+
+async def test_expired_beyond_skew_fails(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    now = int(clock.time())
+    token = signer("a-rsa").sign(good(idp, clock, iat=now - 400, nbf=now - 400, exp=now - 60))
+    await rejected(verifier, token, Expired)
+
+
+async def test_expired_within_skew_passes(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    now = int(clock.time())
+    token = signer("a-rsa").sign(good(idp, clock, iat=now - 400, nbf=now - 400, exp=now - 59))
+    assert (await verifier.verify(token)).expires_at == now - 59
+
+
+async def test_exp_missing(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    error = await rejected(verifier, signer("a-rsa").sign(good(idp, clock, exp=None)), MissingClaim)
+    assert error.claim == "exp"  # type: ignore[attr-defined]
+
+
+async def test_exp_nan_is_rejected(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    # joserfc's own claims check accepts exp: NaN as "never expires"; Python's json
+    # parses the NaN literal. We refuse the non-JSON constant outright.
+    payload = json.dumps(good(idp, clock, exp=float("nan"))).encode()
+    assert b"NaN" in payload
+    await rejected(verifier, signer("a-rsa").sign_raw(payload), MalformedToken)
+    for literal in (b"Infinity", b"-Infinity"):
+        raw = payload.replace(b"NaN", literal)
+        await rejected(verifier, signer("a-rsa").sign_raw(raw), MalformedToken)
+
+
+async def test_exp_overflowing_to_infinity_is_invalid(idp: IdP, verifier: TokenVerifier,
+                                                      clock: FakeClock) -> None:
+    payload = json.dumps(good(idp, clock, exp=1)).replace('"exp": 1', '"exp": 1e400').encode()
+    await rejected(verifier, signer("a-rsa").sign_raw(payload), InvalidClaim)
+
+
+@pytest.mark.parametrize("exp", ["2000000000", True, {"t": 1}, [1]])
+async def test_exp_of_the_wrong_type(idp: IdP, verifier: TokenVerifier, clock: FakeClock, exp: Any) -> None:
+    error = await rejected(verifier, signer("a-rsa").sign(good(idp, clock, exp=exp)), InvalidClaim)
+    assert error.claim == "exp"  # type: ignore[attr-defined]
+
+
+async def test_nbf_in_the_future(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    now = int(clock.time())
+    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, nbf=now + 61)), NotYetValid)
+    assert await verifier.verify(signer("a-rsa").sign(good(idp, clock, nbf=now + 59)))
+
+
+async def test_iat_in_the_future(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    now = int(clock.time())
+    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, iat=now + 61)), NotYetValid)
+    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, iat="yesterday")), InvalidClaim)
+
+
+async def test_subject_is_required(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, sub=None)), MissingClaim)
+    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, sub="")), InvalidClaim)
+
+
+# --------------------------------------------------------------------------- key availability
+
+
+async def test_cold_start_with_idp_down_is_unavailable_then_recovers(
+        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    idp.mode = "503"
+    verifier = await verifier_for(auth_config(idp))  # registry.start() must not raise
+    token = signer("a-rsa").sign(good(idp, clock))
+    with pytest.raises(KeysUnavailable) as err:
+        await verifier.verify(token)
+    assert not isinstance(err.value, TokenError) and err.value.retry_after_s >= 1
+    idp.mode = "ok"
+    clock.advance(30)
+    token = signer("a-rsa").sign(good(idp, clock))
+    assert (await verifier.verify(token)).subject == "user-1"
+
+
+async def test_keys_staler_than_max_stale_are_unavailable(
+        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(idp, jwks_max_stale_s=3600, token_cache_size=0))
+    idp.mode = "503"
+    clock.advance(3601)
+    with pytest.raises(KeysUnavailable):
+        await verifier.verify(signer("a-rsa").sign(good(idp, clock)))
+
+
+async def test_cached_tokens_stop_too_when_keys_pass_max_stale(
+        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(idp, jwks_max_stale_s=3600))
+    token = signer("a-rsa").sign(good(idp, clock, exp=int(clock.time()) + 7200))
+    await verifier.verify(token)
+    idp.mode = "503"
+    clock.advance(3601)
+    with pytest.raises(KeysUnavailable):
+        await verifier.verify(token)
+
+
+async def test_failed_refresh_keeps_verifying_with_last_good_keys(
+        idp: IdP, registries: Registries, clock: FakeClock) -> None:
+    auth = auth_config(idp, token_cache_size=0)
+    registry = await registries(auth)
+    verifier = TokenVerifier(auth, registry, clock)
+    idp.mode = "bad_json"
+    clock.advance(301)
+    assert registry.find_by_issuer(idp.issuer("a")) is not None
+    with pytest.raises(JwksFetchError):
+        await registry.refresher(idp.issuer("a")).refresh()
+    assert (await verifier.verify(signer("a-rsa").sign(good(idp, clock)))).subject == "user-1"
+
+
+# --------------------------------------------------------------------------- verified-token cache
+
+
+async def test_cache_hit_skips_signature_verification(
+        idp: IdP, verifier: TokenVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = proxy.auth.tokens.jws.validate_compact
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(proxy.auth.tokens.jws, "validate_compact", counting)
+    token = signer("a-rsa").sign(good(idp, clock))
+    first = await verifier.verify(token)
+    second = await verifier.verify(token)
+    assert second is first and len(calls) == 1
+    assert verifier.cache_hits == 1 and verifier.cache_misses == 1
+
+
+async def test_cache_entry_is_dropped_when_its_kid_leaves_the_jwks(
+        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    old = signer("a-rsa").sign(good(idp, clock))
+    await verifier.verify(old)
+    idp.publish("a", signer("a-rsa-next"))
+    await verifier.verify(signer("a-rsa-next").sign(good(idp, clock)))  # refresh: a-rsa is gone
+    await rejected(verifier, old, UnknownKey)
+    assert verifier.cache_hits == 0 and verifier.cache_size == 1
+
+
+async def test_cache_entry_expires_at_exp(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-rsa").sign(good(idp, clock, exp=int(clock.time()) + 100))
+    await verifier.verify(token)
+    clock.advance(99)
+    await verifier.verify(token)
+    assert verifier.cache_hits == 1
+    clock.advance(1)
+    await verifier.verify(token)  # inside the skew: verified afresh, but no longer cached
+    assert verifier.cache_hits == 1 and verifier.cache_misses == 2 and verifier.cache_size == 0
+    clock.advance(60)
+    await rejected(verifier, token, Expired)
+
+
+async def test_cache_is_bounded_lru(idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(idp, token_cache_size=2))
+    key = signer("a-rsa")
+    t1, t2, t3 = (key.sign(good(idp, clock, sub=f"user-{n}")) for n in (1, 2, 3))
+    await verifier.verify(t1)
+    await verifier.verify(t2)
+    await verifier.verify(t1)         # t1 now most recent
+    await verifier.verify(t3)         # evicts t2
+    assert verifier.cache_size == 2 and verifier.cache_hits == 1
+    await verifier.verify(t1)
+    assert verifier.cache_hits == 2
+    await verifier.verify(t2)
+    assert verifier.cache_hits == 2
+
+
+async def test_cache_size_zero_disables_the_cache(idp: IdP, verifier_for: VerifierFor,
+                                                  clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(idp, token_cache_size=0))
+    token = signer("a-rsa").sign(good(idp, clock))
+    await verifier.verify(token)
+    await verifier.verify(token)
+    assert verifier.cache_hits == 0 and verifier.cache_size == 0
+
+
+async def test_rejections_are_not_cached(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-rsa").sign(good(idp, clock, aud="someone-else"))
+    await rejected(verifier, token, AudienceMismatch)
+    await rejected(verifier, token, AudienceMismatch)
+    assert verifier.cache_size == 0 and verifier.cache_hits == 0
+
+
+def test_errors_have_distinct_reasons() -> None:
+    errors = [MalformedToken, TokenTooLarge, UnsupportedAlg, UnknownKey, BadSignature, Expired,
+              NotYetValid, IssuerMismatch, AudienceMismatch, InvalidClaim, MissingClaim, ForbiddenHeader]
+    assert len({e.reason for e in errors}) == len(errors)
+    assert all(issubclass(e, TokenError) for e in errors)
+    assert not issubclass(KeysUnavailable, TokenError)

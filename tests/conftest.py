@@ -5,20 +5,23 @@ Helpers and fakes live in tests/support/; this file only turns them into fixture
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.util.clock import FakeClock
+from proxy.util.clock import Clock, FakeClock
 from proxy.settings.config import AuthConfig
 from proxy.dev import coordinator as devcoordinator
 from proxy.auth.jwks_refresh import JwksRegistry
 from proxy.runtime.server import start_gateway
 from tests.support.gateway import Upstream, gateway_config
-from tests.support.keys import IdP, Registries, park, signer
+from tests.support.idp import MockIdp
+from tests.support.keys import JwksServer, Registries, park, signer
+from tests.support.threadidp import ThreadIdp
 
 
 @pytest.fixture
@@ -39,11 +42,13 @@ GatewayFactory = Callable[..., Awaitable[str]]
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[GatewayFactory]:
-    """`url = await gateway(upstream_url, auth={...})` starts a gateway; all are stopped at teardown."""
+    """`url = await gateway(upstream_url, auth={...})` starts a gateway; all are stopped at teardown.
+
+    `clock=` (e.g. the `clock` fixture) replaces the system clock, for tests of expiry and cooldowns."""
     runners: list[web.AppRunner] = []
 
-    async def start(upstream: str | None, /, **sections: Any) -> str:
-        runner, url = await start_gateway(gateway_config(upstream, **sections))
+    async def start(upstream: str | None, /, *, clock: Clock | None = None, **sections: Any) -> str:
+        runner, url = await start_gateway(gateway_config(upstream, **sections), clock=clock)
         runners.append(runner)
         return url
 
@@ -59,13 +64,34 @@ async def upstream() -> AsyncIterator[Upstream]:
     await server.close()
 
 
+# --------------------------------------------------------------------------- the IdP (tests/support/idp.py)
+
+
+@pytest.fixture(scope="session")
+def idp() -> Iterator[ThreadIdp]:
+    """The IdP: oauth2-mock-server on loopback, one node process for the whole run, minting tokens.
+
+    Shared, so it cannot be changed: tests that rotate its keys or take it down use `fresh_idp`."""
+    shared = ThreadIdp()
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+async def fresh_idp() -> AsyncIterator[MockIdp]:
+    """An oauth2-mock-server of this test alone, in the test's loop: for key rotation and outages."""
+    own = await MockIdp.start()
+    yield own
+    await own.close()
+
+
 # --------------------------------------------------------------------------- keys (tests/support/keys.py)
 
 
 @pytest.fixture
-async def idp() -> AsyncIterator[IdP]:
-    """The JWKS fake with tenant "a" publishing key a-rsa and tenant "b" publishing b-rsa."""
-    server = IdP()
+async def jwks_server() -> AsyncIterator[JwksServer]:
+    """The scripted JWKS server: tenant "a" publishes key a-rsa and tenant "b" publishes b-rsa."""
+    server = JwksServer()
     await server.start()
     server.publish("a", signer("a-rsa"))
     server.publish("b", signer("b-rsa"))
@@ -81,7 +107,9 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    """Time that moves only on `clock.advance(s)`. It starts at the real time, in whole seconds as
+    JWT dates are, so tokens the IdP mints with real iat/exp are valid on it too."""
+    return FakeClock(start=float(int(time.time())))
 
 
 @pytest.fixture

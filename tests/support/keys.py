@@ -1,9 +1,10 @@
-"""The one key and IdP fake for unit tests of the JWKS store, fetcher, scheduler and token verifier.
+"""Signing keys and a scripted JWKS server for unit tests of the JWKS store, fetcher, scheduler and verifier.
 
-Real HTTP: `IdP` is a small aiohttp JWKS and discovery server on 127.0.0.1:0
-that serves keys generated with joserfc, counts requests and fails on demand.
+Real HTTP: `JwksServer` is a small aiohttp JWKS and discovery server on 127.0.0.1:0
+that serves keys generated with joserfc, counts requests and fails on demand. It is
+not an IdP (it issues no tokens); the IdP is the `idp` fixture (tests/support/idp.py).
 `signer(name)` gives a private key (cached per process) that tests sign tokens
-with and the IdP publishes; `claims_for` builds claims a verifier accepts.
+with and the server publishes; `claims_for` builds claims a verifier accepts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from proxy.util.clock import FakeClock
 from proxy.settings.config import AuthConfig, IssuerConfig
 from proxy.auth.jwks_refresh import JwksRegistry
 
-# The `registries` fixture (tests/conftest.py): `await registries(auth_config(idp))` starts one.
+# The `registries` fixture (tests/conftest.py): `await registries(auth_config(jwks_server))` starts one.
 Registries = Callable[..., Awaitable[JwksRegistry]]
 
 AUDIENCE = "arp-run-gateway"
@@ -36,7 +37,7 @@ ASYM_ALGS = ("RS256", "PS256", "ES256", "EdDSA")
 
 @dataclass(frozen=True)
 class Signer:
-    """A private key the test IdP publishes (public half) and tests sign with."""
+    """A private key the JWKS server publishes (public half) and tests sign with."""
 
     key: Key
     kid: str | None
@@ -89,10 +90,10 @@ def claims_for(issuer: str, clock: FakeClock, **overrides: Any) -> dict[str, Any
     return {k: v for k, v in claims.items() if v is not None}
 
 
-# --------------------------------------------------------------------------- the test IdP
+# --------------------------------------------------------------------------- the JWKS server
 
 
-class IdP:
+class JwksServer:
     """JWKS and discovery documents per tenant on 127.0.0.1:0, counting every request.
 
     `mode` makes the JWKS endpoint fail: "503", "bad_json", "no_keys_list",
@@ -168,14 +169,14 @@ class IdP:
         return web.json_response({"keys": []})
 
 
-def issuer_config(idp: IdP, tenant: str, **overrides: Any) -> IssuerConfig:
-    base = IssuerConfig(issuer=idp.issuer(tenant), audiences=(AUDIENCE,),
-                        jwks_uri=idp.jwks_uri(tenant), algorithms=ASYM_ALGS)
+def issuer_config(server: JwksServer, tenant: str, **overrides: Any) -> IssuerConfig:
+    base = IssuerConfig(issuer=server.issuer(tenant), audiences=(AUDIENCE,),
+                        jwks_uri=server.jwks_uri(tenant), algorithms=ASYM_ALGS)
     return dataclasses.replace(base, **overrides)
 
 
-def auth_config(idp: IdP, *issuers: IssuerConfig, **overrides: Any) -> AuthConfig:
-    issuers = issuers or (issuer_config(idp, "a"), issuer_config(idp, "b"))
+def auth_config(server: JwksServer, *issuers: IssuerConfig, **overrides: Any) -> AuthConfig:
+    issuers = issuers or (issuer_config(server, "a"), issuer_config(server, "b"))
     return dataclasses.replace(AuthConfig(issuers=issuers), **overrides)
 
 

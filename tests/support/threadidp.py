@@ -1,39 +1,38 @@
-"""A MockIdp in its own loop thread, so one node process serves every test of a module.
+"""The IdP of the `idp` fixture: one MockIdp (oauth2-mock-server) in its own loop thread for the run.
 
 pytest-asyncio gives each test its own loop and a MockIdp belongs to the loop that
-started it; starting node per test costs ~0.5 s. (The same pattern as the private
-helper of test_auth_gateway.py, which test modules must not import.)
-
-    @pytest.fixture(scope="module")
-    def idp():
-        shared = ThreadIdp()
-        yield shared
-        shared.close()
+started it, while starting node per test is slow; so the shared IdP lives in a
+LoopThread and tests await it from their own loop:
 
     token = await idp.token({"sub": "alice", "aud": "x"})
+
+It only mints tokens and reads keys: a test that rotates keys or takes the IdP down
+uses `fresh_idp`, a MockIdp of its own, so it cannot disturb other tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from tests.support.idp import MockIdp
+from tests.support.loopthread import LoopThread
+
+T = TypeVar("T")
 
 
 class ThreadIdp:
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="edge-idp-loop", daemon=True)
-        self._thread.start()
-        self._idp: MockIdp = self._blocking(MockIdp.start())
+        self._thread = LoopThread()
+        try:
+            self._idp: MockIdp = self._thread.run(MockIdp.start())
+        except BaseException:
+            self._thread.close()
+            raise
 
-    def _blocking(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
-
-    async def _call(self, coro: Any) -> Any:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._thread.loop))
 
     @property
     def issuer(self) -> str:
@@ -51,8 +50,6 @@ class ThreadIdp:
 
     def close(self) -> None:
         try:
-            self._blocking(self._idp.close())
+            self._thread.run(self._idp.close())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
+            self._thread.close()

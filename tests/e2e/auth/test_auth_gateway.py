@@ -6,12 +6,9 @@ talks to it over real sockets, asserting what a caller or the coordinator would 
 status, ErrorEnvelope, WWW-Authenticate (RFC 6750), the headers the coordinator
 receives, and that refused requests never reach it.
 
-IdP lifetime: starting node costs ~0.5 s, so the tests that only mint tokens share
-one IdP per module. pytest-asyncio runs each test (and the conftest `gateway`/
-`upstream` fixtures) in its own function-scoped loop, and a MockIdp belongs to the
-loop that started it, so the shared one lives in a dedicated thread with its own
-loop (`ThreadIdp`, tests/support/threadidp.py); tests await it through `run_coroutine_threadsafe`. Tests that
-change the IdP (rotation, outages) start their own MockIdp in the test's loop.
+The IdP fixtures are in tests/conftest.py: tests that only mint tokens share `idp`
+(one node process for the run); tests that change the IdP (rotation, outages) take
+`fresh_idp`, one of their own.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +40,6 @@ from proxy.runtime.server import start_gateway
 from tests.support.servers import serve_app
 from tests.support.conformance import run_conformance
 from tests.support.gateway import RUN_START, gateway_config, json_response
-from tests.support.idp import MockIdp
-from tests.support.threadidp import ThreadIdp
 
 AUD = "arp-run-gateway"
 REALM = "arp-test-realm"
@@ -53,21 +48,6 @@ _TOKENISH = re.compile(r"[A-Za-z0-9_\-]{16,}")
 
 
 # --------------------------------------------------------------------------- the IdP
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[ThreadIdp]:
-    shared = ThreadIdp()
-    yield shared
-    shared.close()
-
-
-@pytest.fixture
-async def fresh_idp() -> AsyncIterator[MockIdp]:
-    """An IdP of this test alone (in the test's loop), for rotation and outages."""
-    own = await MockIdp.start()
-    yield own
-    await own.close()
 
 
 def auth_for(idp: Any, **extra: Any) -> dict[str, Any]:

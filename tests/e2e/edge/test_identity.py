@@ -8,7 +8,6 @@ values: a claim that cannot be a clean header value is refused, not trimmed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,13 +22,6 @@ CLAIM_HEADERS = {"tenant": "X-Tenant-Id", "email": "X-User-Email"}
 SPOOFED_NAMES = ["X-Auth-Subject", "x-auth-subject", "X_Auth_Subject", "x_auth_subject", "X-AUTH_Scopes",
                  "X_AUTH_ISSUER", "X-Auth-Issuer", "X-Auth-Anything", "X-Tenant-Id", "x_tenant_id", "X-TENANT_ID",
                  "X_User_Email", "x-user-email"]
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[ThreadIdp]:
-    shared = ThreadIdp()
-    yield shared
-    shared.close()
 
 
 def auth_for(idp: ThreadIdp, **extra: Any) -> dict[str, Any]:

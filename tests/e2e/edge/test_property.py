@@ -33,10 +33,10 @@ from hypothesis import strategies as st
 from proxy.edge.listener import MAX_PIPELINED
 from proxy.runtime.server import start_gateway
 from tests.support.gateway import RUN_START, gateway_config
-from tests.support.idp import MockIdp
 from tests.support.loopthread import LoopThread
 from tests.support.rawhttp import RawConnection, Response, gzip_bytes
 from tests.support.recording import SEQ_HEADER, StrictUpstream
+from tests.support.threadidp import ThreadIdp
 
 AUD = "arp-edge-property"
 RUN_START_BODY = json.dumps(RUN_START).encode()
@@ -464,9 +464,8 @@ def open_edge() -> Iterator[Edge]:
 
 
 @pytest.fixture(scope="module")
-def authed_edge() -> Iterator[tuple[Edge, str]]:
+def authed_edge(idp: ThreadIdp) -> Iterator[tuple[Edge, str]]:
     with LoopThread() as lt:
-        idp = lt.run(MockIdp.start())
         upstream = StrictUpstream()
         try:
             token = lt.run(idp.token({"sub": "alice", "aud": AUD}, 900))
@@ -478,7 +477,6 @@ def authed_edge() -> Iterator[tuple[Edge, str]]:
                 lt.run(server.cleanup())
         finally:
             lt.run(upstream.close())
-            lt.run(idp.close())
 
 
 @settings(max_examples=250, **SETTINGS)

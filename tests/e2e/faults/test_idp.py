@@ -67,7 +67,7 @@ class FlakyIdp:
 
 
 @pytest.fixture
-async def idp():
+async def flaky_idp():
     server = FlakyIdp()
     await server.start()
     yield server
@@ -75,21 +75,21 @@ async def idp():
 
 
 @pytest.fixture
-async def guarded(idp, gateway, upstream):
+async def guarded(flaky_idp, gateway, upstream):
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"reached": True})
 
     upstream.route("*", "/{tail:.*}", ok)
     return await gateway(await upstream.start(), metrics={"enabled": True, "port": 0}, auth={
         "mode": "required",
-        "issuers": [{"issuer": idp.issuer.url, "audiences": ["arp-run-gateway"], "jwks_uri": idp.issuer.url + "/jwks"}],
+        "issuers": [{"issuer": flaky_idp.issuer.url, "audiences": ["arp-run-gateway"], "jwks_uri": flaky_idp.issuer.url + "/jwks"}],
         "jwks_cache_ttl_s": 0.2, "jwks_min_ttl_s": 0.1, "jwks_refetch_cooldown_s": 0,
         "jwks_max_stale_s": MAX_STALE_S, "jwks_fetch_timeout_s": FETCH_TIMEOUT_S})
 
 
-async def call(http, url: str, idp: FlakyIdp) -> tuple[int, dict, bytes]:
+async def call(http, url: str, flaky_idp: FlakyIdp) -> tuple[int, dict, bytes]:
     async with asyncio.timeout(10):  # a slow IdP must never make a request hang
-        async with http.get(url + "/v1/runs/run_1", headers={"Authorization": f"Bearer {idp.token()}"}) as resp:
+        async with http.get(url + "/v1/runs/run_1", headers={"Authorization": f"Bearer {flaky_idp.token()}"}) as resp:
             return resp.status, dict(resp.headers), await resp.read()
 
 
@@ -108,21 +108,21 @@ async def readiness(http, url: str) -> int:
 
 @pytest.mark.parametrize("fault", ["500", "badjson", "empty", "slow", "down"])
 async def test_idp_fault_after_start_serves_stale_keys_then_503_then_recovers_by_itself(
-        idp, guarded, upstream, http, fault):
+        flaky_idp, guarded, upstream, http, fault):
     loop = asyncio.get_running_loop()
-    assert (await call(http, guarded, idp))[0] == 200
+    assert (await call(http, guarded, flaky_idp))[0] == 200
     ok_before = await fetches(http, guarded, "success")
 
     if fault == "down":
-        await idp.runner.cleanup()       # connection refused from now on, same port kept below
-        port = int(idp.issuer.url.rsplit(":", 1)[1])
+        await flaky_idp.runner.cleanup()       # connection refused from now on, same port kept below
+        port = int(flaky_idp.issuer.url.rsplit(":", 1)[1])
     else:
-        idp.mode = fault
+        flaky_idp.mode = fault
     failed_at = loop.time()
 
     # Within jwks_max_stale_s the last good keys still verify new tokens.
     while loop.time() - failed_at < MAX_STALE_S * 0.5:
-        status, _, body = await call(http, guarded, idp)
+        status, _, body = await call(http, guarded, flaky_idp)
         assert status == 200, body
         await asyncio.sleep(0.1)
 
@@ -130,7 +130,7 @@ async def test_idp_fault_after_start_serves_stale_keys_then_503_then_recovers_by
     async with asyncio.timeout(15):
         while True:
             forwarded = len(upstream.requests)
-            status, headers, body = await call(http, guarded, idp)
+            status, headers, body = await call(http, guarded, flaky_idp)
             if status != 200:
                 break
             await asyncio.sleep(0.1)
@@ -147,13 +147,13 @@ async def test_idp_fault_after_start_serves_stale_keys_then_503_then_recovers_by
     # The IdP heals: the gateway recovers by itself, no restart.
     if fault == "down":
         app = web.Application()
-        app.router.add_get("/jwks", idp.jwks)
-        idp.runner = web.AppRunner(app, access_log=None)
-        await idp.runner.setup()
-        await web.TCPSite(idp.runner, "127.0.0.1", port).start()
-    idp.mode = "ok"
+        app.router.add_get("/jwks", flaky_idp.jwks)
+        flaky_idp.runner = web.AppRunner(app, access_log=None)
+        await flaky_idp.runner.setup()
+        await web.TCPSite(flaky_idp.runner, "127.0.0.1", port).start()
+    flaky_idp.mode = "ok"
     async with asyncio.timeout(20):
-        while (await call(http, guarded, idp))[0] != 200:
+        while (await call(http, guarded, flaky_idp))[0] != 200:
             await asyncio.sleep(0.1)
     assert await readiness(http, guarded) == 200
     assert await fetches(http, guarded, "success") > ok_before

@@ -32,7 +32,6 @@ from proxy.upstream.headers import MAX_FORWARDED_HOPS, TrustedProxies
 from tests.support.gateway import RUN_START, gateway_config, json_response
 from tests.support.rawhttp import RawConnection, request
 from tests.support.servers import RawServer, serve_app
-from tests.support.threadidp import ThreadIdp
 
 AUD = devissuer.DEFAULT_AUDIENCE
 SECRET = "sts-secret-4b1d-never-log-me"
@@ -214,13 +213,6 @@ async def test_refusals_are_counted_under_the_configured_issuer_the_token_names(
 
 
 # --------------------------------------------------------------------------- token exchange refused
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[ThreadIdp]:
-    shared = ThreadIdp()
-    yield shared
-    shared.close()
 
 
 @pytest.fixture

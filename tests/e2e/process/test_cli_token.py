@@ -21,7 +21,6 @@ from proxy.runtime.server import start_gateway
 from tests.support.gateway import RUN_START
 from tests.support.deploy import ROOT
 from tests.support.process import free_port
-from tests.support.idp import MockIdp
 from tests.support.servers import serve_app
 
 SECRET = "s3cr3t-never-printed-Zq9"
@@ -57,11 +56,10 @@ def assert_one_clean_line(code: int, out: str, err: str, expected_code: int, *fr
         assert fragment in err, err
 
 
-async def test_client_credentials_token_from_the_loopback_idp(tmp_path):
-    async with await MockIdp.start() as idp:
-        code, out, err = await token_cli("--issuer", idp.issuer, "--client-id", "arp-cli",
-                                         "--client-secret-file", str(secret_file(tmp_path)),
-                                         "--audience", "arp-run-gateway", "--scope", "runs:write runs:read")
+async def test_client_credentials_token_from_the_loopback_idp(tmp_path, idp):
+    code, out, err = await token_cli("--issuer", idp.issuer, "--client-id", "arp-cli",
+                                     "--client-secret-file", str(secret_file(tmp_path)),
+                                     "--audience", "arp-run-gateway", "--scope", "runs:write runs:read")
     assert code == 0, err
     token = out.strip()
     assert token.count(".") == 2 and out.count("\n") == 1
@@ -129,49 +127,48 @@ async def exchanging_sts(client_id: str) -> tuple[web.AppRunner, str, list[dict]
     return runner, url + "/token", forms
 
 
-async def test_local_port_forward_recipe_end_to_end(tmp_path, http):
+async def test_local_port_forward_recipe_end_to_end(tmp_path, http, idp):
     """config/local-port-forward.yaml, set up as the README's recipe says, in front of a coordinator
     on the port-forward's local end that accepts only tokens for its own audience: the developer's
     own client-credentials token (for the gateway's audience) reaches it exchanged, never as it is."""
     coordinator, coordinator_url, coordinator_saw = await audience_checking_coordinator()
     sts, token_endpoint, exchanges = await exchanging_sts("dev-laptop")
-    async with await MockIdp.start() as idp:
-        env = {"ARP_AUTH_ISSUER": idp.issuer, "JARVIS_RUN_COORDINATOR_URL": coordinator_url,
-               "ARP_AUTH_CLIENT_ID": "dev-laptop", "ARP_AUTH_CLIENT_SECRET_FILE": str(secret_file(tmp_path)),
-               "ARP_AUTH_TOKEN_ENDPOINT": token_endpoint}
-        cfg = load_config(ROOT / "config" / "local-port-forward.yaml", env,
-                          {"listen.port": 0, "metrics.port": free_port()})
-        assert cfg.listen.host == "127.0.0.1" and cfg.auth.mode == "required"
-        runner, url = await start_gateway(cfg)
-        try:
-            async with http.post(url + "/v1/runs", json=RUN_START) as resp:
-                assert resp.status == 401
-            code, out, err = await token_cli("--issuer", idp.issuer, "--client-id", "dev-laptop",
-                                             "--client-secret-file", str(secret_file(tmp_path)),
-                                             "--audience", cfg.auth.issuers[0].audiences[0])
-            assert code == 0, err
-            assert claims(out.strip())["aud"] == "arp-run-gateway"
-            headers = {"Authorization": f"Bearer {out.strip()}"}
-            async with http.post(url + "/v1/runs", json=RUN_START, headers=headers) as resp:
-                assert resp.status == 200, await resp.text()
-                run = await resp.json()
-            async with http.get(f"{url}/v1/runs/{run['run_id']}", headers=headers) as resp:
-                assert resp.status == 200
-            assert [c and c["aud"] for c in coordinator_saw] == [COORDINATOR_AUDIENCE] * 2
-            assert [f["subject_token"] for f in exchanges] == [out.strip()]  # exchanged once, then cached
-            assert exchanges[0]["audience"] == COORDINATOR_AUDIENCE
-            # A token for another audience is refused, as in production.
-            code, out, _ = await token_cli("--issuer", idp.issuer, "--client-id", "dev-laptop",
-                                           "--client-secret-file", str(secret_file(tmp_path)),
-                                           "--audience", "someone-else")
-            async with http.post(url + "/v1/runs", json=RUN_START,
-                                 headers={"Authorization": f"Bearer {out.strip()}"}) as resp:
-                assert resp.status == 401
-                assert (await resp.json())["error"]["details"]["reason"] == "audience_mismatch"
-        finally:
-            await runner.cleanup()
-            await sts.cleanup()
-            await coordinator.cleanup()
+    env = {"ARP_AUTH_ISSUER": idp.issuer, "JARVIS_RUN_COORDINATOR_URL": coordinator_url,
+           "ARP_AUTH_CLIENT_ID": "dev-laptop", "ARP_AUTH_CLIENT_SECRET_FILE": str(secret_file(tmp_path)),
+           "ARP_AUTH_TOKEN_ENDPOINT": token_endpoint}
+    cfg = load_config(ROOT / "config" / "local-port-forward.yaml", env,
+                      {"listen.port": 0, "metrics.port": free_port()})
+    assert cfg.listen.host == "127.0.0.1" and cfg.auth.mode == "required"
+    runner, url = await start_gateway(cfg)
+    try:
+        async with http.post(url + "/v1/runs", json=RUN_START) as resp:
+            assert resp.status == 401
+        code, out, err = await token_cli("--issuer", idp.issuer, "--client-id", "dev-laptop",
+                                         "--client-secret-file", str(secret_file(tmp_path)),
+                                         "--audience", cfg.auth.issuers[0].audiences[0])
+        assert code == 0, err
+        assert claims(out.strip())["aud"] == "arp-run-gateway"
+        headers = {"Authorization": f"Bearer {out.strip()}"}
+        async with http.post(url + "/v1/runs", json=RUN_START, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            run = await resp.json()
+        async with http.get(f"{url}/v1/runs/{run['run_id']}", headers=headers) as resp:
+            assert resp.status == 200
+        assert [c and c["aud"] for c in coordinator_saw] == [COORDINATOR_AUDIENCE] * 2
+        assert [f["subject_token"] for f in exchanges] == [out.strip()]  # exchanged once, then cached
+        assert exchanges[0]["audience"] == COORDINATOR_AUDIENCE
+        # A token for another audience is refused, as in production.
+        code, out, _ = await token_cli("--issuer", idp.issuer, "--client-id", "dev-laptop",
+                                       "--client-secret-file", str(secret_file(tmp_path)),
+                                       "--audience", "someone-else")
+        async with http.post(url + "/v1/runs", json=RUN_START,
+                             headers={"Authorization": f"Bearer {out.strip()}"}) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["details"]["reason"] == "audience_mismatch"
+    finally:
+        await runner.cleanup()
+        await sts.cleanup()
+        await coordinator.cleanup()
 
 
 async def fake_idp(token_status: int = 200, token_body: dict | None = None, *, methods: list[str] | None = None,

@@ -28,7 +28,6 @@ import pytest
 from tests.support.gateway import RUN_START
 from tests.support.deploy import DEPLOY, ROOT, local_healthcheck_argv
 from tests.support.process import free_port
-from tests.support.idp import MockIdp
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -173,7 +172,7 @@ async def _until(predicate, timeout: float = 20) -> None:
             await asyncio.sleep(0.1)
 
 
-async def test_installed_serve_runs_the_image_configuration_as_non_root_read_only(installed, tmp_path):
+async def test_installed_serve_runs_the_image_configuration_as_non_root_read_only(installed, tmp_path, idp):
     """The image's configuration, ports moved to free ones; the issuer comes from the environment as
     a platform team would set it. No coordinator runs: the gateway still starts and answers."""
     port, metrics, no_coordinator = free_port(), free_port(), free_port()
@@ -184,48 +183,47 @@ async def test_installed_serve_runs_the_image_configuration_as_non_root_read_onl
                                                  .replace("port: 9464", f"port: {metrics}"))
         (config_dir / "gateway.yaml").chmod(0o444)
         config_dir.chmod(0o555)
-        async with await MockIdp.start() as idp:
-            proc = await asyncio.create_subprocess_exec(
-                str(installed.bin / "arp-gateway"), "serve", "--config", str(config_dir / "gateway.yaml"),
-                cwd=installed.readonly, env=installed.env(ARP_AUTH_ISSUER=idp.issuer, ARP_AUTH_AUDIENCE="arp-gw",
-                                  JARVIS_RUN_COORDINATOR_URL=f"http://127.0.0.1:{no_coordinator}"),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-                **installed.run_as())
-            try:
-                base, ops = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}"
+        proc = await asyncio.create_subprocess_exec(
+            str(installed.bin / "arp-gateway"), "serve", "--config", str(config_dir / "gateway.yaml"),
+            cwd=installed.readonly, env=installed.env(ARP_AUTH_ISSUER=idp.issuer, ARP_AUTH_AUDIENCE="arp-gw",
+                              JARVIS_RUN_COORDINATOR_URL=f"http://127.0.0.1:{no_coordinator}"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            **installed.run_as())
+        try:
+            base, ops = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}"
 
-                async def ready() -> bool:
-                    return (await _get(ops + "/readyz"))[0] == 200
-                await _until(ready)
-                status, health = await _get(base + "/v1/health")
-                assert status == 200 and health["checks"][0]["name"] == "run_coordinator"
-                assert health["status"] == "down"  # honest: nothing behind it
-                status, version = await _get(base + "/v1/version")
-                assert status == 200 and version["service_version"] == VERSION
-                status, body = await _get(ops + "/readyz")
-                assert body == {"status": "ready", "reasons": []}
-                # The image's HEALTHCHECK, with the venv's python as the image's `python`, checking
-                # this gateway process as it would check the container's PID 1.
-                check = local_healthcheck_argv(str(installed.bin / "python"), proc.pid)
-                assert subprocess.run(check, cwd=installed.readonly, env=installed.env(), timeout=30).returncode == 0
-                # Auth is required by the image's configuration: a run start without a token is refused.
-                import aiohttp
-                async with aiohttp.ClientSession() as http, http.post(base + "/v1/runs", json=RUN_START) as resp:
-                    assert resp.status == 401
-                token = await idp.token({"sub": "ci", "aud": "arp-gw"})
-                async with aiohttp.ClientSession() as http, http.post(
-                        base + "/v1/runs", json=RUN_START, headers={"Authorization": f"Bearer {token}"}) as resp:
-                    assert resp.status == 502  # authenticated, then: nothing listens behind it
-                    assert (await resp.json())["error"]["code"] == "run_coordinator_unavailable"
-            finally:
+            async def ready() -> bool:
+                return (await _get(ops + "/readyz"))[0] == 200
+            await _until(ready)
+            status, health = await _get(base + "/v1/health")
+            assert status == 200 and health["checks"][0]["name"] == "run_coordinator"
+            assert health["status"] == "down"  # honest: nothing behind it
+            status, version = await _get(base + "/v1/version")
+            assert status == 200 and version["service_version"] == VERSION
+            status, body = await _get(ops + "/readyz")
+            assert body == {"status": "ready", "reasons": []}
+            # The image's HEALTHCHECK, with the venv's python as the image's `python`, checking
+            # this gateway process as it would check the container's PID 1.
+            check = local_healthcheck_argv(str(installed.bin / "python"), proc.pid)
+            assert subprocess.run(check, cwd=installed.readonly, env=installed.env(), timeout=30).returncode == 0
+            # Auth is required by the image's configuration: a run start without a token is refused.
+            import aiohttp
+            async with aiohttp.ClientSession() as http, http.post(base + "/v1/runs", json=RUN_START) as resp:
+                assert resp.status == 401
+            token = await idp.token({"sub": "ci", "aud": "arp-gw"})
+            async with aiohttp.ClientSession() as http, http.post(
+                    base + "/v1/runs", json=RUN_START, headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 502  # authenticated, then: nothing listens behind it
+                assert (await resp.json())["error"]["code"] == "run_coordinator_unavailable"
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
                 if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                    await asyncio.sleep(0.2)
-                    if proc.returncode is None:
-                        proc.send_signal(signal.SIGTERM)  # a second signal skips the drain delay
-                _, err = await asyncio.wait_for(proc.communicate(), 40)
-            assert proc.returncode == 0, err.decode()[-3000:]
-            assert b"Traceback" not in err
+                    proc.send_signal(signal.SIGTERM)  # a second signal skips the drain delay
+            _, err = await asyncio.wait_for(proc.communicate(), 40)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        assert b"Traceback" not in err
     finally:
         config_dir.chmod(0o755)
         shutil.rmtree(config_dir, ignore_errors=True)

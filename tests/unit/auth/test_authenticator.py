@@ -64,11 +64,6 @@ def refusal(out: AuthOutcome, status: int, code: str, reason: str) -> dict[str, 
     return error
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 async def test_valid_token_is_allowed_with_identity_lines(clock: FakeClock) -> None:
     authn = authenticator(clock)
     bearer = token(clock, sub="alice")

@@ -1,6 +1,6 @@
 """The JWKS registry end to end: store, fetcher and refresh scheduler against a real JWKS server.
 
-The IdP is the key/IdP fake of tests/support/keys.py, over real HTTP on loopback.
+The server is the scripted JWKS and discovery server of tests/support/keys.py (`jwks_server`), over real HTTP on loopback.
 Time is a FakeClock; background loops are parked (their sleep never returns)
 unless a test drives them itself. Each part alone: test_jwks_store.py,
 test_jwks_fetch.py, test_jwks_refresh.py.
@@ -19,46 +19,46 @@ from proxy.util.clock import FakeClock
 from proxy.auth.jwks_fetch import FetchSettings, JwksFetcher, JwksFetchError
 from proxy.auth.jwks_refresh import JwksRegistry, RefreshScheduler, RefreshSettings
 from proxy.auth.jwks_store import IssuerKeys, KeysUnavailable, StoreSettings
-from tests.support.keys import IdP, Registries, auth_config, issuer_config, park, signer
+from tests.support.keys import JwksServer, Registries, auth_config, issuer_config, park, signer
 
 
-def jwks_of(registry: JwksRegistry, idp: IdP, tenant: str) -> RefreshScheduler:
+def jwks_of(registry: JwksRegistry, jwks_server: JwksServer, tenant: str) -> RefreshScheduler:
     """The refresh scheduler of one tenant; its store entry is `.keys`."""
-    assert registry.find_by_issuer(idp.issuer(tenant)) is not None
-    return registry.refresher(idp.issuer(tenant))
+    assert registry.find_by_issuer(jwks_server.issuer(tenant)) is not None
+    return registry.refresher(jwks_server.issuer(tenant))
 
 
 # --------------------------------------------------------------------------- fetching and lookup
 
 
-async def test_start_fetches_every_issuer_and_finds_keys_by_kid(idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp))
-    a, b = jwks_of(registry, idp, "a"), jwks_of(registry, idp, "b")
+async def test_start_fetches_every_issuer_and_finds_keys_by_kid(jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server))
+    a, b = jwks_of(registry, jwks_server, "a"), jwks_of(registry, jwks_server, "b")
     assert registry.ready and len(registry) == 2 and set(registry) == {a, b}
     assert a.keys.find_key("a-rsa") is not None and a.keys.has_kid("a-rsa")
     assert a.keys.keys_count == 1 and a.fetches_ok == 1 and a.keys.last_success is not None
-    assert idp.fetches("a") == idp.fetches("b") == 1
+    assert jwks_server.fetches("a") == jwks_server.fetches("b") == 1
 
 
-async def test_keys_are_kept_per_issuer(idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp))
-    assert jwks_of(registry, idp, "a").keys.find_key("b-rsa") is None
-    assert jwks_of(registry, idp, "b").keys.find_key("a-rsa") is None
+async def test_keys_are_kept_per_issuer(jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server))
+    assert jwks_of(registry, jwks_server, "a").keys.find_key("b-rsa") is None
+    assert jwks_of(registry, jwks_server, "b").keys.find_key("a-rsa") is None
 
 
-async def test_issuer_lookup_is_exact(idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp))
-    assert registry.find_by_issuer(idp.issuer("a") + "/") is None
-    assert registry.find_by_issuer(idp.issuer("a").upper()) is None
+async def test_issuer_lookup_is_exact(jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server))
+    assert registry.find_by_issuer(jwks_server.issuer("a") + "/") is None
+    assert registry.find_by_issuer(jwks_server.issuer("a").upper()) is None
 
 
 async def test_unchanged_keys_keep_their_identity_across_refreshes(
-        idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+        jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     before = a.keys.find_key("a-rsa")
     await a.refresh()
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
     assert a.keys.find_key("a-rsa") is before  # not re-imported; token cache entries stay valid
 
 
@@ -70,13 +70,13 @@ async def test_unchanged_keys_keep_their_identity_across_refreshes(
     ("hang", "timeout"),
 ])
 async def test_refresh_failure_keeps_last_good_keys(
-        idp: IdP, registries: Registries, clock: FakeClock, mode: str, kind: str) -> None:
+        jwks_server: JwksServer, registries: Registries, clock: FakeClock, mode: str, kind: str) -> None:
     results: list[str] = []
-    registry = await registries(auth_config(idp, jwks_fetch_timeout_s=0.2),
+    registry = await registries(auth_config(jwks_server, jwks_fetch_timeout_s=0.2),
                                 on_fetch=lambda result, _duration: results.append(result))
-    a = jwks_of(registry, idp, "a")
+    a = jwks_of(registry, jwks_server, "a")
     key = a.keys.find_key("a-rsa")
-    idp.mode = mode
+    jwks_server.mode = mode
     clock.advance(301)
     assert a.keys.is_expired()
     with pytest.raises(JwksFetchError) as err:
@@ -88,13 +88,13 @@ async def test_refresh_failure_keeps_last_good_keys(
 
 
 async def test_connection_refused_is_a_fetch_error(
-        idp: IdP, registries: Registries) -> None:
-    closed = IdP()
+        jwks_server: JwksServer, registries: Registries) -> None:
+    closed = JwksServer()
     await closed.start()
     dead_uri = closed.jwks_uri("a")
     await closed.stop()
-    registry = await registries(auth_config(idp, issuer_config(idp, "a", jwks_uri=dead_uri)))
-    a = jwks_of(registry, idp, "a")
+    registry = await registries(auth_config(jwks_server, issuer_config(jwks_server, "a", jwks_uri=dead_uri)))
+    a = jwks_of(registry, jwks_server, "a")
     assert not a.keys.ready and a.fetches_failed == 1
     with pytest.raises(JwksFetchError) as err:
         await a.refresh()
@@ -102,10 +102,10 @@ async def test_connection_refused_is_a_fetch_error(
 
 
 async def test_keys_staler_than_max_stale_are_unavailable(
-        idp: IdP, registries: Registries, clock: FakeClock) -> None:
-    registry = await registries(auth_config(idp, jwks_max_stale_s=600))
-    a = jwks_of(registry, idp, "a")
-    idp.mode = "503"
+        jwks_server: JwksServer, registries: Registries, clock: FakeClock) -> None:
+    registry = await registries(auth_config(jwks_server, jwks_max_stale_s=600))
+    a = jwks_of(registry, jwks_server, "a")
+    jwks_server.mode = "503"
     clock.advance(600)
     assert a.keys.ready
     clock.advance(1)
@@ -113,21 +113,21 @@ async def test_keys_staler_than_max_stale_are_unavailable(
     with pytest.raises(KeysUnavailable) as err:
         await a.refresh_for_unknown_kid("a-rsa")
     assert err.value.retry_after_s >= 1
-    idp.mode = "ok"
+    jwks_server.mode = "ok"
     clock.advance(30)
     assert await a.refresh_for_unknown_kid("a-rsa") is not None and a.keys.ready
 
 
 async def test_cold_start_with_idp_down_does_not_raise_then_recovers(
-        idp: IdP, registries: Registries, clock: FakeClock) -> None:
-    idp.mode = "503"
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+        jwks_server: JwksServer, registries: Registries, clock: FakeClock) -> None:
+    jwks_server.mode = "503"
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     assert not registry.ready and a.keys.keys_count == 0 and a.last_error
     with pytest.raises(KeysUnavailable) as err:
         await a.refresh_for_unknown_kid("a-rsa")
-    assert err.value.issuer == idp.issuer("a")
-    idp.mode = "ok"
+    assert err.value.issuer == jwks_server.issuer("a")
+    jwks_server.mode = "ok"
     with pytest.raises(KeysUnavailable) as err:
         await a.refresh_for_unknown_kid("a-rsa")  # still inside the cooldown: no fetch
     assert 1 <= err.value.retry_after_s <= 30 and a.refetch_suppressed == 1
@@ -136,10 +136,10 @@ async def test_cold_start_with_idp_down_does_not_raise_then_recovers(
     assert not registry.ready  # issuer b has had no reason to refetch yet
 
 
-async def test_default_ttl_and_refresh_at_ninety_percent(idp: IdP, registries: Registries,
+async def test_default_ttl_and_refresh_at_ninety_percent(jwks_server: JwksServer, registries: Registries,
                                                           clock: FakeClock) -> None:
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     assert a.next_refresh_delay() == pytest.approx(270)
     clock.advance(299)
     assert not a.keys.is_expired()
@@ -155,10 +155,10 @@ async def test_default_ttl_and_refresh_at_ninety_percent(idp: IdP, registries: R
     ("max-age=junk", 300),             # unparseable: the configured default
 ])
 async def test_cache_control_max_age_is_honoured_and_clamped(
-        idp: IdP, registries: Registries, clock: FakeClock, header: str, ttl: float) -> None:
-    idp.cache_control = header
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+        jwks_server: JwksServer, registries: Registries, clock: FakeClock, header: str, ttl: float) -> None:
+    jwks_server.cache_control = header
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     clock.advance(ttl - 1)
     assert not a.keys.is_expired()
     clock.advance(1)
@@ -166,31 +166,31 @@ async def test_cache_control_max_age_is_honoured_and_clamped(
 
 
 async def test_discovery_resolves_and_caches_jwks_uri(
-        idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp, issuer_config(idp, "a", jwks_uri=None)))
-    a = jwks_of(registry, idp, "a")
+        jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server, issuer_config(jwks_server, "a", jwks_uri=None)))
+    a = jwks_of(registry, jwks_server, "a")
     assert a.keys.ready and a.keys.find_key("a-rsa") is not None
     await a.refresh()
-    assert idp.hits["/a/.well-known/openid-configuration"] == 1
-    assert idp.fetches("a") == 2
+    assert jwks_server.hits["/a/.well-known/openid-configuration"] == 1
+    assert jwks_server.fetches("a") == 2
 
 
 async def test_discovery_issuer_mismatch_is_a_fetch_error(
-        idp: IdP, registries: Registries) -> None:
-    idp.discovery_issuer["a"] = idp.issuer("a") + "/"
-    registry = await registries(auth_config(idp, issuer_config(idp, "a", jwks_uri=None)))
-    a = jwks_of(registry, idp, "a")
+        jwks_server: JwksServer, registries: Registries) -> None:
+    jwks_server.discovery_issuer["a"] = jwks_server.issuer("a") + "/"
+    registry = await registries(auth_config(jwks_server, issuer_config(jwks_server, "a", jwks_uri=None)))
+    a = jwks_of(registry, jwks_server, "a")
     assert not a.keys.ready
     with pytest.raises(JwksFetchError) as err:
         await a.refresh()
     assert err.value.kind == "discovery"
-    assert idp.fetches("a") == 0
+    assert jwks_server.fetches("a") == 0
 
 
-async def test_unusable_keys_are_skipped(idp: IdP, registries: Registries) -> None:
+async def test_unusable_keys_are_skipped(jwks_server: JwksServer, registries: Registries) -> None:
     good = signer("a-rsa")
     private = dict(signer("leaky").key.as_dict(private=True), kid="leaky", use="sig")
-    idp.keys["a"] = [
+    jwks_server.keys["a"] = [
         signer("enc-key").jwk(use="enc"),
         {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"},
         private,
@@ -201,25 +201,25 @@ async def test_unusable_keys_are_skipped(idp: IdP, registries: Registries) -> No
         signer("a-ec", "ES256", kid=None).jwk(),       # no kid while others exist
         good.jwk(),
     ]
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     assert a.keys.keys_count == 1 and a.keys.find_key("a-rsa") is not None
     for kid in ("enc-key", "hmac", "leaky", "broken", "ops", "wrong-alg"):
         assert a.keys.find_key(kid) is None, kid
     assert a.keys.find_key(None) is a.keys.find_key("a-rsa")  # the only key serves kid-less tokens
 
 
-async def test_a_sole_key_without_kid_is_usable(idp: IdP, registries: Registries) -> None:
-    idp.publish("a", signer("a-ec", "ES256", kid=None))
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+async def test_a_sole_key_without_kid_is_usable(jwks_server: JwksServer, registries: Registries) -> None:
+    jwks_server.publish("a", signer("a-ec", "ES256", kid=None))
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     assert a.keys.find_key(None) is not None and a.keys.find_key("a-ec") is None
 
 
-async def test_no_usable_key_is_a_fetch_error(idp: IdP, registries: Registries) -> None:
-    idp.keys["a"] = [signer("enc-key").jwk(use="enc")]
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+async def test_no_usable_key_is_a_fetch_error(jwks_server: JwksServer, registries: Registries) -> None:
+    jwks_server.keys["a"] = [signer("enc-key").jwk(use="enc")]
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     assert not a.keys.ready
     with pytest.raises(JwksFetchError) as err:
         await a.refresh()
@@ -229,50 +229,50 @@ async def test_no_usable_key_is_a_fetch_error(idp: IdP, registries: Registries) 
 # --------------------------------------------------------------------------- single flight and cooldown
 
 
-async def test_concurrent_refreshes_share_one_fetch(idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+async def test_concurrent_refreshes_share_one_fetch(jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     await asyncio.gather(*(a.refresh() for _ in range(50)))
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
 
 
 async def test_one_cancelled_waiter_does_not_cancel_the_shared_fetch(
-        idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
-    idp.mode = "hang"
+        jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
+    jwks_server.mode = "hang"
     first = asyncio.create_task(a.refresh())
     second = asyncio.create_task(a.refresh())
     await asyncio.sleep(0.05)
     first.cancel()
     await asyncio.sleep(0.05)
     assert not second.done()
-    idp._release.set()
-    idp.mode = "ok"
+    jwks_server._release.set()
+    jwks_server.mode = "ok"
     await second
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
 
 
 async def test_unknown_kid_refetches_at_most_once_per_cooldown(
-        idp: IdP, registries: Registries, clock: FakeClock) -> None:
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
+        jwks_server: JwksServer, registries: Registries, clock: FakeClock) -> None:
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
     assert await a.refresh_for_unknown_kid("nope") is None
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
     assert await a.refresh_for_unknown_kid("nope") is None
-    assert idp.fetches("a") == 2 and a.refetch_suppressed == 1
+    assert jwks_server.fetches("a") == 2 and a.refetch_suppressed == 1
     clock.advance(30)
     assert await a.refresh_for_unknown_kid("nope") is None
-    assert idp.fetches("a") == 3
+    assert jwks_server.fetches("a") == 3
 
 
 async def test_thousand_callers_with_a_new_kid_cause_one_fetch(
-        idp: IdP, registries: Registries) -> None:
-    registry = await registries(auth_config(idp))
-    a = jwks_of(registry, idp, "a")
-    idp.publish("a", signer("a-rsa"), signer("a-rsa-2"))
+        jwks_server: JwksServer, registries: Registries) -> None:
+    registry = await registries(auth_config(jwks_server))
+    a = jwks_of(registry, jwks_server, "a")
+    jwks_server.publish("a", signer("a-rsa"), signer("a-rsa-2"))
     keys = await asyncio.gather(*(a.refresh_for_unknown_kid("a-rsa-2") for _ in range(1000)))
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
     assert all(k is keys[0] and k is not None for k in keys)
     assert a.refetch_suppressed == 0
 
@@ -286,35 +286,35 @@ class _UpperBound(random.Random):
 
 
 async def test_backoff_after_failures_is_exponential_and_capped(
-        idp: IdP, registries: Registries) -> None:
-    idp.mode = "503"
-    registry = await registries(auth_config(idp), rng=_UpperBound())
-    a = jwks_of(registry, idp, "a")
+        jwks_server: JwksServer, registries: Registries) -> None:
+    jwks_server.mode = "503"
+    registry = await registries(auth_config(jwks_server), rng=_UpperBound())
+    a = jwks_of(registry, jwks_server, "a")
     caps = [a.next_refresh_delay()]
     for _ in range(8):
         with pytest.raises(JwksFetchError):
             await a.refresh()
         caps.append(a.next_refresh_delay())
     assert caps == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    jittered = jwks_of(await registries(auth_config(idp), rng=random.Random(7)), idp, "a")
+    jittered = jwks_of(await registries(auth_config(jwks_server), rng=random.Random(7)), jwks_server, "a")
     assert all(0 <= jittered.next_refresh_delay() <= 1 for _ in range(20))
 
 
 async def test_background_loop_refreshes_before_ttl_and_backs_off(
-        idp: IdP, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+        jwks_server: JwksServer, session: aiohttp.ClientSession, clock: FakeClock) -> None:
     delays: list[float] = []
 
     async def sleep(delay: float) -> None:
         delays.append(delay)
         clock.advance(delay)
         if len(delays) == 2:
-            idp.mode = "503"
+            jwks_server.mode = "503"
         if len(delays) == 4:
             raise asyncio.CancelledError
 
-    auth = auth_config(idp)
-    a = RefreshScheduler(IssuerKeys(issuer_config(idp, "a"), StoreSettings.from_auth(auth), clock),
-                         JwksFetcher(issuer_config(idp, "a"), FetchSettings.from_auth(auth), session),
+    auth = auth_config(jwks_server)
+    a = RefreshScheduler(IssuerKeys(issuer_config(jwks_server, "a"), StoreSettings.from_auth(auth), clock),
+                         JwksFetcher(issuer_config(jwks_server, "a"), FetchSettings.from_auth(auth), session),
                          RefreshSettings.from_auth(auth), clock, sleep=sleep, rng=_UpperBound())
     with pytest.raises(asyncio.CancelledError):
         await a.run()
@@ -323,10 +323,10 @@ async def test_background_loop_refreshes_before_ttl_and_backs_off(
     assert a.fetches_ok == 1 and a.fetches_failed == 2 and a.keys.ready
 
 
-async def test_registry_close_cancels_background_tasks(idp: IdP, session: aiohttp.ClientSession,
+async def test_registry_close_cancels_background_tasks(jwks_server: JwksServer, session: aiohttp.ClientSession,
                                                        clock: FakeClock) -> None:
-    idp.mode = "503"
-    registry = JwksRegistry(auth_config(idp), clock, sleep=park)
+    jwks_server.mode = "503"
+    registry = JwksRegistry(auth_config(jwks_server), clock, sleep=park)
     await registry.start(session)
     tasks = list(registry._tasks)
     assert len(tasks) == 2 and not any(t.done() for t in tasks)
@@ -334,11 +334,11 @@ async def test_registry_close_cancels_background_tasks(idp: IdP, session: aiohtt
     assert all(t.cancelled() for t in tasks)
 
 
-async def test_hmac_issuer_needs_no_jwks(idp: IdP, registries: Registries) -> None:
-    hs = issuer_config(idp, "h", jwks_uri=None, algorithms=("HS256",), hmac_secret="s" * 32)
-    registry = await registries(auth_config(idp, hs))
-    h = jwks_of(registry, idp, "h")
+async def test_hmac_issuer_needs_no_jwks(jwks_server: JwksServer, registries: Registries) -> None:
+    hs = issuer_config(jwks_server, "h", jwks_uri=None, algorithms=("HS256",), hmac_secret="s" * 32)
+    registry = await registries(auth_config(jwks_server, hs))
+    h = jwks_of(registry, jwks_server, "h")
     assert h.keys.ready and not h.keys.is_expired() and isinstance(h.keys.hmac_key, OctKey)
     assert await h.refresh_for_unknown_kid("x") is None
-    assert sum(idp.hits.values()) == 0
+    assert sum(jwks_server.hits.values()) == 0
 

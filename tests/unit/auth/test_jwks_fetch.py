@@ -7,13 +7,13 @@ import pytest
 
 from proxy.settings.config import AuthConfig
 from proxy.auth.jwks_fetch import FetchErrorKind, FetchSettings, JwksFetcher, JwksFetchError
-from tests.support.keys import IdP, issuer_config, signer
+from tests.support.keys import JwksServer, issuer_config, signer
 
 SETTINGS = FetchSettings(timeout_s=1.0, default_ttl_s=300.0, min_ttl_s=30.0, max_ttl_s=86400.0)
 
 
-def fetcher_for(idp: IdP, tenant: str = "a", session: aiohttp.ClientSession | None = None, **cfg: object) -> JwksFetcher:
-    return JwksFetcher(issuer_config(idp, tenant, **cfg), SETTINGS, session)
+def fetcher_for(jwks_server: JwksServer, tenant: str = "a", session: aiohttp.ClientSession | None = None, **cfg: object) -> JwksFetcher:
+    return JwksFetcher(issuer_config(jwks_server, tenant, **cfg), SETTINGS, session)
 
 
 def test_settings_take_only_the_fetch_slice_of_auth() -> None:
@@ -28,15 +28,15 @@ def test_error_kinds_keep_their_metric_and_log_values() -> None:
     assert FetchErrorKind.TIMEOUT == "timeout" and f"{FetchErrorKind.BAD_JSON}" == "bad_json"
 
 
-async def test_one_fetch_returns_keys_and_ttl(idp: IdP, session: aiohttp.ClientSession) -> None:
-    idp.cache_control = "max-age=120"
-    fetched = await fetcher_for(idp, session=session).fetch()
+async def test_one_fetch_returns_keys_and_ttl(jwks_server: JwksServer, session: aiohttp.ClientSession) -> None:
+    jwks_server.cache_control = "max-age=120"
+    fetched = await fetcher_for(jwks_server, session=session).fetch()
     assert list(fetched.keys) == ["a-rsa"] and fetched.ttl_s == 120
-    assert idp.fetches("a") == 1
+    assert jwks_server.fetches("a") == 1
 
 
-async def test_an_unchanged_jwk_keeps_its_imported_key(idp: IdP, session: aiohttp.ClientSession) -> None:
-    fetcher = fetcher_for(idp, session=session)
+async def test_an_unchanged_jwk_keeps_its_imported_key(jwks_server: JwksServer, session: aiohttp.ClientSession) -> None:
+    fetcher = fetcher_for(jwks_server, session=session)
     first = await fetcher.fetch()
     again = await fetcher.fetch(first.keys)
     assert again.keys["a-rsa"][1] is first.keys["a-rsa"][1]
@@ -44,8 +44,8 @@ async def test_an_unchanged_jwk_keeps_its_imported_key(idp: IdP, session: aiohtt
     assert fresh.keys["a-rsa"][1] is not first.keys["a-rsa"][1]
 
 
-def test_parse_without_network_and_ttl_defaults(idp: IdP) -> None:
-    fetcher = fetcher_for(idp)
+def test_parse_without_network_and_ttl_defaults(jwks_server: JwksServer) -> None:
+    fetcher = fetcher_for(jwks_server)
     fetched = fetcher.parse({"keys": [signer("k1").jwk()]})
     assert list(fetched.keys) == ["k1"] and fetched.ttl_s == 300
     assert fetcher.parse({"keys": [signer("k1").jwk()]}, cache_control="no-store").ttl_s == 30
@@ -54,21 +54,21 @@ def test_parse_without_network_and_ttl_defaults(idp: IdP) -> None:
     assert err.value.kind is FetchErrorKind.BAD_DOCUMENT
 
 
-async def test_without_a_session_a_fetch_is_an_internal_error(idp: IdP) -> None:
+async def test_without_a_session_a_fetch_is_an_internal_error(jwks_server: JwksServer) -> None:
     with pytest.raises(JwksFetchError) as err:
-        await fetcher_for(idp).fetch()
-    assert err.value.kind is FetchErrorKind.INTERNAL and idp.fetches("a") == 0
+        await fetcher_for(jwks_server).fetch()
+    assert err.value.kind is FetchErrorKind.INTERNAL and jwks_server.fetches("a") == 0
 
 
-async def test_discovered_uri_is_kept_until_it_fails(idp: IdP, session: aiohttp.ClientSession) -> None:
-    fetcher = fetcher_for(idp, session=session, jwks_uri=None)
+async def test_discovered_uri_is_kept_until_it_fails(jwks_server: JwksServer, session: aiohttp.ClientSession) -> None:
+    fetcher = fetcher_for(jwks_server, session=session, jwks_uri=None)
     await fetcher.fetch()
     await fetcher.fetch()
-    assert idp.hits["/a/.well-known/openid-configuration"] == 1
-    idp.mode = "503"
+    assert jwks_server.hits["/a/.well-known/openid-configuration"] == 1
+    jwks_server.mode = "503"
     with pytest.raises(JwksFetchError) as err:
         await fetcher.fetch()
     assert err.value.kind is FetchErrorKind.HTTP_STATUS
-    idp.mode = "ok"
-    await fetcher.fetch()                               # the IdP may have moved it: discovered again
-    assert idp.hits["/a/.well-known/openid-configuration"] == 2
+    jwks_server.mode = "ok"
+    await fetcher.fetch()                               # the issuer may have moved it: discovered again
+    assert jwks_server.hits["/a/.well-known/openid-configuration"] == 2

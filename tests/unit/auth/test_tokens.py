@@ -1,6 +1,6 @@
 """Tests for bearer-token verification (proxy/auth/tokens.py) against a real JWKS server.
 
-The IdP and key fake is tests/support/keys.py; its fixtures are in tests/conftest.py.
+The scripted JWKS server and the signing keys are in tests/support/keys.py; its fixtures are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from proxy.auth.tokens import (
     MalformedToken, MissingClaim, NotYetValid, TokenError, TokenTooLarge, TokenVerifier,
     UnknownKey, UnsupportedAlg,
 )
-from tests.support.keys import ASYM_ALGS, IdP, Registries, auth_config, claims_for, issuer_config, signer
+from tests.support.keys import ASYM_ALGS, JwksServer, Registries, auth_config, claims_for, issuer_config, signer
 
 HMAC_SECRET = "an-hmac-secret-of-at-least-32-bytes!"
 
@@ -42,12 +42,12 @@ def verifier_for(registries: Registries, clock: FakeClock) -> VerifierFor:
 
 
 @pytest.fixture
-async def verifier(idp: IdP, verifier_for: VerifierFor) -> TokenVerifier:
-    return await verifier_for(auth_config(idp))
+async def verifier(jwks_server: JwksServer, verifier_for: VerifierFor) -> TokenVerifier:
+    return await verifier_for(auth_config(jwks_server))
 
 
-def good(idp: IdP, clock: FakeClock, tenant: str = "a", **overrides: Any) -> dict[str, Any]:
-    return claims_for(idp.issuer(tenant), clock, **overrides)
+def good(jwks_server: JwksServer, clock: FakeClock, tenant: str = "a", **overrides: Any) -> dict[str, Any]:
+    return claims_for(jwks_server.issuer(tenant), clock, **overrides)
 
 
 async def rejected(verifier: TokenVerifier, token: str, error: type[TokenError]) -> TokenError:
@@ -72,98 +72,98 @@ def segments(token: str) -> list[str]:
 
 @pytest.mark.filterwarnings("ignore::joserfc.errors.SecurityWarning")  # joserfc: EdDSA per RFC 9864
 @pytest.mark.parametrize("alg", ASYM_ALGS)
-async def test_valid_token_passes(idp: IdP, verifier_for: VerifierFor, clock: FakeClock, alg: str) -> None:
+async def test_valid_token_passes(jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock, alg: str) -> None:
     key = signer(f"a-{alg}", alg)
-    idp.publish("a", key)
-    verifier = await verifier_for(auth_config(idp))
-    token = key.sign(good(idp, clock))
+    jwks_server.publish("a", key)
+    verifier = await verifier_for(auth_config(jwks_server))
+    token = key.sign(good(jwks_server, clock))
     principal = await verifier.verify(token)
-    assert principal.subject == "user-1" and principal.issuer == idp.issuer("a")
+    assert principal.subject == "user-1" and principal.issuer == jwks_server.issuer("a")
     assert principal.scopes == {"runs:read", "runs:write"} and principal.kind == "token"
     assert principal.token == token and principal.expires_at == clock.time() + 300
     assert principal.claims["aud"] == "arp-run-gateway"
 
 
-async def test_audience_array_containing_ours_passes(idp: IdP, verifier: TokenVerifier,
+async def test_audience_array_containing_ours_passes(jwks_server: JwksServer, verifier: TokenVerifier,
                                                      clock: FakeClock) -> None:
-    token = signer("a-rsa").sign(good(idp, clock, aud=["other", "arp-run-gateway"]))
+    token = signer("a-rsa").sign(good(jwks_server, clock, aud=["other", "arp-run-gateway"]))
     assert (await verifier.verify(token)).subject == "user-1"
 
 
 # --------------------------------------------------------------------------- keys and algorithms
 
 
-async def test_key_of_another_issuer_never_verifies(idp: IdP, verifier: TokenVerifier,
+async def test_key_of_another_issuer_never_verifies(jwks_server: JwksServer, verifier: TokenVerifier,
                                                     clock: FakeClock) -> None:
     b_key = signer("b-rsa")
-    await rejected(verifier, b_key.sign(good(idp, clock, "a")), UnknownKey)
+    await rejected(verifier, b_key.sign(good(jwks_server, clock, "a")), UnknownKey)
     # ...not even when the token names one of A's kids.
-    await rejected(verifier, b_key.sign(good(idp, clock, "a"), kid="a-rsa"), BadSignature)
-    assert (await verifier.verify(b_key.sign(good(idp, clock, "b")))).issuer == idp.issuer("b")
+    await rejected(verifier, b_key.sign(good(jwks_server, clock, "a"), kid="a-rsa"), BadSignature)
+    assert (await verifier.verify(b_key.sign(good(jwks_server, clock, "b")))).issuer == jwks_server.issuer("b")
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE"])
-async def test_alg_none_is_rejected(idp: IdP, verifier: TokenVerifier, clock: FakeClock, alg: str) -> None:
+async def test_alg_none_is_rejected(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock, alg: str) -> None:
     header = b64(json.dumps({"alg": alg, "kid": "a-rsa"}).encode())
-    payload = b64(json.dumps(good(idp, clock)).encode())
+    payload = b64(json.dumps(good(jwks_server, clock)).encode())
     await rejected(verifier, f"{header}.{payload}.", UnsupportedAlg)
 
 
 async def test_hs256_signed_with_the_rsa_public_key_is_rejected(
-        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+        jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock) -> None:
     pem = signer("a-rsa").key.as_pem(private=False)
     # The classic key-confusion forgery. joserfc refuses to import a PEM as an oct key,
     # so the attacker's key is built directly.
     forged = OctKey(pem, pem)
-    claims = good(idp, clock)
+    claims = good(jwks_server, clock)
     token = jwt.encode({"alg": "HS256", "kid": "a-rsa"}, claims, forged, algorithms=["HS256"])
-    await rejected(await verifier_for(auth_config(idp)), token, UnsupportedAlg)
+    await rejected(await verifier_for(auth_config(jwks_server)), token, UnsupportedAlg)
     # Even where HS256 is allowed, only the configured secret is an HMAC key.
-    mixed = issuer_config(idp, "a", algorithms=("RS256", "HS256"), hmac_secret=HMAC_SECRET)
-    await rejected(await verifier_for(auth_config(idp, mixed)), token, BadSignature)
+    mixed = issuer_config(jwks_server, "a", algorithms=("RS256", "HS256"), hmac_secret=HMAC_SECRET)
+    await rejected(await verifier_for(auth_config(jwks_server, mixed)), token, BadSignature)
 
 
 async def test_hs256_passes_only_on_the_issuer_with_that_secret(
-        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
+        jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock) -> None:
     secret = OctKey.import_key(HMAC_SECRET.encode())
-    token = jwt.encode({"alg": "HS256"}, good(idp, clock, "h"), secret, algorithms=["HS256"])
-    with_secret = issuer_config(idp, "h", jwks_uri=None, algorithms=("HS256",), hmac_secret=HMAC_SECRET)
-    principal = await (await verifier_for(auth_config(idp, with_secret))).verify(token)
-    assert principal.issuer == idp.issuer("h")
-    without = issuer_config(idp, "h", algorithms=("RS256",))
-    await rejected(await verifier_for(auth_config(idp, without)), token, UnsupportedAlg)
+    token = jwt.encode({"alg": "HS256"}, good(jwks_server, clock, "h"), secret, algorithms=["HS256"])
+    with_secret = issuer_config(jwks_server, "h", jwks_uri=None, algorithms=("HS256",), hmac_secret=HMAC_SECRET)
+    principal = await (await verifier_for(auth_config(jwks_server, with_secret))).verify(token)
+    assert principal.issuer == jwks_server.issuer("h")
+    without = issuer_config(jwks_server, "h", algorithms=("RS256",))
+    await rejected(await verifier_for(auth_config(jwks_server, without)), token, UnsupportedAlg)
 
 
-async def test_kid_of_a_key_for_another_alg_is_rejected(idp: IdP, verifier: TokenVerifier,
+async def test_kid_of_a_key_for_another_alg_is_rejected(jwks_server: JwksServer, verifier: TokenVerifier,
                                                         clock: FakeClock) -> None:
     # a-rsa is published with alg RS256; the same RSA key signing PS256 must not pass.
-    token = signer("a-rsa").sign(good(idp, clock), alg="PS256")
+    token = signer("a-rsa").sign(good(jwks_server, clock), alg="PS256")
     await rejected(verifier, token, UnknownKey)
 
 
 async def test_unknown_kid_refetches_once_then_respects_the_cooldown(
-        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    token = signer("a-unpublished").sign(good(idp, clock))
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-unpublished").sign(good(jwks_server, clock))
     await rejected(verifier, token, UnknownKey)
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
     await rejected(verifier, token, UnknownKey)
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
 
 
 async def test_rotated_key_is_picked_up_by_the_unknown_kid_refresh(
-        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    idp.publish("a", signer("a-rsa"), signer("a-rsa-next"))
-    token = signer("a-rsa-next").sign(good(idp, clock))
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    jwks_server.publish("a", signer("a-rsa"), signer("a-rsa-next"))
+    token = signer("a-rsa-next").sign(good(jwks_server, clock))
     assert (await verifier.verify(token)).subject == "user-1"
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
 
 
 async def test_thousand_concurrent_tokens_with_a_new_kid_cause_one_fetch(
-        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    idp.publish("a", signer("a-rsa-next"))
-    token = signer("a-rsa-next").sign(good(idp, clock))
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    jwks_server.publish("a", signer("a-rsa-next"))
+    token = signer("a-rsa-next").sign(good(jwks_server, clock))
     principals = await asyncio.gather(*(verifier.verify(token) for _ in range(1000)))
-    assert idp.fetches("a") == 2
+    assert jwks_server.fetches("a") == 2
     assert len(principals) == 1000 and all(p.subject == "user-1" for p in principals)
 
 
@@ -172,35 +172,35 @@ async def test_thousand_concurrent_tokens_with_a_new_kid_cause_one_fetch(
 
 @pytest.mark.parametrize("name", ["jku", "x5u", "jwk", "x5c"])
 async def test_key_carrying_headers_are_rejected_and_never_followed(
-        idp: IdP, verifier: TokenVerifier, clock: FakeClock, name: str) -> None:
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock, name: str) -> None:
     attacker = signer("attacker")
     value: Any = {
-        "jku": f"{idp.base}/evil/jwks",
-        "x5u": f"{idp.base}/evil/cert.pem",
+        "jku": f"{jwks_server.base}/evil/jwks",
+        "x5u": f"{jwks_server.base}/evil/cert.pem",
         "jwk": attacker.jwk(),
         "x5c": ["MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"],
     }[name]
-    token = attacker.sign(good(idp, clock), **{name: value})
+    token = attacker.sign(good(jwks_server, clock), **{name: value})
     error = await rejected(verifier, token, ForbiddenHeader)
     assert name in error.description
     await asyncio.sleep(0.05)  # had anything gone out, it would have arrived by now
-    assert idp.hits["evil"] == 0 and idp.fetches("a") == 1
+    assert jwks_server.hits["evil"] == 0 and jwks_server.fetches("a") == 1
 
 
-async def test_crit_header_is_rejected(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_crit_header_is_rejected(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     key = signer("a-rsa")
     registry = JWSRegistry(header_registry={"ext": HeaderParameter("an extension", "str")},
                            algorithms=["RS256"])
     header = {"alg": "RS256", "kid": "a-rsa", "crit": ["ext"], "ext": "must-understand"}
-    token = jws.serialize_compact(header, json.dumps(good(idp, clock)), key.key, registry=registry)
+    token = jws.serialize_compact(header, json.dumps(good(jwks_server, clock)), key.key, registry=registry)
     await rejected(verifier, token, ForbiddenHeader)
 
 
-async def test_unknown_non_critical_header_is_ignored(idp: IdP, verifier: TokenVerifier,
+async def test_unknown_non_critical_header_is_ignored(jwks_server: JwksServer, verifier: TokenVerifier,
                                                       clock: FakeClock) -> None:
     header = {"alg": "RS256", "kid": "a-rsa", "x-vendor": "1"}
     lenient = JWSRegistry(algorithms=["RS256"], strict_check_header=False)
-    token = jws.serialize_compact(header, json.dumps(good(idp, clock)), signer("a-rsa").key,
+    token = jws.serialize_compact(header, json.dumps(good(jwks_server, clock)), signer("a-rsa").key,
                                   registry=lenient)
     assert (await verifier.verify(token)).subject == "user-1"
 
@@ -209,11 +209,11 @@ async def test_unknown_non_critical_header_is_ignored(idp: IdP, verifier: TokenV
 
 
 async def test_oversized_token_is_rejected_before_any_fetch(
-        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    token = signer("a-unpublished").sign(good(idp, clock, pad="x" * 8192))
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-unpublished").sign(good(jwks_server, clock, pad="x" * 8192))
     await rejected(verifier, token, TokenTooLarge)
     await rejected(verifier, "a" * 100_000, TokenTooLarge)
-    assert idp.fetches("a") == 1 and verifier.cache_misses == 0
+    assert jwks_server.fetches("a") == 1 and verifier.cache_misses == 0
 
 
 @pytest.mark.parametrize("token", [
@@ -231,14 +231,14 @@ async def test_malformed_tokens(verifier: TokenVerifier, token: str) -> None:
     await rejected(verifier, token, MalformedToken)
 
 
-async def test_tampered_payload_fails(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    header, _, signature = segments(signer("a-rsa").sign(good(idp, clock)))
-    forged = b64(json.dumps(good(idp, clock, sub="admin")).encode())
+async def test_tampered_payload_fails(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    header, _, signature = segments(signer("a-rsa").sign(good(jwks_server, clock)))
+    forged = b64(json.dumps(good(jwks_server, clock, sub="admin")).encode())
     await rejected(verifier, f"{header}.{forged}.{signature}", BadSignature)
 
 
-async def test_tampered_signature_fails(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    header, payload, signature = segments(signer("a-rsa").sign(good(idp, clock)))
+async def test_tampered_signature_fails(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    header, payload, signature = segments(signer("a-rsa").sign(good(jwks_server, clock)))
     middle = len(signature) // 2
     flipped = signature[:middle] + ("A" if signature[middle] != "A" else "B") + signature[middle + 1:]
     await rejected(verifier, f"{header}.{payload}.{flipped}", BadSignature)
@@ -247,51 +247,51 @@ async def test_tampered_signature_fails(idp: IdP, verifier: TokenVerifier, clock
 # --------------------------------------------------------------------------- claims
 
 
-async def test_wrong_issuer(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_wrong_issuer(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     key = signer("a-rsa")
-    await rejected(verifier, key.sign(good(idp, clock, iss=idp.issuer("c"))), IssuerMismatch)
-    await rejected(verifier, key.sign(good(idp, clock, iss=idp.issuer("a") + "/")), IssuerMismatch)
-    await rejected(verifier, key.sign(good(idp, clock, iss=None)), MissingClaim)
-    await rejected(verifier, key.sign(good(idp, clock, iss=["x"])), InvalidClaim)
+    await rejected(verifier, key.sign(good(jwks_server, clock, iss=jwks_server.issuer("c"))), IssuerMismatch)
+    await rejected(verifier, key.sign(good(jwks_server, clock, iss=jwks_server.issuer("a") + "/")), IssuerMismatch)
+    await rejected(verifier, key.sign(good(jwks_server, clock, iss=None)), MissingClaim)
+    await rejected(verifier, key.sign(good(jwks_server, clock, iss=["x"])), InvalidClaim)
 
 
 @pytest.mark.parametrize("aud", ["someone-else", ["someone-else", "another"], []])
-async def test_wrong_audience(idp: IdP, verifier: TokenVerifier, clock: FakeClock, aud: Any) -> None:
-    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, aud=aud)), AudienceMismatch)
+async def test_wrong_audience(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock, aud: Any) -> None:
+    await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, aud=aud)), AudienceMismatch)
 
 
-async def test_audience_missing_or_malformed(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_audience_missing_or_malformed(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     key = signer("a-rsa")
-    await rejected(verifier, key.sign(good(idp, clock, aud=None)), MissingClaim)
-    await rejected(verifier, key.sign(good(idp, clock, aud=5)), InvalidClaim)
-    await rejected(verifier, key.sign(good(idp, clock, aud=["arp-run-gateway", 5])), InvalidClaim)
+    await rejected(verifier, key.sign(good(jwks_server, clock, aud=None)), MissingClaim)
+    await rejected(verifier, key.sign(good(jwks_server, clock, aud=5)), InvalidClaim)
+    await rejected(verifier, key.sign(good(jwks_server, clock, aud=["arp-run-gateway", 5])), InvalidClaim)
 
 
 def test_default_clock_skew_is_sixty_seconds() -> None:
     assert AuthConfig().clock_skew_s == 60
 
 
-async def test_expired_beyond_skew_fails(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_expired_beyond_skew_fails(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     now = int(clock.time())
-    token = signer("a-rsa").sign(good(idp, clock, iat=now - 400, nbf=now - 400, exp=now - 60))
+    token = signer("a-rsa").sign(good(jwks_server, clock, iat=now - 400, nbf=now - 400, exp=now - 60))
     await rejected(verifier, token, Expired)
 
 
-async def test_expired_within_skew_passes(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_expired_within_skew_passes(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     now = int(clock.time())
-    token = signer("a-rsa").sign(good(idp, clock, iat=now - 400, nbf=now - 400, exp=now - 59))
+    token = signer("a-rsa").sign(good(jwks_server, clock, iat=now - 400, nbf=now - 400, exp=now - 59))
     assert (await verifier.verify(token)).expires_at == now - 59
 
 
-async def test_exp_missing(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    error = await rejected(verifier, signer("a-rsa").sign(good(idp, clock, exp=None)), MissingClaim)
+async def test_exp_missing(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    error = await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, exp=None)), MissingClaim)
     assert error.claim == "exp"  # type: ignore[attr-defined]
 
 
-async def test_exp_nan_is_rejected(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_exp_nan_is_rejected(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     # joserfc's own claims check accepts exp: NaN as "never expires"; Python's json
     # parses the NaN literal. We refuse the non-JSON constant outright.
-    payload = json.dumps(good(idp, clock, exp=float("nan"))).encode()
+    payload = json.dumps(good(jwks_server, clock, exp=float("nan"))).encode()
     assert b"NaN" in payload
     await rejected(verifier, signer("a-rsa").sign_raw(payload), MalformedToken)
     for literal in (b"Infinity", b"-Infinity"):
@@ -299,90 +299,90 @@ async def test_exp_nan_is_rejected(idp: IdP, verifier: TokenVerifier, clock: Fak
         await rejected(verifier, signer("a-rsa").sign_raw(raw), MalformedToken)
 
 
-async def test_exp_overflowing_to_infinity_is_invalid(idp: IdP, verifier: TokenVerifier,
+async def test_exp_overflowing_to_infinity_is_invalid(jwks_server: JwksServer, verifier: TokenVerifier,
                                                       clock: FakeClock) -> None:
-    payload = json.dumps(good(idp, clock, exp=1)).replace('"exp": 1', '"exp": 1e400').encode()
+    payload = json.dumps(good(jwks_server, clock, exp=1)).replace('"exp": 1', '"exp": 1e400').encode()
     await rejected(verifier, signer("a-rsa").sign_raw(payload), InvalidClaim)
 
 
 @pytest.mark.parametrize("exp", ["2000000000", True, {"t": 1}, [1]])
-async def test_exp_of_the_wrong_type(idp: IdP, verifier: TokenVerifier, clock: FakeClock, exp: Any) -> None:
-    error = await rejected(verifier, signer("a-rsa").sign(good(idp, clock, exp=exp)), InvalidClaim)
+async def test_exp_of_the_wrong_type(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock, exp: Any) -> None:
+    error = await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, exp=exp)), InvalidClaim)
     assert error.claim == "exp"  # type: ignore[attr-defined]
 
 
-async def test_nbf_in_the_future(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_nbf_in_the_future(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     now = int(clock.time())
-    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, nbf=now + 61)), NotYetValid)
-    assert await verifier.verify(signer("a-rsa").sign(good(idp, clock, nbf=now + 59)))
+    await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, nbf=now + 61)), NotYetValid)
+    assert await verifier.verify(signer("a-rsa").sign(good(jwks_server, clock, nbf=now + 59)))
 
 
-async def test_iat_in_the_future(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
+async def test_iat_in_the_future(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     now = int(clock.time())
-    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, iat=now + 61)), NotYetValid)
-    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, iat="yesterday")), InvalidClaim)
+    await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, iat=now + 61)), NotYetValid)
+    await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, iat="yesterday")), InvalidClaim)
 
 
-async def test_subject_is_required(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, sub=None)), MissingClaim)
-    await rejected(verifier, signer("a-rsa").sign(good(idp, clock, sub="")), InvalidClaim)
+async def test_subject_is_required(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, sub=None)), MissingClaim)
+    await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, sub="")), InvalidClaim)
 
 
 # --------------------------------------------------------------------------- key availability
 
 
 async def test_cold_start_with_idp_down_is_unavailable_then_recovers(
-        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
-    idp.mode = "503"
-    verifier = await verifier_for(auth_config(idp))  # registry.start() must not raise
-    token = signer("a-rsa").sign(good(idp, clock))
+        jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    jwks_server.mode = "503"
+    verifier = await verifier_for(auth_config(jwks_server))  # registry.start() must not raise
+    token = signer("a-rsa").sign(good(jwks_server, clock))
     with pytest.raises(KeysUnavailable) as err:
         await verifier.verify(token)
     assert not isinstance(err.value, TokenError) and err.value.retry_after_s >= 1
-    idp.mode = "ok"
+    jwks_server.mode = "ok"
     clock.advance(30)
-    token = signer("a-rsa").sign(good(idp, clock))
+    token = signer("a-rsa").sign(good(jwks_server, clock))
     assert (await verifier.verify(token)).subject == "user-1"
 
 
 async def test_keys_staler_than_max_stale_are_unavailable(
-        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
-    verifier = await verifier_for(auth_config(idp, jwks_max_stale_s=3600, token_cache_size=0))
-    idp.mode = "503"
+        jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(jwks_server, jwks_max_stale_s=3600, token_cache_size=0))
+    jwks_server.mode = "503"
     clock.advance(3601)
     with pytest.raises(KeysUnavailable):
-        await verifier.verify(signer("a-rsa").sign(good(idp, clock)))
+        await verifier.verify(signer("a-rsa").sign(good(jwks_server, clock)))
 
 
 async def test_cached_tokens_stop_too_when_keys_pass_max_stale(
-        idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
-    verifier = await verifier_for(auth_config(idp, jwks_max_stale_s=3600))
-    token = signer("a-rsa").sign(good(idp, clock, exp=int(clock.time()) + 7200))
+        jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(jwks_server, jwks_max_stale_s=3600))
+    token = signer("a-rsa").sign(good(jwks_server, clock, exp=int(clock.time()) + 7200))
     await verifier.verify(token)
-    idp.mode = "503"
+    jwks_server.mode = "503"
     clock.advance(3601)
     with pytest.raises(KeysUnavailable):
         await verifier.verify(token)
 
 
 async def test_failed_refresh_keeps_verifying_with_last_good_keys(
-        idp: IdP, registries: Registries, clock: FakeClock) -> None:
-    auth = auth_config(idp, token_cache_size=0)
+        jwks_server: JwksServer, registries: Registries, clock: FakeClock) -> None:
+    auth = auth_config(jwks_server, token_cache_size=0)
     registry = await registries(auth)
     verifier = TokenVerifier(auth, registry, clock)
-    idp.mode = "bad_json"
+    jwks_server.mode = "bad_json"
     clock.advance(301)
-    assert registry.find_by_issuer(idp.issuer("a")) is not None
+    assert registry.find_by_issuer(jwks_server.issuer("a")) is not None
     with pytest.raises(JwksFetchError):
-        await registry.refresher(idp.issuer("a")).refresh()
-    assert (await verifier.verify(signer("a-rsa").sign(good(idp, clock)))).subject == "user-1"
+        await registry.refresher(jwks_server.issuer("a")).refresh()
+    assert (await verifier.verify(signer("a-rsa").sign(good(jwks_server, clock)))).subject == "user-1"
 
 
 # --------------------------------------------------------------------------- verified-token cache
 
 
 async def test_cache_hit_skips_signature_verification(
-        idp: IdP, verifier: TokenVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = proxy.auth.tokens.jws.validate_compact
 
@@ -391,7 +391,7 @@ async def test_cache_hit_skips_signature_verification(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(proxy.auth.tokens.jws, "validate_compact", counting)
-    token = signer("a-rsa").sign(good(idp, clock))
+    token = signer("a-rsa").sign(good(jwks_server, clock))
     first = await verifier.verify(token)
     second = await verifier.verify(token)
     assert second is first and len(calls) == 1
@@ -399,17 +399,17 @@ async def test_cache_hit_skips_signature_verification(
 
 
 async def test_cache_entry_is_dropped_when_its_kid_leaves_the_jwks(
-        idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    old = signer("a-rsa").sign(good(idp, clock))
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    old = signer("a-rsa").sign(good(jwks_server, clock))
     await verifier.verify(old)
-    idp.publish("a", signer("a-rsa-next"))
-    await verifier.verify(signer("a-rsa-next").sign(good(idp, clock)))  # refresh: a-rsa is gone
+    jwks_server.publish("a", signer("a-rsa-next"))
+    await verifier.verify(signer("a-rsa-next").sign(good(jwks_server, clock)))  # refresh: a-rsa is gone
     await rejected(verifier, old, UnknownKey)
     assert verifier.cache_hits == 0 and verifier.cache_size == 1
 
 
-async def test_cache_entry_expires_at_exp(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    token = signer("a-rsa").sign(good(idp, clock, exp=int(clock.time()) + 100))
+async def test_cache_entry_expires_at_exp(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-rsa").sign(good(jwks_server, clock, exp=int(clock.time()) + 100))
     await verifier.verify(token)
     clock.advance(99)
     await verifier.verify(token)
@@ -421,10 +421,10 @@ async def test_cache_entry_expires_at_exp(idp: IdP, verifier: TokenVerifier, clo
     await rejected(verifier, token, Expired)
 
 
-async def test_cache_is_bounded_lru(idp: IdP, verifier_for: VerifierFor, clock: FakeClock) -> None:
-    verifier = await verifier_for(auth_config(idp, token_cache_size=2))
+async def test_cache_is_bounded_lru(jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock) -> None:
+    verifier = await verifier_for(auth_config(jwks_server, token_cache_size=2))
     key = signer("a-rsa")
-    t1, t2, t3 = (key.sign(good(idp, clock, sub=f"user-{n}")) for n in (1, 2, 3))
+    t1, t2, t3 = (key.sign(good(jwks_server, clock, sub=f"user-{n}")) for n in (1, 2, 3))
     await verifier.verify(t1)
     await verifier.verify(t2)
     await verifier.verify(t1)         # t1 now most recent
@@ -436,17 +436,17 @@ async def test_cache_is_bounded_lru(idp: IdP, verifier_for: VerifierFor, clock: 
     assert verifier.cache_hits == 2
 
 
-async def test_cache_size_zero_disables_the_cache(idp: IdP, verifier_for: VerifierFor,
+async def test_cache_size_zero_disables_the_cache(jwks_server: JwksServer, verifier_for: VerifierFor,
                                                   clock: FakeClock) -> None:
-    verifier = await verifier_for(auth_config(idp, token_cache_size=0))
-    token = signer("a-rsa").sign(good(idp, clock))
+    verifier = await verifier_for(auth_config(jwks_server, token_cache_size=0))
+    token = signer("a-rsa").sign(good(jwks_server, clock))
     await verifier.verify(token)
     await verifier.verify(token)
     assert verifier.cache_hits == 0 and verifier.cache_size == 0
 
 
-async def test_rejections_are_not_cached(idp: IdP, verifier: TokenVerifier, clock: FakeClock) -> None:
-    token = signer("a-rsa").sign(good(idp, clock, aud="someone-else"))
+async def test_rejections_are_not_cached(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = signer("a-rsa").sign(good(jwks_server, clock, aud="someone-else"))
     await rejected(verifier, token, AudienceMismatch)
     await rejected(verifier, token, AudienceMismatch)
     assert verifier.cache_size == 0 and verifier.cache_hits == 0

@@ -191,8 +191,7 @@ async def test_a_failing_expiry_in_the_pool_sweep_leaves_later_deadlines_enforce
 # --------------------------------------------------------------------------- the other periodic loops
 
 
-async def test_a_failing_jwks_refresh_iteration_does_not_end_the_loop(caplog) -> None:
-    clock = FakeClock()
+async def test_a_failing_jwks_refresh_iteration_does_not_end_the_loop(caplog, clock: FakeClock) -> None:
     sleeps: list[float] = []
 
     async def sleep(delay: float) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import redirect_stdout
 from types import SimpleNamespace
@@ -23,7 +22,6 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.util.clock import FakeClock
 from proxy.settings.config import ConfigError
 from proxy.dev import issuer as devissuer
 from proxy.observability.logs import JsonFormatter
@@ -231,13 +229,12 @@ def captured_logs() -> Iterator[io.StringIO]:
 
 
 async def test_a_refused_token_exchange_logs_one_warning_with_the_sts_error_and_no_secret(
-        idp, upstream, captured_logs) -> None:
+        idp, upstream, captured_logs, clock) -> None:
     async def ok(_: web.Request) -> web.Response:
         return json_response(200, {"run_id": "r1"})
 
     upstream.route("*", "/{tail:.*}", ok)
     await upstream.start()
-    clock = FakeClock(start=time.time())
     stdout = io.StringIO()
     auth = {"mode": "required", "issuers": [{"issuer": idp.issuer, "audiences": [AUD]}],
             "forward_token": "exchange",

@@ -266,8 +266,7 @@ def exchanger_on(sts, clock: FakeClock) -> TokenExchanger:
                                          client_secret=SECRET), clock)
 
 
-async def test_token_exchanger_expiry_margin_on_fake_clock(sts) -> None:
-    clock = FakeClock()
+async def test_token_exchanger_expiry_margin_on_fake_clock(sts, clock: FakeClock) -> None:
     exchanger = exchanger_on(sts, clock)
     sts.expires_in = 100  # usable for 100 - 30 = 70 s
     async with aiohttp.ClientSession() as session:
@@ -287,8 +286,7 @@ async def test_token_exchanger_expiry_margin_on_fake_clock(sts) -> None:
     assert [f["grant_type"] for f in sts.forms][:3] == [TOKEN_EXCHANGE, TOKEN_EXCHANGE, "client_credentials"]
 
 
-async def test_short_lived_exchanged_tokens_are_still_cached_and_429_is_retryable(sts) -> None:
-    clock = FakeClock()
+async def test_short_lived_exchanged_tokens_are_still_cached_and_429_is_retryable(sts, clock: FakeClock) -> None:
     exchanger = exchanger_on(sts, clock)
     sts.expires_in = 20  # shorter than the 30 s margin: kept for half its life
     async with aiohttp.ClientSession() as session:

@@ -17,8 +17,7 @@ def registry(clock: FakeClock) -> JwksRegistry:
     return JwksRegistry(cfg.auth, clock)
 
 
-def test_preloaded_keys_serve_and_expire_like_fetched_ones():
-    clock = FakeClock()
+def test_preloaded_keys_serve_and_expire_like_fetched_ones(clock):
     reg = registry(clock)
     jwks = reg.find_by_issuer(ISSUER)
     assert not jwks.ready and jwks.find_key("k1") is None
@@ -30,8 +29,8 @@ def test_preloaded_keys_serve_and_expire_like_fetched_ones():
     assert reg.refresher(ISSUER).fetches_ok == 1  # counted as a fetch would be
 
 
-def test_a_key_set_without_usable_keys_is_refused():
-    reg = registry(FakeClock())
+def test_a_key_set_without_usable_keys_is_refused(clock):
+    reg = registry(clock)
     with pytest.raises(JwksFetchError):
         reg.refresher(ISSUER).set_remote_jwks({"keys": []})
     assert not reg.find_by_issuer(ISSUER).ready

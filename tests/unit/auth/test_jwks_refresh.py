@@ -20,8 +20,7 @@ def test_settings_take_only_the_refresh_slice_of_auth() -> None:
     assert (settings.backoff_base_s, settings.backoff_max_s, settings.refresh_at_fraction) == (1.0, 60.0, 0.9)
 
 
-async def test_a_successful_fetch_fills_the_store_and_counts() -> None:
-    clock = FakeClock()
+async def test_a_successful_fetch_fills_the_store_and_counts(clock: FakeClock) -> None:
     results: list[tuple[str, float]] = []
     s = scheduler(clock, ScriptedFetcher(["k1"]), on_fetch=lambda r, d: results.append((r, d)))
     await s.refresh()
@@ -32,8 +31,7 @@ async def test_a_successful_fetch_fills_the_store_and_counts() -> None:
     assert s.next_refresh_delay() == 0
 
 
-async def test_failures_keep_the_keys_and_back_off_with_full_jitter() -> None:
-    clock = FakeClock()
+async def test_failures_keep_the_keys_and_back_off_with_full_jitter(clock: FakeClock) -> None:
     results: list[str] = []
     fetcher = ScriptedFetcher(["k1"], *[FetchErrorKind.HTTP_STATUS] * 8)
     s = scheduler(clock, fetcher, rng=UpperBound(), on_fetch=lambda r, d: results.append(r))
@@ -51,8 +49,7 @@ async def test_failures_keep_the_keys_and_back_off_with_full_jitter() -> None:
     assert s.next_refresh_delay() == pytest.approx(90) and s.last_error is None
 
 
-async def test_unknown_kid_refetches_once_per_cooldown() -> None:
-    clock = FakeClock()
+async def test_unknown_kid_refetches_once_per_cooldown(clock: FakeClock) -> None:
     fetcher = ScriptedFetcher(["k1"])
     s = scheduler(clock, fetcher)
     await s.refresh()
@@ -65,8 +62,7 @@ async def test_unknown_kid_refetches_once_per_cooldown() -> None:
     assert await s.refresh_for_unknown_kid("k2") is not None and fetcher.calls == 3
 
 
-async def test_no_keys_at_all_is_keys_unavailable_with_a_retry_hint() -> None:
-    clock = FakeClock()
+async def test_no_keys_at_all_is_keys_unavailable_with_a_retry_hint(clock: FakeClock) -> None:
     s = scheduler(clock, ScriptedFetcher(FetchErrorKind.CONNECTION))
     with pytest.raises(KeysUnavailable) as first:
         await s.refresh_for_unknown_kid("k1")
@@ -77,8 +73,7 @@ async def test_no_keys_at_all_is_keys_unavailable_with_a_retry_hint() -> None:
     assert second.value.retry_after_s == 10 and s.refetch_suppressed == 1
 
 
-async def test_concurrent_callers_share_one_fetch_and_a_leaver_does_not_cancel_it() -> None:
-    clock = FakeClock()
+async def test_concurrent_callers_share_one_fetch_and_a_leaver_does_not_cancel_it(clock: FakeClock) -> None:
     fetcher = ScriptedFetcher(["k1"])
     fetcher.gate = asyncio.Event()
     s = scheduler(clock, fetcher)
@@ -93,8 +88,7 @@ async def test_concurrent_callers_share_one_fetch_and_a_leaver_does_not_cancel_i
     assert s.refetch_suppressed == 0 and s.fetches_ok == 1
 
 
-async def test_background_loop_waits_as_scheduled() -> None:
-    clock = FakeClock()
+async def test_background_loop_waits_as_scheduled(clock: FakeClock) -> None:
     delays: list[float] = []
     fetcher = ScriptedFetcher(["k1"], ["k1"], FetchErrorKind.TIMEOUT, FetchErrorKind.TIMEOUT, ["k1"])
 
@@ -111,8 +105,7 @@ async def test_background_loop_waits_as_scheduled() -> None:
     assert (s.fetches_ok, s.fetches_failed) == (3, 2)
 
 
-async def test_set_remote_jwks_installs_like_a_fetch() -> None:
-    clock = FakeClock()
+async def test_set_remote_jwks_installs_like_a_fetch(clock: FakeClock) -> None:
     fetcher = ScriptedFetcher(["unused"])
     s = scheduler(clock, fetcher)
     s.set_remote_jwks({"keys": [signer("k1").jwk()]}, ttl_s=50)
@@ -123,10 +116,10 @@ async def test_set_remote_jwks_installs_like_a_fetch() -> None:
         s.set_remote_jwks({"keys": []})
 
 
-async def test_close_cancels_a_fetch_in_flight() -> None:
+async def test_close_cancels_a_fetch_in_flight(clock: FakeClock) -> None:
     fetcher = ScriptedFetcher(["k1"])
     fetcher.gate = asyncio.Event()
-    s = scheduler(FakeClock(), fetcher)
+    s = scheduler(clock, fetcher)
     waiter = asyncio.create_task(s.refresh())
     await asyncio.sleep(0.01)
     await s.close()

@@ -9,20 +9,19 @@ from proxy.settings.config import ConfigError, build_config
 from proxy.gateway.ratelimit import RateLimiter
 
 
-def limiter(per_second: float = 2, burst: int = 3, **options) -> tuple[RateLimiter, FakeClock]:
-    clock = FakeClock()
-    return RateLimiter(per_second=per_second, burst=burst, clock=clock, **options), clock
+def limiter(clock: FakeClock, per_second: float = 2, burst: int = 3, **options) -> RateLimiter:
+    return RateLimiter(per_second=per_second, burst=burst, clock=clock, **options)
 
 
-def test_burst_is_allowed_then_refused_with_the_wait_for_the_next_token():
-    rl, _ = limiter(per_second=2, burst=3)
+def test_burst_is_allowed_then_refused_with_the_wait_for_the_next_token(clock):
+    rl = limiter(clock, per_second=2, burst=3)
     assert [rl.take("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert rl.take("alice") == pytest.approx(0.5)
     assert rl.refused == 1
 
 
-def test_tokens_come_back_at_the_configured_rate_and_never_above_burst():
-    rl, clock = limiter(per_second=2, burst=3)
+def test_tokens_come_back_at_the_configured_rate_and_never_above_burst(clock):
+    rl = limiter(clock, per_second=2, burst=3)
     for _ in range(3):
         rl.take("alice")
     clock.advance(0.5)
@@ -33,8 +32,8 @@ def test_tokens_come_back_at_the_configured_rate_and_never_above_burst():
     assert rl.take("alice") > 0             # an hour idle still gives only `burst`
 
 
-def test_refused_attempts_do_not_consume_tokens():
-    rl, clock = limiter(per_second=1, burst=1)
+def test_refused_attempts_do_not_consume_tokens(clock):
+    rl = limiter(clock, per_second=1, burst=1)
     rl.take("alice")
     for _ in range(10):
         assert rl.take("alice") > 0         # hammering while refused
@@ -42,16 +41,16 @@ def test_refused_attempts_do_not_consume_tokens():
     assert rl.take("alice") == 0.0          # the next token still came after exactly 1 s
 
 
-def test_keys_are_independent():
-    rl, _ = limiter(per_second=1, burst=1)
+def test_keys_are_independent(clock):
+    rl = limiter(clock, per_second=1, burst=1)
     assert rl.take("alice") == 0.0
     assert rl.take("alice") > 0
     assert rl.take("bob") == 0.0
     assert rl.take("10.0.0.7") == 0.0
 
 
-def test_retry_after_is_whole_seconds_rounded_up():
-    rl, _ = limiter(per_second=4, burst=1)
+def test_retry_after_is_whole_seconds_rounded_up(clock):
+    rl = limiter(clock, per_second=4, burst=1)
     rl.take("k")
     wait = rl.take("k")
     assert wait == pytest.approx(0.25)
@@ -60,16 +59,16 @@ def test_retry_after_is_whole_seconds_rounded_up():
     assert rl.retry_after(3.0) == "3"
 
 
-def test_a_slow_rate_waits_the_full_interval():
-    rl, clock = limiter(per_second=0.1, burst=1)
+def test_a_slow_rate_waits_the_full_interval(clock):
+    rl = limiter(clock, per_second=0.1, burst=1)
     rl.take("k")
     assert rl.retry_after(rl.take("k")) == "10"
     clock.advance(9)
     assert rl.retry_after(rl.take("k")) == "1"
 
 
-def test_idle_keys_are_forgotten_once_their_bucket_is_full_again():
-    rl, clock = limiter(per_second=1, burst=2)
+def test_idle_keys_are_forgotten_once_their_bucket_is_full_again(clock):
+    rl = limiter(clock, per_second=1, burst=2)
     for i in range(1000):
         rl.take(f"client-{i}")
     assert len(rl) == 1000
@@ -80,8 +79,8 @@ def test_idle_keys_are_forgotten_once_their_bucket_is_full_again():
     assert not any(f"client-{i}" in rl._buckets for i in range(1000))
 
 
-def test_a_key_still_refilling_is_not_forgotten():
-    rl, clock = limiter(per_second=1, burst=2)
+def test_a_key_still_refilling_is_not_forgotten(clock):
+    rl = limiter(clock, per_second=1, burst=2)
     rl.take("alice")
     rl.take("alice")
     clock.advance(1.0)                       # half refilled
@@ -91,8 +90,8 @@ def test_a_key_still_refilling_is_not_forgotten():
     assert rl.take("alice") > 0             # and not a fresh burst
 
 
-def test_the_hard_cap_bounds_memory_under_many_active_keys():
-    rl, _ = limiter(per_second=0.001, burst=1, max_keys=100)
+def test_the_hard_cap_bounds_memory_under_many_active_keys(clock):
+    rl = limiter(clock, per_second=0.001, burst=1, max_keys=100)
     for i in range(10_000):
         rl.take(f"k{i}")
     assert len(rl) == 100
@@ -101,9 +100,9 @@ def test_the_hard_cap_bounds_memory_under_many_active_keys():
 
 @pytest.mark.parametrize("bad", [dict(per_second=0, burst=1), dict(per_second=1, burst=0),
                                  dict(per_second=float("inf"), burst=1)])
-def test_nonsense_parameters_are_refused(bad):
+def test_nonsense_parameters_are_refused(bad, clock):
     with pytest.raises(ValueError):
-        RateLimiter(clock=FakeClock(), **bad)
+        RateLimiter(clock=clock, **bad)
 
 
 def test_config_key_is_off_by_default_and_parsed_when_given():

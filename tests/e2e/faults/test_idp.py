@@ -75,12 +75,12 @@ async def flaky_idp():
 
 
 @pytest.fixture
-async def guarded(flaky_idp, gateway, upstream):
+async def guarded(flaky_idp, gateway, upstream, clock):
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"reached": True})
 
     upstream.route("*", "/{tail:.*}", ok)
-    return await gateway(await upstream.start(), metrics={"enabled": True, "port": 0}, auth={
+    return await gateway(await upstream.start(), clock=clock, metrics={"enabled": True, "port": 0}, auth={
         "mode": "required",
         "issuers": [{"issuer": flaky_idp.issuer.url, "audiences": ["arp-run-gateway"], "jwks_uri": flaky_idp.issuer.url + "/jwks"}],
         "jwks_cache_ttl_s": 0.2, "jwks_min_ttl_s": 0.1, "jwks_refetch_cooldown_s": 0,
@@ -108,8 +108,7 @@ async def readiness(http, url: str) -> int:
 
 @pytest.mark.parametrize("fault", ["500", "badjson", "empty", "slow", "down"])
 async def test_idp_fault_after_start_serves_stale_keys_then_503_then_recovers_by_itself(
-        flaky_idp, guarded, upstream, http, fault):
-    loop = asyncio.get_running_loop()
+        flaky_idp, guarded, upstream, http, clock, fault):
     assert (await call(http, guarded, flaky_idp))[0] == 200
     ok_before = await fetches(http, guarded, "success")
 
@@ -118,23 +117,19 @@ async def test_idp_fault_after_start_serves_stale_keys_then_503_then_recovers_by
         port = int(flaky_idp.issuer.url.rsplit(":", 1)[1])
     else:
         flaky_idp.mode = fault
-    failed_at = loop.time()
 
-    # Within jwks_max_stale_s the last good keys still verify new tokens.
-    while loop.time() - failed_at < MAX_STALE_S * 0.5:
-        status, _, body = await call(http, guarded, flaky_idp)
-        assert status == 200, body
-        await asyncio.sleep(0.1)
+    # Within jwks_max_stale_s the last good keys still verify new tokens, though refreshes now fail.
+    clock.advance(MAX_STALE_S * 0.5)
+    async with asyncio.timeout(15):
+        while await fetches(http, guarded, "failure") < 1:
+            await asyncio.sleep(0.05)  # the refresh loop's fetch is real I/O (and a real fetch timeout)
+    status, _, body = await call(http, guarded, flaky_idp)
+    assert status == 200, body
 
     # Past it: 503 auth_unavailable, retryable, with Retry-After; never forwarded, never a 401.
-    async with asyncio.timeout(15):
-        while True:
-            forwarded = len(upstream.requests)
-            status, headers, body = await call(http, guarded, flaky_idp)
-            if status != 200:
-                break
-            await asyncio.sleep(0.1)
-    assert loop.time() - failed_at >= MAX_STALE_S * 0.9
+    clock.advance(MAX_STALE_S * 1.5)
+    forwarded = len(upstream.requests)
+    status, headers, body = await call(http, guarded, flaky_idp)
     assert status == 503, body
     assert not envelope_problems(body)
     error = json.loads(body)["error"]
@@ -154,6 +149,6 @@ async def test_idp_fault_after_start_serves_stale_keys_then_503_then_recovers_by
     flaky_idp.mode = "ok"
     async with asyncio.timeout(20):
         while (await call(http, guarded, flaky_idp))[0] != 200:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the refresh loop's backoff is a real sleep
     assert await readiness(http, guarded) == 200
     assert await fetches(http, guarded, "success") > ok_before

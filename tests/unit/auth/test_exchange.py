@@ -194,18 +194,21 @@ async def test_concurrent_requests_share_one_exchange(issuer, sts, gateway, reco
     assert {r["headers"]["Authorization"] for r in recorder.requests} == {"Bearer xchg-token-1"}
 
 
-async def test_exchanged_token_is_renewed_after_expiry(issuer, sts, gateway, recorder, http) -> None:
-    url = await gateway(recorder.url, auth=exchange_auth(issuer, sts.token_endpoint))
+async def test_exchanged_token_is_renewed_after_expiry(issuer, sts, gateway, recorder, http, clock) -> None:
+    url = await gateway(recorder.url, clock=clock, auth=exchange_auth(issuer, sts.token_endpoint))
     sts.expires_in = 2  # renewal comes after half a short lifetime: 1 s
     token = issuer.mint()
     assert (await get(http, url, token))[0] == 200
     assert (await get(http, url, token))[0] == 200
     assert len(sts.forms) == 1
-    await asyncio.sleep(1.2)
+    clock.advance(0.9)
+    assert (await get(http, url, token))[0] == 200
+    assert len(sts.forms) == 1  # still within its renewal time
+    clock.advance(0.3)
     assert (await get(http, url, token))[0] == 200
     assert len(sts.forms) == 2
     assert [r["headers"]["Authorization"] for r in recorder.requests] == [
-        "Bearer xchg-token-1", "Bearer xchg-token-1", "Bearer xchg-token-2"]
+        "Bearer xchg-token-1", "Bearer xchg-token-1", "Bearer xchg-token-1", "Bearer xchg-token-2"]
 
 
 async def test_optional_mode_without_token_uses_client_credentials(issuer, sts, gateway, recorder, http) -> None:

@@ -352,7 +352,7 @@ async def test_cold_start_during_idp_outage_answers_503_then_recovers(fresh_idp,
     deadline = time.monotonic() + 30
     while (await send(http, url, "/readyz")).status != 200:  # only the background loop fetches
         assert time.monotonic() < deadline, "gateway did not recover after the IdP came back"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the refresh loop's backoff is a real sleep
     resp = await send(http, url, token=token)
     assert resp.status == 200, resp.text
     assert recorder.requests[-1]["headers"]["X-Auth-Subject"] == "alice"

@@ -726,7 +726,7 @@ async def _wait_status(http: aiohttp.ClientSession, url: str, status: int, timeo
                         return
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # polls a real process
 
 
 @needs_kubectl

@@ -58,7 +58,7 @@ async def test_gzip_get_body_hiding_a_request_is_refused_and_nothing_is_forwarde
     body = gzip_bytes(SMUGGLED)
     resp, _ = await one(url, request("GET", "/v1/runs/r1", [("Content-Encoding", "gzip")], body))
     refused(resp, 400, "invalid_request")
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == [] and strict_upstream.violations == []
 
 
@@ -113,7 +113,7 @@ async def test_cancel_body_over_the_limit_is_413_and_not_forwarded(gateway, stri
                 chunked(body, [500, 500, 25]))
     resp, _ = await one(url, data, method="POST")
     refused(resp, 413, "payload_too_large")
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == [] and strict_upstream.violations == []
 
 
@@ -176,7 +176,7 @@ async def test_an_unrequested_second_answer_is_never_relayed_and_its_connection_
         elif answers == 1:
             writer.write(_answer(1))
             await writer.drain()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the late bytes come in a separate real read
             writer.write(SECOND)
         else:
             writer.write(_answer(answers))
@@ -237,7 +237,7 @@ async def test_other_targets_are_400_before_auth_and_never_forwarded(gateway, st
     url = await gateway(strict_upstream.url, auth=UNREACHABLE_AUTH)
     resp, _ = await one(url, request("GET", target))
     refused(resp, 400, "invalid_request")
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == [] and strict_upstream.violations == []
 
 
@@ -285,7 +285,7 @@ async def test_parser_refusals_are_error_envelopes_that_close_the_connection(gat
     resp, closed = await one(url, data)
     refused(resp, statuses)
     assert resp is not None and resp.closes and closed, resp.describe()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == [] and strict_upstream.violations == []
 
 
@@ -358,7 +358,7 @@ async def _refusals_are_logged_and_counted(url: str, capfd: Any) -> None:
     lines: list[dict[str, Any]] = []
     async with asyncio.timeout(5):
         while not {line.get("request_id") for line in lines} >= set(ids):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the access log is flushed on a real loop timer
             lines += [json.loads(line) for line in capfd.readouterr().out.splitlines() if ACCESS_LINE.match(line)]
     for rid in ids:
         (line,) = [line for line in lines if line.get("request_id") == rid]

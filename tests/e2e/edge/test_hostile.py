@@ -64,7 +64,7 @@ async def test_a_slowloris_head_is_cut_at_the_header_timeout_even_while_bytes_tr
                 await conn.send(trickle[i:i + 1])
             except ConnectionError:
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a real slowloris: one byte per tenth of a second
         await answer  # raises if the connection outlived the trickle
         assert i < len(trickle) - 1, "the gateway let a head trickle in for 10 s against a 1 s header timeout"
     assert strict_upstream.requests == []
@@ -102,7 +102,7 @@ async def test_a_body_that_stalls_gets_408_and_nothing_reaches_the_coordinator(g
         error = resp.envelope()
         assert error is not None and error["code"] == "request_timeout", resp.describe()
         assert resp.closes and await conn.closed_by_peer(3)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == [] and strict_upstream.violations == []
 
 
@@ -112,7 +112,7 @@ async def test_a_slow_but_steady_body_within_the_body_timeout_is_forwarded(gatew
         await conn.send(request("POST", "/v1/runs", [JSON, ("Content-Length", str(len(RUN_START_BODY)))]))
         for i in range(0, len(RUN_START_BODY), 40):
             await conn.send(RUN_START_BODY[i:i + 40])
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a slow but steady real client, within the body timeout
         resp = await conn.response(method="POST")
         assert resp is not None and resp.status == 200, resp and resp.describe()
     assert [r.body for r in strict_upstream.requests] == [RUN_START_BODY]
@@ -238,7 +238,7 @@ async def test_a_connection_flood_does_not_stop_well_behaved_clients(tmp_path):
         async with asyncio.timeout(20):
             while not any(e.get("event") == "start" for _, e in logs):
                 assert proc.returncode is None, "the gateway exited"
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a child process starting
         url = next(e["url"] for _, e in logs if e.get("event") == "start")
         host, port = url.removeprefix("http://").rsplit(":", 1)
         async with asyncio.timeout(10):
@@ -252,7 +252,7 @@ async def test_a_connection_flood_does_not_stop_well_behaved_clients(tmp_path):
         for batch in range(11):  # 1,100 connections, half idle after a request, half silent from the start
             await asyncio.gather(*(_attacker(host, int(port), attackers, sends_request=(batch + i) % 2 == 0)
                                    for i in range(100)))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the gateway process settles under the attack
         served = 0
         for _ in range(5):  # 125 requests, 25 at a time, each on a fresh connection
             served += sum(await asyncio.gather(*(_well_behaved(host, int(port), path) for _ in range(25))))
@@ -270,7 +270,7 @@ async def test_a_connection_flood_does_not_stop_well_behaved_clients(tmp_path):
         gauge = re.search(r"^arp_gateway_connections_open(?:\{[^}]*\})? (\S+)$", exposition, re.M)
         assert gauge is not None and float(gauge.group(1)) < 1024, exposition[:3000]
 
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the child's warnings reach its log
         warnings = [(t, e) for t, e in logs if e.get("level") == "warning"
                     and re.search(r"connection", json.dumps(e), re.I) and re.search(r"limit", json.dumps(e), re.I)]
         assert warnings, "no warning about the connection limit was logged"

@@ -174,7 +174,7 @@ async def test_a_failing_expiry_in_the_pool_sweep_leaves_later_deadlines_enforce
         for response in warm:
             response.release()
         first = asyncio.create_task(pool.request(head, None, deadline=loop.time() + 0.2))
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.4)  # past the request's real deadline
         assert raised
         second = asyncio.create_task(pool.request(head, None, deadline=loop.time() + 0.2))
         # Bounded by asyncio.wait, whose own timeout raises nothing: only the pool's TimeoutError counts.
@@ -240,7 +240,7 @@ async def test_a_failing_access_log_flush_neither_fails_the_request_nor_stops_la
     for n in range(FLUSH_LINES):  # the last one fills the batch and flushes inline, into the failing write
         record(n)
     record(FLUSH_LINES)
-    await asyncio.sleep(0.4)     # the timed flush of the next batch
+    await asyncio.sleep(0.4)     # the timed flush of the next batch: a real loop timer (call_later)
     lines = out.getvalue().splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == [f"r{FLUSH_LINES}"]
 
@@ -272,7 +272,7 @@ async def _non_reader(url: str, data: bytes, *, repeat: int, limit_s: float = 4.
             stalled = 0
         except BlockingIOError:
             stalled += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the peer's real receive buffer is full
         except OSError:
             break  # the gateway already gave up on it
     return sock
@@ -291,7 +291,7 @@ async def _served(url: str, path: str, limit_s: float) -> Response | None:
                         return resp
         except (OSError, TimeoutError):
             pass
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # polls a real server
     return None
 
 
@@ -379,7 +379,7 @@ async def test_a_closed_connection_with_unsent_answers_counts_until_its_socket_i
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, _address(url))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the gateway has accepted the real connection
         (conn,) = server.listener.connections
         # The gateway's side of this one socket buffers little, so unread answers stay in the transport.
         conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -388,15 +388,15 @@ async def test_a_closed_connection_with_unsent_answers_counts_until_its_socket_i
             request("GET", "/nothing-here", [("Connection", "close")])]
         for start in range(0, answers, 10):  # a few at a time, never deeper than the pipelining queue
             await loop.sock_sendall(sock, b"".join(pipeline_parts[start:start + 10]))
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+            await asyncio.sleep(0.01)  # the gateway reads between batches
+        await asyncio.sleep(0.2)  # the answers fill the real socket buffers
         assert conn.closed and conn.transport.get_write_buffer_size() > 0, \
             "the answers drained: the case under test did not arise"
         # Closed, but its socket is open while its bytes wait: it still counts against the cap.
         assert list(server.listener.connections) == [conn]
         async with asyncio.timeout(3):
             while server.listener.connections:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # polls until the real socket is freed
         received = await asyncio.wait_for(_read_all(sock), 3)   # the socket was freed: the client sees its end
         assert received < answers * 167, "the unsent answers were not dropped"
         sock.close()
@@ -436,7 +436,7 @@ async def test_descriptor_exhaustion_under_uvloop_is_counted_and_logged(tmp_path
         async with asyncio.timeout(20):
             while not any(e.get("event") == "start" for _, e in logs):
                 assert proc.returncode is None, "the gateway exited"
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a child process starting
         url = next(e["url"] for _, e in logs if e.get("event") == "start")
         host, port = _address(url)
         for _ in range(160):  # more than the gateway has descriptors for
@@ -447,7 +447,7 @@ async def test_descriptor_exhaustion_under_uvloop_is_counted_and_logged(tmp_path
             clients.append(writer)
         async with asyncio.timeout(5):
             while not any(e.get("event") == "connection_limit" and e.get("action") == "fd_limit" for _, e in logs):
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the child's log line arrives
         for writer in clients:
             writer.close()
         clients.clear()
@@ -460,7 +460,7 @@ async def test_descriptor_exhaustion_under_uvloop_is_counted_and_logged(tmp_path
                     exposition = (await reader.read()).decode()
                     writer.close()
                 except OSError:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # polls a child process's ops port
         found = re.search(r'^arp_gateway_connections_refused_total\{reason="fd_limit"\} (\S+)$', exposition, re.M)
         assert found is not None and float(found.group(1)) >= 1, exposition[:2000]
     finally:
@@ -499,7 +499,7 @@ async def test_http10_with_transfer_encoding_is_400_and_closes_without_forwardin
     error = resp.envelope()
     assert error is not None and error["details"]["reason"] == "bad_framing"
     assert closed
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == []
 
 
@@ -512,7 +512,7 @@ async def test_a_request_with_upgrade_and_a_body_is_400_and_nothing_is_forwarded
     error = resp.envelope()
     assert error is not None and error["details"]["reason"] == "upgrade_with_body"
     assert closed
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == []
 
 
@@ -536,7 +536,7 @@ async def test_an_absolute_form_target_whose_authority_is_not_the_host_is_400(ga
     assert resp is not None and resp.status == 400
     error = resp.envelope()
     assert error is not None and error["details"]["reason"] == "invalid_host"
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # had anything been forwarded, the coordinator would have it by now
     assert strict_upstream.requests == []
 
 

@@ -109,7 +109,7 @@ class Peak:
     async def _sample(self) -> None:
         while True:
             self.value = max(self.value, gauge(self.server))
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # samples the real buffer gauge
 
     async def __aenter__(self) -> Peak:
         self._task = asyncio.ensure_future(self._sample())
@@ -127,7 +127,7 @@ async def until(condition: Any, within: float, step: float = 0.02) -> bool:
     while time.monotonic() < deadline:
         if condition():
             return True
-        await asyncio.sleep(step)
+        await asyncio.sleep(step)  # polls real sockets and gauges
     return bool(condition())
 
 

@@ -109,7 +109,7 @@ async def test_a_pipelined_request_after_a_slow_one_waits_its_turn(gateway):
     try:
         async with await RawConnection.open(url) as conn:
             await conn.send(request("GET", "/v1/runs/slow") + request("GET", "/v1/runs/fast"))
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # both requests reached the real coordinator before the slow one is released
             release.set()
             first, second = await conn.response(), await conn.response()
             assert first is not None and second is not None

@@ -41,7 +41,7 @@ class Coordinator:
         try:
             for seq in range(10_000):  # bounded: 100 s at most
                 await response.write(b'{"seq": %d}\n' % seq)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # a real coordinator's pacing
         except (asyncio.CancelledError, ConnectionError):
             self.cancelled += 1
             raise
@@ -52,7 +52,7 @@ class Coordinator:
     async def slow(self, request: web.Request) -> web.Response:
         self.requests += 1
         try:
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # never answers; cancelled when the gateway drops the request
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -92,7 +92,7 @@ async def settle(check, timeout: float = 10.0) -> None:
     """Waits until `check()` holds; the gateway and coordinator clean up asynchronously."""
     async with asyncio.timeout(timeout):
         while not check():
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # polls real sockets and tasks
 
 
 async def baseline(address) -> tuple[int, int]:
@@ -103,7 +103,7 @@ async def baseline(address) -> tuple[int, int]:
     assert (await reader.read()).startswith(b"HTTP/1.1 200")
     writer.close()
     await writer.wait_closed()
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # the gateway has seen the real close
     return open_fds(), tasks()
 
 

@@ -68,7 +68,7 @@ class Scripted:
                 self.received.append(head.split(b"\r\n", 1)[0])
                 mode = self.mode
                 if mode == "silent":
-                    await asyncio.sleep(3600)
+                    await asyncio.sleep(3600)  # never answers: the gateway's real timeout ends it
                 if mode == "garbage":
                     writer.write(b"SMTP READY\r\n\x00\x01\x02 not http at all\r\n\r\n")
                     await writer.drain()
@@ -82,7 +82,7 @@ class Scripted:
                         line = b'{"seq": %d}\n' % seq
                         writer.write(b"%x\r\n%s\r\n" % (len(line), line))
                         await writer.drain()
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.05)  # a real coordinator's pacing
                     if mode == "reset_stream":
                         reset(writer)
                         return
@@ -193,7 +193,7 @@ async def test_a_restart_with_requests_in_flight_never_reports_a_false_success(s
     gets = [asyncio.create_task(http.get(gateway + "/v1/runs/run_1")) for _ in range(3)]
     async with asyncio.timeout(10):
         while len(scripted.received) < 6:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # polls a real server
     # The process dies with six requests inside it and comes back on the same port.
     await scripted.stop()
     scripted.mode = "ok"

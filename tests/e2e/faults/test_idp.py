@@ -46,7 +46,7 @@ class FlakyIdp:
         if mode == "empty":
             return web.json_response({"keys": []})
         if mode == "slow":
-            await asyncio.sleep(FETCH_TIMEOUT_S * 10)
+            await asyncio.sleep(FETCH_TIMEOUT_S * 10)  # outlasts the gateway's real fetch timeout
         # Short max-age so refreshes happen during the test.
         return web.json_response(self.issuer.jwks(), headers={"Cache-Control": "max-age=0"})
 

@@ -90,7 +90,7 @@ async def test_anonymous_run_starts_are_limited_per_client_address(limited, http
 
 
 async def test_without_the_key_nothing_is_rate_limited(gateway, upstream, http):
-    upstream.route("*", "/{tail:.*}", lambda request: asyncio.sleep(0, run_answer()))
+    upstream.route("*", "/{tail:.*}", lambda request: asyncio.sleep(0, run_answer()))  # sleep(0, x): x as an awaitable, no wait
     url = await gateway(await upstream.start())
     statuses = {(await start(http, url))[0] for _ in range(20)}
     assert statuses == {200}
@@ -110,7 +110,7 @@ async def test_a_full_pool_sheds_with_503_run_coordinator_busy_after_queue_timeo
         return response
 
     upstream.route("GET", "/v1/runs/{run_id}/events", events)
-    upstream.route("GET", "/v1/runs/{run_id}", lambda request: asyncio.sleep(0, run_answer()))
+    upstream.route("GET", "/v1/runs/{run_id}", lambda request: asyncio.sleep(0, run_answer()))  # no wait: x as an awaitable
     url = await gateway(await upstream.start(), upstream={"max_connections": 1, "queue_timeout_s": 0.3},
                         metrics={"enabled": True, "port": 0})
     # An open event stream holds the only coordinator connection.
@@ -138,7 +138,7 @@ async def test_a_full_pool_sheds_with_503_run_coordinator_busy_after_queue_timeo
             async with http.get(url + "/v1/runs/run_1") as resp:
                 if resp.status == 200:
                     break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the gateway frees the connection once the real stream ends
 
 
 # --------------------------------------------------------------------------- stream figures

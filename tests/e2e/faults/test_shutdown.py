@@ -42,13 +42,13 @@ class Coordinator:
         await response.prepare(request)
         for seq in range(600):  # a run that outlives any grace period (bounded: 60 s)
             await response.write(b'{"seq": %d}\n' % seq)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a real coordinator's pacing
         return response
 
     async def start_run(self, request: web.Request) -> web.Response:
         await request.read()
         self.starts_received += 1
-        await asyncio.sleep(START_TAKES_S)
+        await asyncio.sleep(START_TAKES_S)  # a start still in flight when the signal comes
         run_id = f"run_{len(self.acknowledged)}"
         self.acknowledged.append(run_id)
         return web.json_response({"run_id": run_id, "state": "queued", "root_node_run_id": "n",
@@ -92,13 +92,13 @@ async def test_sigterm_with_open_streams_and_run_starts_in_flight(tmp_path):
         starts = [asyncio.ensure_future(_start(http, url)) for _ in range(STARTS)]
         async with asyncio.timeout(10):
             while coordinator.starts_received < STARTS:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # polls a real server
 
         proc.send_signal(signal.SIGTERM)
         t0 = loop.time()
         ended = [asyncio.ensure_future(_until_end(resp, loop)) for resp in streams]
 
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the real shutdown has begun
         async with http.get(url + "/readyz") as resp:
             assert resp.status == 503                             # readiness false at once
         assert not any(task.done() for task in ended)             # streams still flow during the drain delay
@@ -108,7 +108,7 @@ async def test_sigterm_with_open_streams_and_run_starts_in_flight(tmp_path):
         # Every run the coordinator acknowledged reached its client as started, and nothing else did.
         assert sorted(run_id for _, run_id in answers) == sorted(coordinator.acknowledged)
 
-        await asyncio.sleep(max(0.0, t0 + DRAIN_S + 0.3 - loop.time()))
+        await asyncio.sleep(max(0.0, t0 + DRAIN_S + 0.3 - loop.time()))  # past the real drain delay
         async with aiohttp.ClientSession() as fresh:
             try:
                 async with fresh.get(url + "/livez", timeout=aiohttp.ClientTimeout(total=2)):

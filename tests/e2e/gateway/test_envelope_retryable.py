@@ -42,7 +42,7 @@ async def raw_exchange(url: str, data: bytes, timeout: float = 5) -> tuple[int, 
 
 async def test_every_refusal_carries_retryable(issuer, gateway, upstream, http):
     async def slow(request):
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # outlasts the gateway's real request timeout
         return json_response(200, {})
 
     upstream.route("POST", "/v1/runs", lambda request: _ok())

@@ -201,7 +201,7 @@ async def _released(url: str, token: str, nudge: Callable[[], None]) -> Stream:
         stream = await open_stream(url, token)
         if stream.status == 200:
             return stream
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the gateway frees the slot once it sees the real socket close
     raise AssertionError(f"the stream count never came back: last answer {stream.status}")
 
 

@@ -153,7 +153,7 @@ class ScriptedCoordinator:
                     writer.write(wire[start:end])
                     await writer.drain()
                     if end < len(wire):
-                        await asyncio.sleep(0.002)
+                        await asyncio.sleep(0.002)  # the pieces arrive as separate reads
                 if answer.closes:
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):

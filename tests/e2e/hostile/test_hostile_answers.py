@@ -86,7 +86,7 @@ def then_close(*parts: bytes, pause: float = 0.0) -> Script:
         for part in parts:
             writer.write(part)
             await writer.drain()
-            await asyncio.sleep(pause)
+            await asyncio.sleep(pause)  # the pieces arrive as separate reads
         return False
     return script
 

@@ -63,7 +63,7 @@ class Prometheus:
                             return
                 except aiohttp.ClientConnectorError:
                     pass
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # a real server starting
 
     async def value(self, http: aiohttp.ClientSession, query: str) -> float | None:
         async with http.get(self.url + "/api/v1/query", params={"query": query}) as resp:
@@ -78,7 +78,7 @@ class Prometheus:
             got = await self.value(http, query)
             if got == expected:
                 return got
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the next scrape of a real Prometheus
         return got
 
     def stop(self) -> None:

@@ -145,7 +145,7 @@ async def test_upstream_ms_is_null_without_a_coordinator_answer_and_a_number_wit
         if mode["now"] == "garbage":
             writer.write(b"SMTP READY\r\n\x00\x01 not http\r\n\r\n")
         elif mode["now"] == "silent":
-            await asyncio.sleep(2)
+            await asyncio.sleep(2)  # outlasts the gateway's real request timeout
             return False
         else:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"

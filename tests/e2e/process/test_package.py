@@ -169,7 +169,7 @@ async def _until(predicate, timeout: float = 20) -> None:
             except Exception as exc:  # aiohttp.ClientError: not listening yet
                 if "Cannot connect" not in str(exc) and "Connect call failed" not in str(exc):
                     raise
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a child process starting
 
 
 async def test_installed_serve_runs_the_image_configuration_as_non_root_read_only(installed, tmp_path, idp):
@@ -218,7 +218,7 @@ async def test_installed_serve_runs_the_image_configuration_as_non_root_read_onl
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the child handles the first signal
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)  # a second signal skips the drain delay
             _, err = await asyncio.wait_for(proc.communicate(), 40)

@@ -109,12 +109,12 @@ async def test_sigterm_drains_readiness_then_lets_streams_finish(tmp_path, http)
             run = await resp.json()
         stream = await http.get(f"{url}/v1/runs/{run['run_id']}/events")
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the child process handles SIGTERM
         async with http.get(url + "/readyz") as resp:
             assert resp.status == 503                     # readiness turns false at once
         async with http.get(url + "/livez") as resp:
             assert resp.status == 200                     # but it serves on for drain_delay_s
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(0.8)  # past the child's real drain_delay_s
         async with aiohttp.ClientSession() as fresh:      # past the delay: no new connections
             try:
                 async with fresh.get(url + "/livez", timeout=aiohttp.ClientTimeout(total=2)):

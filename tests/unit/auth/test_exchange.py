@@ -53,7 +53,7 @@ class Sts:
         form = {k: str(v) for k, v in (await request.post()).items()}
         self.forms.append(form)
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)  # a slow token endpoint, so requests overlap one exchange
         if self.status != 200:
             # A chatty STS: the gateway must not relay any of this.
             return web.json_response({"error": "invalid_grant", "error_description":

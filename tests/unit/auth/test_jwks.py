@@ -243,9 +243,9 @@ async def test_one_cancelled_waiter_does_not_cancel_the_shared_fetch(
     jwks_server.mode = "hang"
     first = asyncio.create_task(a.refresh())
     second = asyncio.create_task(a.refresh())
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # both refreshes wait on the one real fetch
     first.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the cancellation is delivered
     assert not second.done()
     jwks_server._release.set()
     jwks_server.mode = "ok"

@@ -79,9 +79,9 @@ async def test_concurrent_callers_share_one_fetch_and_a_leaver_does_not_cancel_i
     s = scheduler(clock, fetcher)
     leaver = asyncio.create_task(s.refresh())
     stayers = [asyncio.create_task(s.refresh_for_unknown_kid("k1")) for _ in range(100)]
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # every caller waits on the one gated fetch
     leaver.cancel()
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the cancellation is delivered
     fetcher.gate.set()
     keys = await asyncio.gather(*stayers)
     assert fetcher.calls == 1 and all(k is keys[0] and k is not None for k in keys)
@@ -121,7 +121,7 @@ async def test_close_cancels_a_fetch_in_flight(clock: FakeClock) -> None:
     fetcher.gate = asyncio.Event()
     s = scheduler(clock, fetcher)
     waiter = asyncio.create_task(s.refresh())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the fetch is in flight, held at the gate
     await s.close()
     with pytest.raises(asyncio.CancelledError):
         await waiter

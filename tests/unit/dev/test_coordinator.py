@@ -264,7 +264,7 @@ async def test_cancel_ends_open_stream(make_client: Any) -> None:
     assert events[-1]["type"] == "run_completed"
     assert events[-1]["data"] == {"state": "canceled"}
     # Nothing from the simulated script sneaks in after the cancel.
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # longer than the script's step delay, a real timer in the dev coordinator
     again = [e for _, e in await _read_events(await client.get(f"/v1/runs/{run['run_id']}/events"))]
     assert again == events
 

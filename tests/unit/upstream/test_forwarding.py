@@ -221,7 +221,7 @@ async def test_cancel_body_arriving_chunked_is_forwarded_whole_with_its_length(g
     async def body():
         for chunk in chunks:
             yield chunk
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a loop turn between chunks, so each goes out on its own
 
     try:
         url = await gateway(coordinator_url)
@@ -426,7 +426,7 @@ async def test_whole_answer_is_reframed_and_keeps_only_end_to_end_headers(gatewa
     try:
         url = await gateway(await server.start())
         status, headers, got = await raw_exchange(url, "GET", "/v1/runs/r1", [("X-Request-ID", "mine-1")])
-        await asyncio.sleep(1.05)  # the same coordinator headers again, a second later
+        await asyncio.sleep(1.05)  # a real second: the Date the listener adds reads time.time(), not an injected clock
         _, later, _ = await raw_exchange(url, "GET", "/v1/runs/r1")
     finally:
         await server.close()
@@ -517,7 +517,7 @@ async def test_each_ndjson_line_reaches_the_client_before_the_next_is_written(th
         resp = await open_stream(request)
         for seq in range(4):
             if seq:
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.25)  # the coordinator's own pacing, against which relaying is timed
             written.append(time.monotonic())
             await resp.write(json.dumps({"seq": seq}).encode() + b"\n")
         await resp.write_eof()
@@ -565,7 +565,7 @@ async def test_client_disconnect_closes_the_coordinator_stream(through, http) ->
         try:
             while True:
                 await resp.write(b'{"type":"tick"}\n')
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # a real coordinator ticking until its client goes away
         finally:
             upstream_gone.set()
 
@@ -580,7 +580,7 @@ async def drop_after(request: web.Request, resp: web.StreamResponse, *chunks: by
     """Writes `chunks`, then the coordinator vanishes: TCP reset, no terminating chunk."""
     for chunk in chunks:
         await resp.write(chunk)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the chunks are on the wire before the reset
     request.transport.abort()
     await asyncio.sleep(10)  # cancelled once the server notices its connection is gone
     return resp
@@ -618,7 +618,7 @@ async def test_silent_stream_is_cut_after_the_idle_timeout(through, http) -> Non
     async def goes_silent(request: web.Request) -> web.StreamResponse:
         resp = await open_stream(request)
         await resp.write(b'{"seq":0}\n')
-        await asyncio.sleep(30)
+        await asyncio.sleep(30)  # silent well past the (small) stream idle timeout
         return resp
 
     url = await through(goes_silent, upstream={"stream_idle_timeout_s": 0.5})
@@ -635,7 +635,7 @@ async def test_long_lived_stream_with_regular_lines_is_not_cut(through, http) ->
         resp = await open_stream(request)
         for seq in range(10):
             await resp.write(json.dumps({"seq": seq}).encode() + b"\n")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # real gaps, each shorter than the real idle timeout
         await resp.write_eof()
         return resp
 
@@ -666,7 +666,7 @@ async def test_refused_connection_is_502_retryable(gateway, http, method: str, p
 
 async def test_slow_coordinator_is_504(through, http) -> None:
     async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # outlasts the gateway's real request timeout
         return json_response(200, {})
 
     url = await through(slow, upstream={"request_timeout_s": 0.5})
@@ -721,7 +721,7 @@ async def test_start_run_is_retried_while_the_coordinator_refuses_connections(gw
     app.router.add_post("/v1/runs", start_run)
 
     async def appear_later() -> web.AppRunner:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the coordinator comes up while the gateway retries to connect
         return (await serve(app, port))[0]
 
     late = asyncio.create_task(appear_later())
@@ -736,7 +736,7 @@ async def test_start_run_is_retried_while_the_coordinator_refuses_connections(gw
 async def hang_up(request: web.Request) -> web.StreamResponse:
     """The coordinator read the request, then closed the connection without a word."""
     request.transport.close()
-    await asyncio.sleep(10)
+    await asyncio.sleep(10)  # never answers; cancelled with its connection
     raise AssertionError("unreachable")
 
 

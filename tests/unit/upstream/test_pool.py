@@ -57,7 +57,7 @@ async def test_sequential_requests_reuse_one_connection(served):
 
 async def test_concurrency_is_bounded_by_max_connections(served):
     async def slow(writer):
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a real server slow enough for requests to overlap
         await ok(writer)
 
     server, pool = await served(slow, max_connections=2)
@@ -74,7 +74,7 @@ async def test_concurrency_is_bounded_by_max_connections(served):
 async def test_idle_connections_expire_before_the_server_drops_them(served):
     server, pool = await served(idle_timeout_s=0.1)
     (await pool.request(head(), None)).release()
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # past the idle timeout: the pool's idle expiry reads time.monotonic(), not an injected clock
     (await pool.request(head(), None)).release()
     assert server.connections == 2
 
@@ -159,7 +159,7 @@ async def test_idle_stream_times_out(served):
     async def silent(writer):
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # silent past the pool's real stream idle timeout
 
     _, pool = await served(silent)
     response = await pool.request(head(), None)

@@ -56,7 +56,7 @@ async def held():
 async def test_a_request_waits_at_most_queue_timeout_then_is_shed_unsent(held):
     answer, server, pool = await held(queue_timeout_s=0.2)
     first = asyncio.create_task(pool.request(HEAD, None))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the first request holds the only connection by now
     with pytest.raises(PoolBusy) as caught:
         # Generous outer bound: the point is that it ends by itself, not how fast.
         async with asyncio.timeout(10):
@@ -74,7 +74,7 @@ async def test_a_waiter_gets_the_connection_freed_within_the_queue_timeout(held)
     answer, server, pool = await held(queue_timeout_s=5)
     first = asyncio.create_task(pool.request(HEAD, None))
     second = asyncio.create_task(pool.request(HEAD, None))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # both requests reached the pool: one holds, one queues
     assert pool.waiting == 1
     answer.release.set()
     for task in (first, second):
@@ -88,7 +88,7 @@ async def test_a_waiter_gets_the_connection_freed_within_the_queue_timeout(held)
 async def test_a_request_deadline_shorter_than_the_queue_timeout_is_a_plain_timeout(held):
     _, _, pool = await held(queue_timeout_s=30)
     first = asyncio.create_task(pool.request(HEAD, None))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the first request holds the only connection by now
     with pytest.raises(TimeoutError) as caught:
         await pool.request(HEAD, None, deadline=asyncio.get_running_loop().time() + 0.1)
     assert not isinstance(caught.value, PoolBusy)
@@ -101,7 +101,7 @@ async def test_a_connection_handed_to_a_cancelled_waiter_is_not_leaked(held):
     answer.release.set()
     holding = await pool.request(HEAD, None)
     waiting = asyncio.create_task(pool.request(HEAD, None))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the second request reached the pool's queue
     assert pool.waiting == 1
     # The connection goes to the waiter and the waiter is cancelled in the same loop turn.
     holding.body_if_complete()

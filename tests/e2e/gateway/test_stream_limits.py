@@ -18,7 +18,6 @@ import pytest
 
 from proxy.settings.config import ConfigError, build_config
 from proxy.dev import issuer as devissuer
-from proxy.gateway.streamlimit import StreamLimiter
 from proxy.upstream.pool import UpstreamPool
 from tests.support.rawhttp import RawConnection, Response, read_response, request
 from tests.support.relay import reset
@@ -272,17 +271,3 @@ def test_streams_get_at_least_one_slot_and_a_share_of_1_keeps_none_back():
                         stream_share=0.5).stream_slots == 1
     assert UpstreamPool("http://127.0.0.1:1", max_connections=10, connect_timeout_s=1,
                         stream_share=1.0).stream_slots == 10
-
-
-def test_the_limiter_counts_per_key_and_forgets_a_key_at_zero():
-    limiter = StreamLimiter(limit=2)
-    a, b, c = object(), object(), object()
-    assert limiter.enter(a, "alice") and limiter.enter(b, "alice")
-    assert not limiter.enter(c, "alice") and limiter.refused == 1
-    assert limiter.enter(c, "bob")
-    limiter.leave(a)
-    limiter.leave(a)  # a request's end reported twice counts once
-    assert limiter.open("alice") == 1
-    limiter.leave(b)
-    limiter.leave(c)
-    assert len(limiter) == 0 and limiter.open("alice") == 0 and limiter._open == {}

@@ -83,7 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.process import ROOT as REPO_ROOT
 
 __all__ = [
     "ConformanceResult",

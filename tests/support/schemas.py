@@ -10,7 +10,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "arp-spec-v1"
+from tests.support.gateway import SPEC
+
 OPENAPI = SPEC / "openapi" / "run-gateway.openapi.yaml"
 
 

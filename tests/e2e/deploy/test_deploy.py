@@ -27,7 +27,7 @@ from proxy.runtime import cli as cli
 from proxy.settings.config import ListenConfig, build_config, load_config
 from proxy.runtime.server import start_gateway
 from tests.support.gateway import RUN_START
-from tests.support.process import free_port
+from tests.support.process import free_port, free_ports
 from tests.support.deploy import (
     CONTAINERFILE,
     DEPLOY,
@@ -507,7 +507,7 @@ async def test_image_healthcheck_checks_the_port_the_gateway_was_started_with(tm
     """The HEALTHCHECK must follow the running gateway's configuration (file, flags, environment), not
     assume 9464: here the metrics port is another one, or 0 (then /livez is on the main listener,
     whose port comes from `--port`)."""
-    port, metrics = free_port(), free_port()
+    port, metrics = free_ports(2)
     cfg = {"listen": {"host": "127.0.0.1", "port": free_port()},
            "upstream": {"url": f"http://127.0.0.1:{free_port()}"},
            "auth": {"mode": "required"},  # no issuer: valid only with the environment below
@@ -735,7 +735,7 @@ async def test_termination_order_coordinator_first_then_the_gateway_drains(rende
     docs = rendered["dev"]
     assert container(docs, "gateway") in pod_spec(docs)["initContainers"]  # so it stops last
     cfg = gateway_config(docs)
-    coordinator_port, port, metrics = free_port(), free_port(), free_port()
+    coordinator_port, port, metrics = free_ports(3)
     cfg["listen"] = {"host": "127.0.0.1", "port": port}
     cfg["metrics"] = {"host": "127.0.0.1", "port": metrics}
     cfg["upstream"]["url"] = f"http://127.0.0.1:{coordinator_port}"

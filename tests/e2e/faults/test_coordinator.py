@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import aiohttp
 import pytest
@@ -22,6 +21,7 @@ import pytest
 from proxy.dev import coordinator as devcoordinator
 from proxy.runtime.server import start_gateway
 from tests.support.gateway import RUN_START, gateway_config
+from tests.support.process import free_port
 from tests.support.relay import reset
 from tests.support.schemas import envelope_problems
 
@@ -216,9 +216,7 @@ async def test_a_restart_with_requests_in_flight_never_reports_a_false_success(s
 
 async def test_a_real_coordinator_restarted_under_load_serves_the_next_requests(http):
     """The dev coordinator itself, stopped and started on the same port while the gateway keeps running."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     runner, url = await devcoordinator.start(port=port, step_delay_s=0.01)
     server, gateway = await start_gateway(gateway_config(url))
     try:

@@ -12,18 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from tests.support.gateway import RUN_START
+from tests.support.process import ROOT, read_until
 from tests.support.servers import serve_app
 
-ROOT = Path(__file__).resolve().parents[3]
 STREAMS = 100
 STARTS = 50
 DRAIN_S = 1.0
@@ -75,13 +73,8 @@ async def test_sigterm_with_open_streams_and_run_starts_in_flight(tmp_path):
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=30))
     streams: list[aiohttp.ClientResponse] = []
     try:
-        async with asyncio.timeout(20):
-            seen = b""
-            while not (match := re.search(rb'"url": "(http://127\.0\.0\.1:\d+)"', seen)):
-                line = await proc.stdout.readline()
-                assert line, "the gateway exited before listening"
-                seen += line
-        url = match.group(1).decode()
+        match, _ = await read_until(proc.stdout, r'"url": "(http://127\.0\.0\.1:\d+)"', timeout=20)
+        url = match.group(1)
         drain_out = asyncio.ensure_future(_drain(proc.stdout))
 
         for i in range(STREAMS):

@@ -19,11 +19,10 @@ from proxy.dev import issuer as devissuer
 from proxy.observability.metrics import AuthStateCollector, GatewayMetrics
 from proxy.runtime.server import start_gateway
 from tests.support.gateway import RUN_START, gateway_config
-from tests.support.process import free_port
+from tests.support.process import ROOT, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
-ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.skipif(not (PROMETHEUS and PROMTOOL),
                                 reason="Debian package prometheus is not installed (bash .ci/run installs it)")
 

@@ -27,7 +27,7 @@ import pytest
 
 from tests.support.gateway import RUN_START
 from tests.support.deploy import DEPLOY, ROOT, local_healthcheck_argv
-from tests.support.process import free_port
+from tests.support.process import free_ports, read_until
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -175,7 +175,7 @@ async def _until(predicate, timeout: float = 20) -> None:
 async def test_installed_serve_runs_the_image_configuration_as_non_root_read_only(installed, tmp_path, idp):
     """The image's configuration, ports moved to free ones; the issuer comes from the environment as
     a platform team would set it. No coordinator runs: the gateway still starts and answers."""
-    port, metrics, no_coordinator = free_port(), free_port(), free_port()
+    port, metrics, no_coordinator = free_ports(3)
     config_dir = Path(tempfile.mkdtemp(prefix="arp-image-config-"))
     try:
         text = (DEPLOY / "container" / "gateway.yaml").read_text()
@@ -236,12 +236,7 @@ async def test_installed_dev_walks_the_seed_flow(installed):
         "--step-delay", "0.05", cwd=installed.readonly, env=installed.env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True, **installed.run_as())
     try:
-        banner = ""
-        async with asyncio.timeout(30):
-            while "Ctrl-C to stop" not in banner:
-                line = (await proc.stderr.readline()).decode()
-                assert line, f"dev exited early:\n{banner}"
-                banner += line
+        _, banner = await read_until(proc.stderr, "Ctrl-C to stop", timeout=30)
         gateway = re.search(r"ARP Run Gateway \(dev\)\s+(http://127\.0\.0\.1:\d+)", banner).group(1)
         issuer = re.search(r"Dev token issuer\s+(http://127\.0\.0\.1:\d+)", banner).group(1)
         async with aiohttp.ClientSession() as http:

@@ -14,8 +14,8 @@ import aiohttp
 
 from proxy.dev import coordinator as devcoordinator
 from tests.support.gateway import RUN_START
+from tests.support.process import ROOT, free_ports, read_until
 
-ROOT = Path(__file__).resolve().parents[3]
 ENV = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
 
 
@@ -23,18 +23,6 @@ async def spawn(*args: str, env: dict | None = None) -> asyncio.subprocess.Proce
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", *args, cwd=ROOT, env={**ENV, **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
-
-
-async def read_until(stream: asyncio.StreamReader, pattern: str, timeout: float = 15) -> tuple[re.Match, str]:
-    seen = ""
-    async with asyncio.timeout(timeout):
-        while True:
-            line = (await stream.readline()).decode()
-            if not line:
-                raise AssertionError(f"stream ended before {pattern!r}:\n{seen}")
-            seen += line
-            if match := re.search(pattern, seen):
-                return match, seen
 
 
 async def stop(proc: asyncio.subprocess.Process) -> int:
@@ -128,17 +116,6 @@ async def test_sigterm_drains_readiness_then_lets_streams_finish(tmp_path, http)
     finally:
         await stop(proc)
         await runner.cleanup()
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 async def start_two_workers(tmp_path: Path, coordinator: str) -> tuple[asyncio.subprocess.Process, int, int]:

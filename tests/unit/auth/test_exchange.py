@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from proxy.settings.config import ExchangeConfig, load_config
 from proxy.auth.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, ExchangeFailed, TokenExchanger
 from proxy.runtime.server import start_gateway
 from tests.support.gateway import json_response
+from tests.support.process import free_port
 from tests.support.servers import serve_app
 
 AUD = devissuer.DEFAULT_AUDIENCE
@@ -118,12 +118,6 @@ async def get(http: aiohttp.ClientSession, url: str, token: str | None,
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with http.get(url + path, headers=headers) as resp:
         return resp.status, await resp.text(), dict(resp.headers)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- exchange
@@ -250,7 +244,7 @@ async def test_sts_error_answers_502_and_upstream_is_not_called(
 
 
 async def test_sts_unreachable_answers_502(issuer, gateway, recorder, http) -> None:
-    endpoint = f"http://127.0.0.1:{closed_port()}/token"
+    endpoint = f"http://127.0.0.1:{free_port()}/token"
     url = await gateway(recorder.url, auth=exchange_auth(issuer, endpoint))
     inbound = issuer.mint()
     code, text, headers = await get(http, url, inbound)

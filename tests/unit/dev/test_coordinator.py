@@ -20,9 +20,9 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from proxy.dev.coordinator import create_app, start
+from tests.support.gateway import SPEC
 
-SPEC_DIR = Path(__file__).resolve().parents[4] / "shared" / "arp-spec-v1"
-SCHEMAS = SPEC_DIR / "schemas"
+SCHEMAS = SPEC / "schemas"
 
 # jsonschema only checks "date-time" when rfc3339-validator is installed; don't
 # rely on that. The gateway contract here also wants UTC with a literal "Z".

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tests.support.deploy import ROOT
-from tests.support.process import free_port
+from tests.support.process import free_ports
 
 EXAMPLE = ROOT / "config" / "gateway.example.yaml"
 
@@ -77,7 +77,7 @@ def test_plain_http_issuer_off_loopback_warns_in_required_mode_only(tmp_path):
 
 async def test_serve_loads_no_dev_code_and_logs_the_issuer_warning(tmp_path):
     """`-X importtime` lists every module the serving process imported, on stderr."""
-    port, metrics = free_port(), free_port()
+    port, metrics = free_ports(2)
     config = tmp_path / "gateway.yaml"
     # 192.0.2.1 (TEST-NET-1) never answers: the keys stay unloaded, which does not stop serving.
     config.write_text(f"listen: {{host: 127.0.0.1, port: {port}}}\nmetrics: {{host: 127.0.0.1, port: {metrics}}}\n"

@@ -15,7 +15,6 @@ import itertools
 import json
 import random
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -34,6 +33,7 @@ from yarl import URL
 
 from proxy.dev import coordinator as devcoordinator
 from tests.support.gateway import RUN_START, SPEC, json_response
+from tests.support.process import free_port
 from tests.support.servers import RawServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,13 +74,6 @@ async def envelope(resp: aiohttp.ClientResponse, status: int, code: str) -> dict
 def exact(base: str, path: str) -> URL:
     """A URL aiohttp sends byte for byte: no requoting, no dot-segment folding."""
     return URL(base + path, encoded=True)
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
@@ -658,7 +651,7 @@ async def test_no_coordinator_configured_is_503(gateway, http) -> None:
 
 @pytest.mark.parametrize("method, path", [("GET", "/v1/runs/r1"), ("POST", "/v1/runs")])
 async def test_refused_connection_is_502_retryable(gateway, http, method: str, path: str) -> None:
-    url = await gateway(f"http://127.0.0.1:{closed_port()}")
+    url = await gateway(f"http://127.0.0.1:{free_port()}")
     async with http.request(method, url + path, json=RUN_START if method == "POST" else None) as resp:
         error = await envelope(resp, 502, "run_coordinator_unavailable")
     assert error["retryable"] is True
@@ -708,7 +701,7 @@ async def test_retry_attempts_bound_upstream_hits(through, upstream, http, attem
 
 
 async def test_start_run_is_retried_while_the_coordinator_refuses_connections(gw, http) -> None:
-    port = closed_port()
+    port = free_port()
     started: list[bytes] = []
 
     async def start_run(request: web.Request) -> web.StreamResponse:

@@ -7,11 +7,11 @@ import asyncio
 from aiohttp import web
 
 
-async def serve_app(app: web.Application, **runner_options) -> tuple[web.AppRunner, str]:
-    """Runs `app` on 127.0.0.1 port 0 and returns its runner (for cleanup) and base URL."""
+async def serve_app(app: web.Application, port: int = 0, **runner_options) -> tuple[web.AppRunner, str]:
+    """Runs `app` on 127.0.0.1 (port 0: an ephemeral one) and returns its runner (for cleanup) and base URL."""
     runner = web.AppRunner(app, access_log=None, **runner_options)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://127.0.0.1:{port}"

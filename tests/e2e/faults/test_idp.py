@@ -143,9 +143,7 @@ async def test_idp_fault_after_start_serves_stale_keys_then_503_then_recovers_by
     if fault == "down":
         app = web.Application()
         app.router.add_get("/jwks", flaky_idp.jwks)
-        flaky_idp.runner = web.AppRunner(app, access_log=None)
-        await flaky_idp.runner.setup()
-        await web.TCPSite(flaky_idp.runner, "127.0.0.1", port).start()
+        flaky_idp.runner, _ = await serve_app(app, port)
     flaky_idp.mode = "ok"
     async with asyncio.timeout(20):
         while (await call(http, guarded, flaky_idp))[0] != 200:

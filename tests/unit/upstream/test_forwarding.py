@@ -34,7 +34,7 @@ from yarl import URL
 from proxy.dev import coordinator as devcoordinator
 from tests.support.gateway import RUN_START, SPEC, json_response
 from tests.support.process import free_port
-from tests.support.servers import RawServer
+from tests.support.servers import RawServer, serve_app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -74,13 +74,6 @@ async def envelope(resp: aiohttp.ClientResponse, status: int, code: str) -> dict
 def exact(base: str, path: str) -> URL:
     """A URL aiohttp sends byte for byte: no requoting, no dot-segment folding."""
     return URL(base + path, encoded=True)
-
-
-async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def raw_exchange(base: str, method: str, target: str, headers: list[tuple[str, str]] = (),
@@ -207,7 +200,7 @@ async def test_cancel_body_arriving_chunked_is_forwarded_whole_with_its_length(g
 
     app = web.Application()
     app.router.add_post("/v1/runs/{run_id}:cancel", cancel)
-    runner, coordinator_url = await serve(app)
+    runner, coordinator_url = await serve_app(app, handler_cancellation=True)
     rng = random.Random(7)
     chunks = [rng.randbytes(16 * 1024) for _ in range(16)]  # 256 KiB, under limits.max_body_bytes
 
@@ -715,7 +708,7 @@ async def test_start_run_is_retried_while_the_coordinator_refuses_connections(gw
 
     async def appear_later() -> web.AppRunner:
         await asyncio.sleep(0.3)  # the coordinator comes up while the gateway retries to connect
-        return (await serve(app, port))[0]
+        return (await serve_app(app, port, handler_cancellation=True))[0]
 
     late = asyncio.create_task(appear_later())
     try:

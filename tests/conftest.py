@@ -16,9 +16,10 @@ from aiohttp import web
 from proxy.util.clock import Clock, FakeClock
 from proxy.settings.config import AuthConfig
 from proxy.dev import coordinator as devcoordinator
+from proxy.dev import issuer as devissuer
 from proxy.auth.jwks_refresh import JwksRegistry
 from proxy.runtime.server import start_gateway
-from tests.support.gateway import Upstream, gateway_config
+from tests.support.gateway import Upstream, gateway_config, json_response
 from tests.support.idp import MockIdp
 from tests.support.keys import JwksServer, Registries, park, signer
 from tests.support.threadidp import ThreadIdp
@@ -62,6 +63,27 @@ async def upstream() -> AsyncIterator[Upstream]:
     server = Upstream()
     yield server
     await server.close()
+
+
+@pytest.fixture
+async def recorder(upstream: Upstream) -> Upstream:
+    """The upstream, started, with one catch-all route that answers 200 and records the request."""
+
+    async def ok(request: web.Request) -> web.Response:
+        return json_response(200, {"upstream": "reached", "path": request.raw_path})
+
+    upstream.route("*", "/{tail:.*}", ok)
+    await upstream.start()
+    return upstream
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[devissuer.DevIssuer]:
+    """The dev token issuer (proxy/dev/issuer.py) on loopback: in-process, mints with `issuer.mint(...)`.
+    Not the IdP: for tokens from a real OIDC provider use `idp`."""
+    runner, dev = await devissuer.start(port=0)
+    yield dev
+    await runner.cleanup()
 
 
 # --------------------------------------------------------------------------- the IdP (tests/support/idp.py)

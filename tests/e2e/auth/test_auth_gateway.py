@@ -39,7 +39,7 @@ from proxy.settings.config import build_config
 from proxy.runtime.server import start_gateway
 from tests.support.servers import serve_app
 from tests.support.conformance import run_conformance
-from tests.support.gateway import RUN_START, gateway_config, json_response
+from tests.support.gateway import RUN_START, gateway_config
 
 AUD = "arp-run-gateway"
 REALM = "arp-test-realm"
@@ -66,18 +66,6 @@ async def good_token(idp: Any, ttl: float = 300, **claims: Any) -> str:
 
 
 # --------------------------------------------------------------------------- HTTP helpers
-
-
-@pytest.fixture
-async def recorder(upstream: Any) -> Any:
-    """The conftest upstream with one catch-all route that answers 200 and records the request."""
-
-    async def ok(request: web.Request) -> web.Response:
-        return json_response(200, {"upstream": "reached", "path": request.raw_path})
-
-    upstream.route("*", "/{tail:.*}", ok)
-    await upstream.start()
-    return upstream
 
 
 @dataclass

@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.dev import issuer as devissuer
 from tests.support.gateway import RUN_START, json_response
 from tests.support.schemas import envelope_problems
 
@@ -25,13 +24,6 @@ def metric(exposition: str, name: str, labels: str = "") -> float:
 async def scrape(http: aiohttp.ClientSession, url: str) -> str:
     async with http.get(url + "/metrics") as resp:
         return await resp.text()
-
-
-@pytest.fixture
-async def issuer():
-    runner, iss = await devissuer.start(port=0)
-    yield iss
-    await runner.cleanup()
 
 
 def run_answer() -> web.Response:

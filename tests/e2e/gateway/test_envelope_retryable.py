@@ -7,20 +7,11 @@ import asyncio
 import json
 from typing import Any
 
-import pytest
 
-from proxy.dev import issuer as devissuer
 from tests.support.process import free_port
 from tests.support.gateway import RUN_START, json_response
 
 AUD = "arp-run-gateway"
-
-
-@pytest.fixture
-async def issuer():
-    runner, dev = await devissuer.start(port=0)
-    yield dev
-    await runner.cleanup()
 
 
 async def raw_exchange(url: str, data: bytes, timeout: float = 5) -> tuple[int, dict[str, Any]]:

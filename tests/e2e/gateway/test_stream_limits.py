@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from proxy.settings.config import ConfigError, build_config
-from proxy.dev import issuer as devissuer
 from proxy.upstream.pool import UpstreamPool
 from tests.support.rawhttp import RawConnection, Response, read_response, request
 from tests.support.relay import reset
@@ -68,13 +67,6 @@ class StreamingCoordinator:
             writer.close()
         self.server.close()
         await self.server.wait_closed()
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[devissuer.DevIssuer]:
-    runner, iss = await devissuer.start(port=0)
-    yield iss
-    await runner.cleanup()
 
 
 @pytest.fixture

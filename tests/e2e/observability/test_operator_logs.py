@@ -12,7 +12,7 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from types import SimpleNamespace
 from typing import Any
@@ -33,13 +33,6 @@ from tests.support.servers import RawServer, serve_app
 
 AUD = devissuer.DEFAULT_AUDIENCE
 SECRET = "sts-secret-4b1d-never-log-me"
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[devissuer.DevIssuer]:
-    runner, dev = await devissuer.start(port=0)
-    yield dev
-    await runner.cleanup()
 
 
 def auth_with(issuer: devissuer.DevIssuer, mode: str = "required") -> dict[str, Any]:
@@ -311,16 +304,6 @@ async def send(url: str, headers: list[tuple[str, str]]) -> int:
         answer = await conn.response()
         assert answer is not None
         return answer.status
-
-
-@pytest.fixture
-async def recorder(upstream) -> Any:
-    async def ok(_: web.Request) -> web.Response:
-        return json_response(200, {"run_id": "r1"})
-
-    upstream.route("*", "/{tail:.*}", ok)
-    await upstream.start()
-    return upstream
 
 
 def limited(issuer: devissuer.DevIssuer, trusted: list[str]) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from proxy.util.clock import FakeClock
 from proxy.settings.config import ExchangeConfig, load_config
 from proxy.auth.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, ExchangeFailed, TokenExchanger
 from proxy.runtime.server import start_gateway
-from tests.support.gateway import json_response
 from tests.support.process import free_port
 from tests.support.servers import serve_app
 
@@ -87,23 +86,6 @@ async def sts() -> AsyncIterator[Sts]:
     await server.start()
     yield server
     await server.close()
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[devissuer.DevIssuer]:
-    runner, dev = await devissuer.start(port=0)
-    yield dev
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def recorder(upstream: Any) -> Any:
-    async def ok(request: web.Request) -> web.Response:
-        return json_response(200, {"upstream": "reached"})
-
-    upstream.route("*", "/{tail:.*}", ok)
-    await upstream.start()
-    return upstream
 
 
 def exchange_auth(issuer: devissuer.DevIssuer, token_endpoint: str, **extra: Any) -> dict[str, Any]:

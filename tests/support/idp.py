@@ -11,7 +11,8 @@ Each :class:`MockIdp` is its own ``node`` child process. It listens on
 Python drives it over stdin/stdout: one JSON command per line, one JSON answer per line.
 The protocol is described in ``tests/idp/server.mjs``.
 
-Usage (the conftest owner can wrap this in a fixture)::
+Tests take it from tests/conftest.py: `idp` (one for the run, shared; tests/support/threadidp.py)
+or `fresh_idp` (a test's own, to rotate or stop). Directly::
 
     idp = await MockIdp.start()
     try:

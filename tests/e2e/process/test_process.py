@@ -27,14 +27,17 @@ async def spawn(*args: str, env: dict | None = None) -> asyncio.subprocess.Proce
 
 async def read_until(stream: asyncio.StreamReader, pattern: str, timeout: float = 15) -> tuple[re.Match, str]:
     seen = ""
-    async with asyncio.timeout(timeout):
-        while True:
-            line = (await stream.readline()).decode()
-            if not line:
-                raise AssertionError(f"stream ended before {pattern!r}:\n{seen}")
-            seen += line
-            if match := re.search(pattern, seen):
-                return match, seen
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await stream.readline()).decode()
+                if not line:
+                    raise AssertionError(f"stream ended before {pattern!r}:\n{seen}")
+                seen += line
+                if match := re.search(pattern, seen):
+                    return match, seen
+    except TimeoutError:
+        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{seen}") from None
 
 
 async def stop(proc: asyncio.subprocess.Process) -> int:
@@ -156,7 +159,9 @@ async def start_two_workers(tmp_path: Path, coordinator: str) -> tuple[asyncio.s
         pids = set()
         try:
             for _ in range(2):
-                match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)')
+                # Two processes import and start on a shared 2-core machine: a generous bound.
+                match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)',
+                                            timeout=40)
                 pids.add(match.group(2))
         except AssertionError as exc:
             await stop(proc)

@@ -33,14 +33,17 @@ def free_port() -> int:
 async def read_until(stream: asyncio.StreamReader, pattern: str, timeout: float = 15) -> tuple[re.Match[str], str]:
     """Reads lines until what was read matches `pattern`; the match and the text read so far."""
     seen = ""
-    async with asyncio.timeout(timeout):
-        while True:
-            line = (await stream.readline()).decode()
-            if not line:
-                raise AssertionError(f"stream ended before {pattern!r}:\n{seen}")
-            seen += line
-            if match := re.search(pattern, seen):
-                return match, seen
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await stream.readline()).decode()
+                if not line:
+                    raise AssertionError(f"stream ended before {pattern!r}:\n{seen}")
+                seen += line
+                if match := re.search(pattern, seen):
+                    return match, seen
+    except TimeoutError:
+        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{seen}") from None
 
 
 async def read_json_lines(stream: asyncio.StreamReader, sink: list[tuple[float, dict]]) -> None:

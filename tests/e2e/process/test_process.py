@@ -133,7 +133,9 @@ async def start_two_workers(tmp_path: Path, coordinator: str) -> tuple[asyncio.s
         pids = set()
         try:
             for _ in range(2):
-                match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)')
+                # Two processes import and start on a shared 2-core machine: a generous bound.
+                match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)',
+                                            timeout=40)
                 pids.add(match.group(2))
         except AssertionError as exc:
             await stop(proc)

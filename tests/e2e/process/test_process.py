@@ -130,19 +130,22 @@ async def start_two_workers(tmp_path: Path, coordinator: str) -> tuple[asyncio.s
                           f"auth: {{mode: disabled}}\nmetrics: {{host: 127.0.0.1, port: {metrics}}}\n"
                           "drain_delay_s: 0\nshutdown_grace_s: 5\n")
         proc = await spawn("serve", "--config", str(config))
-        pids = set()
+        # Each worker says it listens or that it cannot (its metrics port, metrics + worker, is not
+        # reserved and may be taken meanwhile); wait for both answers, then retry on new ports if
+        # either could not listen.
+        seen = ""
         try:
-            for _ in range(2):
-                # Two processes import and start on a shared 2-core machine: a generous bound.
-                match, _ = await read_until(proc.stdout, r'"metrics_url": "http://127\.0\.0\.1:(\d+)".*?"pid": (\d+)',
-                                            timeout=40)
-                pids.add(match.group(2))
-        except AssertionError as exc:
+            while len(re.findall(r'"metrics_url": "http|"cannot listen"', seen)) < 2:
+                _, read = await read_until(proc.stdout, r'"metrics_url": "http|"cannot listen"', timeout=40)
+                seen += read
+        except AssertionError:
             await stop(proc)
-            if "cannot listen" not in str(exc):
-                raise
+            raise
+        if '"cannot listen"' in seen:
+            await stop(proc)
             continue
-        assert len(pids) == 2
+        pids = set(re.findall(r'"metrics_url": "http://127\.0\.0\.1:\d+".*?"pid": (\d+)', seen))
+        assert len(pids) == 2, seen
         return proc, port, metrics
     raise AssertionError("no two free ports could be bound in three tries")
 

@@ -102,23 +102,38 @@ def describe(exc: ValidationError, origins: Mapping[str, str]) -> list[str]:
 
 
 def _did_you_mean(parent: tuple[Any, ...], key: Any) -> str | None:
+    """A key of this section close to the unknown one, else one of a section inside it spelt so
+    (`auth.audiences` belongs in `auth.issuers[]`)."""
     if not isinstance(key, str):
         return None
     known = _keys_at(parent)
     by_lower = {k.lower(): k for k in known}
     guess = difflib.get_close_matches(key.strip().lower(), list(by_lower), n=1, cutoff=0.6)
-    return by_lower[guess[0]] if guess else None
+    if guess:
+        return by_lower[guess[0]]
+    hints = _hints(_model_at(parent)) if known else {}
+    for name in known:
+        inner = _model_in(hints.get(name))
+        if inner is not None and key in {f.name for f in dataclasses.fields(inner)}:
+            many = typing.get_origin(hints[name]) is tuple
+            return f"{name}{'[]' if many else ''}.{key}"
+    return None
 
 
-def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+def _model_at(loc: tuple[Any, ...]) -> Any:
     model: Any = GatewayConfig
     for part in loc:
         if isinstance(part, int):
             continue    # an index into a list of models: still that model
         model = _model_in(_hints(model).get(part))
         if model is None:
-            return []
-    return [f.name for f in dataclasses.fields(model)]
+            return None
+    return model
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    model = _model_at(loc)
+    return [f.name for f in dataclasses.fields(model)] if model is not None else []
 
 
 @functools.cache

@@ -182,6 +182,12 @@ def _forwarded_route(value: str) -> str:
     return value
 
 
+def _fraction(value: float) -> float:
+    if value > 1:
+        raise problem(f"must be a fraction in (0, 1], got {shown(value)}")
+    return value
+
+
 def _header_prefix(value: str) -> str:
     if not value.lower().startswith("x-"):
         raise problem("must start with 'X-'")
@@ -302,9 +308,9 @@ class UpstreamConfig(_Model):
     queue_timeout_s: Number = Field(default=1.0, gt=0, description="all connections busy: the longest a request "
                                                                    "waits for one, then 503 run_coordinator_busy")
     retries: RetryConfig = Field(default_factory=RetryConfig, description="retries of failed coordinator requests")
-    stream_share: Number = Field(default=0.75, gt=0, le=1, description="the most of max_connections event streams "
-                                                                       "may hold at once; the rest stays for short "
-                                                                       "requests")
+    stream_share: Annotated[Number, AfterValidator(_fraction)] = Field(
+        default=0.75, gt=0, json_schema_extra={"maximum": 1},
+        description="the most of max_connections event streams may hold at once; the rest stays for short requests")
     max_response_header_bytes: Count = Field(default=64 * 1024, ge=1024, description="the coordinator's head (and "
                                                                                      "trailer section); larger: 502")
 

@@ -57,7 +57,10 @@ def _reason(kind: str, ctx: Mapping[str, Any], value: Any) -> str | None:
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         sign, bound = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
                        "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}[kind]
-        return f"must be {sign} {ctx.get(bound)}, got {got}"
+        limit = ctx.get(bound)
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
+        return f"must be {sign} {limit}, got {got}"
     if kind in ("bool_type", "bool_parsing"):
         return f"must be true or false, got {got}"
     if kind in ("string_type", "string_too_short"):

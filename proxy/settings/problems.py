@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .models import GatewayConfig, shown
+from .models import SECRET_KEYS, GatewayConfig, shown
 
 _UNKNOWN_KEY = {"unexpected_keyword_argument", "extra_forbidden", "invalid_key"}
 
@@ -46,8 +46,7 @@ def _choices(expected: str) -> str:
     return expected.replace("'", "").replace(" or ", ", ")
 
 
-def _reason(kind: str, ctx: Mapping[str, Any], value: Any) -> str | None:
-    got = shown(value)
+def _reason(kind: str, ctx: Mapping[str, Any], got: str) -> str | None:
     if kind == "missing":
         return "required"
     if kind in ("int_type", "int_parsing", "int_from_float"):
@@ -91,7 +90,9 @@ def describe(exc: ValidationError, origins: Mapping[str, str]) -> list[str]:
             for at, reason in ctx.get("problems") or [(ctx.get("at", ""), ctx.get("reason", ""))]:
                 found.append((join(loc, at) or "<root>", str(reason), kind))
         else:
-            reason = _reason(kind, ctx, err.get("input"))
+            # A secret's value is never echoed, not even a mistyped one: it may be the real secret.
+            secret = any(part in SECRET_KEYS for part in loc if isinstance(part, str))
+            reason = _reason(kind, ctx, "a value not shown (a secret)" if secret else shown(err.get("input")))
             found.append((join(loc) or "<root>", reason or str(err["msg"]), kind))
     lines: list[str] = []
     for path, reason, kind in found:

@@ -157,3 +157,12 @@ def test_the_schema_rejects_what_the_gateway_rejects():
 def test_the_example_names_the_schema_for_editors():
     first = (ROOT / "config" / "gateway.example.yaml").read_text().splitlines()[0]
     assert first == "# yaml-language-server: $schema=./gateway.schema.json"
+
+
+@pytest.mark.parametrize("raw", [
+    {"auth": {"mode": "disabled", "exchange": {"client_secret": 918273645546372819}}},
+    {"auth": {"issuers": [{"issuer": "https://i", "audiences": ["a"], "hmac_secret": ["918273645546372819"]}]}},
+])
+def test_a_mistyped_secret_is_not_echoed(raw):
+    (line,) = problems(raw)
+    assert "918273645546372819" not in line and "secret" in line.split(":")[0]

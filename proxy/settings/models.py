@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema, model_validator
 from pydantic.dataclasses import dataclass
@@ -130,7 +131,6 @@ def _lower(value: Any) -> Any:
 
 
 def _is_http_url(value: str) -> bool:
-    from urllib.parse import urlsplit
     try:
         parts = urlsplit(value)
         return parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -223,9 +223,9 @@ Count = Annotated[int, BeforeValidator(_whole)]
 Text = Annotated[str, Strict(), Field(min_length=1)]
 Url = Annotated[Text, AfterValidator(_http_url)]
 Texts = Annotated[tuple[Text, ...], BeforeValidator(_comma_list)]
-_Mapping = WithJsonSchema({"type": "object", "additionalProperties": {"type": ["string", "integer", "boolean"]}})
-Claims = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_pairs("claim names to single values",
-                                                                       (str, int, bool))), _Mapping]
+Claims = Annotated[
+    tuple[tuple[str, str], ...], BeforeValidator(_pairs("claim names to single values", (str, int, bool))),
+    WithJsonSchema({"type": "object", "additionalProperties": {"type": ["string", "integer", "boolean"]}})]
 ClaimHeaders = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_pairs("claim names to header names", (str,))),
                          WithJsonSchema({"type": "object", "additionalProperties": {"type": "string"}})]
 
@@ -245,7 +245,8 @@ class _Model:
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            # Only known keys: `colour: null` is still an unknown key.
+            return {k: v for k, v in data.items() if v is not None or k not in cls.__dataclass_fields__}
         return data
 
 

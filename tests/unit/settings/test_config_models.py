@@ -166,3 +166,9 @@ def test_the_example_names_the_schema_for_editors():
 def test_a_mistyped_secret_is_not_echoed(raw):
     (line,) = problems(raw)
     assert "918273645546372819" not in line and "secret" in line.split(":")[0]
+
+
+def test_null_means_the_default_but_an_unknown_key_set_to_null_is_still_unknown():
+    cfg = build_config({"auth": {"mode": "disabled", "realm": None}, "listen": {"port": None}})
+    assert (cfg.auth.realm, cfg.listen.port) == ("arp-run-gateway", 8080)
+    assert problems({"auth": {"mode": "disabled"}, "listen": {"colour": None}}) == ["listen.colour: unknown key"]

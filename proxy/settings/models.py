@@ -1,0 +1,548 @@
+"""The gateway configuration, declared once: each key with its type, default, constraint and meaning.
+
+The models are pydantic dataclasses: they validate YAML-shaped input (build_config), stay plain
+frozen dataclasses for the code that reads them (attribute reads on the hot path, dataclasses.fields
+and replace in tests), and are the source of the JSON Schema and the reference in docs/ (reference.py).
+A problem is raised as `problem(...)`: a reason in the operator's words, optionally for another key
+of the same model, which problems.py turns into `key.path: reason` lines.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs, PydanticCustomError
+
+from ..arp.routes import ALL_ROUTES
+from ..util.secretfile import SecretFileError, read_secret
+
+MIB = 1024 * 1024
+
+
+class AuthMode(StrEnum):
+    """`auth.mode`: whether a request needs a bearer token."""
+
+    REQUIRED = "required"   # every non-exempt request needs a valid token
+    OPTIONAL = "optional"   # no token: the anonymous principal; a token, if sent, must be valid
+    DISABLED = "disabled"   # nothing is verified; every request acts as the dev principal
+
+
+class ForwardToken(StrEnum):
+    """`auth.forward_token`: which token, if any, the coordinator receives."""
+
+    PASSTHROUGH = "passthrough"   # the caller's verified token
+    STRIP = "strip"               # none: identity headers only
+    EXCHANGE = "exchange"         # one from the STS (RFC 8693 token exchange)
+
+
+class EventLoop(StrEnum):
+    """`listen.event_loop`."""
+
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
+AUTH_MODES = tuple(m.value for m in AuthMode)
+FORWARD_TOKEN_MODES = tuple(m.value for m in ForwardToken)
+SUPPORTED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+     "HS256", "HS384", "HS512"}
+)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+LOG_LEVELS = ("debug", "info", "warning", "error")
+EVENT_LOOPS = tuple(m.value for m in EventLoop)
+SECRET_KEYS = frozenset({"client_secret", "hmac_secret"})  # client_secret_file is a path, shown
+
+# Far above any sane setting; beyond it an int no longer converts to float.
+_INT_LIMIT = 2**63
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def problem(reason: str, at: str = "") -> PydanticCustomError:
+    """A configuration problem; `at` names another key of the model being validated."""
+    return PydanticCustomError("config", "{reason}", {"reason": reason, "at": at})
+
+
+def problems(found: list[tuple[str, str]]) -> PydanticCustomError:
+    """Several problems of one model at once (a model validator can raise only one error)."""
+    return PydanticCustomError("config", "{reason}", {"reason": "; ".join(r for _, r in found), "problems": found})
+
+
+def shown(value: Any) -> str:
+    """A hostile value as a message may quote it: short, and never a str() that Python refuses."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        digits = len(str(abs(value))) if abs(value) < 10**4000 else "over 4000"
+        return f"an integer of {digits} digits"
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# --------------------------------------------------------------------------- value types
+
+
+def _real(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise problem(f"not a number: {shown(value)}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise problem(f"not a number: {shown(value)}") from None
+    if isinstance(value, int) and not -_INT_LIMIT <= value <= _INT_LIMIT:
+        raise problem(f"out of range: {shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise problem(f"must be a finite number, got {shown(value)}")
+    return value
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise problem(f"not an integer: {shown(value)}")
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise problem(f"not an integer: {shown(value)}") from None
+    if isinstance(value, int) and not -_INT_LIMIT <= value <= _INT_LIMIT:
+        raise problem(f"out of range: {shown(value)}")
+    if isinstance(value, float) and not value.is_integer():
+        raise problem(f"not an integer: {shown(value)}")
+    return value
+
+
+def _comma_list(value: Any) -> Any:
+    """The environment gives lists as `a, b`; YAML may too."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
+def _http_url(value: str) -> str:
+    if not _is_http_url(value):
+        raise problem(f"not an http(s) URL: {shown(value)}")
+    return value
+
+
+def normalize_coordinator_url(url: str) -> str:
+    """JARVIS accepts `http://host:port/`, `.../v1` and `.../v1/` for the same coordinator."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+def _issuer_url(value: str) -> str:
+    # Keys are found at {issuer}/.well-known/openid-configuration: without a scheme the gateway
+    # would start and then never load a key (/readyz stuck on jwks_not_loaded).
+    if not _is_http_url(value):
+        raise problem(f"must be an http(s) URL, exactly the tokens' `iss` "
+                      f"(e.g. https://idp.example.com/realms/arp); got {shown(value)}")
+    return value
+
+
+def _cidr(value: str) -> str:
+    """A network in its normal form; a bare address is its own /32 or /128."""
+    try:
+        return str(ipaddress.ip_network(value.strip()))
+    except ValueError as exc:
+        raise problem(f"not a CIDR network: {shown(value)} ({exc})") from None
+
+
+def _algorithm(value: str) -> str:
+    if value not in SUPPORTED_ALGORITHMS:
+        raise problem(f"unsupported algorithm {shown(value)}")
+    return value
+
+
+def _forwarded_route(value: str) -> str:
+    templates = sorted(t.template for t in ALL_ROUTES if t.forward)
+    if value not in templates:
+        raise problem(f"not a forwarded route template; one of {', '.join(templates)}")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if value > 1:
+        raise problem(f"must be a fraction in (0, 1], got {shown(value)}")
+    return value
+
+
+def _header_prefix(value: str) -> str:
+    if not value.lower().startswith("x-"):
+        raise problem("must start with 'X-'")
+    return value
+
+
+def _pairs(what: str, single: tuple[type, ...]) -> Any:
+    """A YAML mapping of names to single values, kept as (name, value) pairs."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            if not all(isinstance(v, single) for v in value.values()):
+                raise problem(f"must map {what}")
+            return tuple((str(k), str(v)) for k, v in value.items())
+        if isinstance(value, (tuple, list)):   # already pairs: built in code
+            return value
+        raise problem(f"must map {what}")
+
+    return convert
+
+
+def _not_empty(what: str) -> Any:
+    def check(value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise problem(what)
+        return value
+
+    return check
+
+
+Number = Annotated[float, BeforeValidator(_real)]
+Count = Annotated[int, BeforeValidator(_whole)]
+Text = Annotated[str, Strict(), Field(min_length=1)]
+Url = Annotated[Text, AfterValidator(_http_url)]
+Texts = Annotated[tuple[Text, ...], BeforeValidator(_comma_list)]
+Claims = Annotated[
+    tuple[tuple[str, str], ...], BeforeValidator(_pairs("claim names to single values", (str, int, bool))),
+    WithJsonSchema({"type": "object", "additionalProperties": {"type": ["string", "integer", "boolean"]}})]
+ClaimHeaders = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_pairs("claim names to header names", (str,))),
+                         WithJsonSchema({"type": "object", "additionalProperties": {"type": "string"}})]
+
+
+# --------------------------------------------------------------------------- models
+
+
+# Unknown keys are errors (a typo must not silently fall back to a default).
+_STRICT_KEYS = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class _Model:
+    """What every section shares: a key set to null means its default, as if it were absent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            # Only known keys: `colour: null` is still an unknown key.
+            return {k: v for k, v in data.items() if v is not None or k not in cls.__dataclass_fields__}
+        return data
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class ListenConfig(_Model):
+    """The public (edge) listener."""
+
+    host: Text = Field(default="127.0.0.1", description="the public listener's address; 127.0.0.1 beside the "
+                                                        "coordinator, 0.0.0.0 in a Kubernetes pod (flag --host)")
+    port: Count = Field(default=8080, ge=0, le=65535, description="its port; 0 picks a free port (flag --port)")
+    workers: Count = Field(default=1, ge=1, description="processes sharing the port (SO_REUSEPORT), each with its "
+                                                        "own caches")
+    event_loop: EventLoop = Field(default=EventLoop.UVLOOP, description="uvloop, or asyncio's own loop")
+    keepalive_timeout_s: Number = Field(default=75.0, gt=0, description="an idle client keep-alive connection is "
+                                                                        "closed after it")
+    max_connections: Annotated[int, Field(ge=1), BeforeValidator(_whole)] | None = Field(default=None, description=(
+        "client connections at once; unset: derived from the open-file limit, leaving room for the "
+        "coordinator pool and the control plane. At the cap idle connections are reclaimed first"))
+    trusted_proxies: Annotated[tuple[Annotated[Text, AfterValidator(_cidr)], ...], BeforeValidator(_comma_list)] = (
+        Field(default=(), description="peers (CIDR networks; a bare address is a /32 or /128) whose X-Forwarded-For, "
+                                      "-Proto and -Host are believed: the ingress in front of the gateway. Empty: "
+                                      "every peer is the client, its X-Forwarded-* replaced"))
+
+    @model_validator(mode="after")
+    def _workers_share_a_port(self) -> ListenConfig:
+        if self.workers > 1 and self.port == 0:
+            raise problem("several workers need a fixed listen.port to share", at="workers")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class RetryConfig(_Model):
+    """Retries of failed coordinator requests: connection failures for every method (the request
+    never left), 502/503/504 and resets for GET only; a run is never started twice by a retry."""
+
+    attempts: Count = Field(default=3, ge=1, description="tries per request, the first included")
+    backoff_initial_s: Number = Field(default=0.05, ge=0, description="the full-jitter pause cap before the first "
+                                                                      "retry; doubles per retry")
+    backoff_max_s: Number = Field(default=1.0, ge=0, description="the largest pause cap between two tries")
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class UpstreamConfig(_Model):
+    """The Run Coordinator behind the gateway."""
+
+    url: Annotated[Url, AfterValidator(normalize_coordinator_url)] | None = Field(default=None, description=(
+        "the Run Coordinator's base URL (a trailing / or /v1 is dropped); unset: run calls answer "
+        "503 run_coordinator_missing"))
+    connect_timeout_s: Number = Field(default=2.0, gt=0, description="to open a TCP connection to the coordinator")
+    request_timeout_s: Number = Field(default=30.0, gt=0, description="until the coordinator's response headers; "
+                                                                      "then 504")
+    stream_idle_timeout_s: Number = Field(default=300.0, gt=0, description="longest silence inside a response body "
+                                                                           "(streams have no total timeout)")
+    max_connections: Count = Field(default=100, ge=1, description="pooled keep-alive connections to the coordinator; "
+                                                                  "an open event stream holds one for its whole life")
+    health_timeout_s: Number = Field(default=1.0, gt=0, description="the coordinator's /v1/health probe behind our "
+                                                                    "/v1/health")
+    keepalive_idle_s: Number = Field(default=4.0, gt=0, description="an idle pooled connection is closed before the "
+                                                                    "coordinator would close it")
+    queue_timeout_s: Number = Field(default=1.0, gt=0, description="all connections busy: the longest a request "
+                                                                   "waits for one, then 503 run_coordinator_busy")
+    retries: RetryConfig = Field(default_factory=RetryConfig, description="retries of failed coordinator requests")
+    stream_share: Annotated[Number, AfterValidator(_fraction)] = Field(
+        default=0.75, gt=0, json_schema_extra={"maximum": 1},
+        description="the most of max_connections event streams may hold at once; the rest stays for short requests")
+    max_response_header_bytes: Count = Field(default=64 * 1024, ge=1024, description="the coordinator's head (and "
+                                                                                     "trailer section); larger: 502")
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class RateConfig(_Model):
+    """A per-principal token bucket."""
+
+    per_second: Number = Field(gt=0, description="tokens added to each subject's bucket per second")
+    burst: Count = Field(ge=1, description="the bucket's size: run starts allowed at once after a quiet spell")
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class LimitsConfig(_Model):
+    """Request size and time limits."""
+
+    max_body_bytes: Count = Field(default=MIB, gt=0, description="run start and cancel bodies; larger ones get 413")
+    header_timeout_s: Number = Field(default=10.0, gt=0, description="a request head must arrive whole within it, or "
+                                                                     "the connection closes")
+    body_timeout_s: Number = Field(default=10.0, gt=0, description="a body must arrive whole within it once wanted, "
+                                                                   "or 408")
+    max_header_bytes: Count = Field(default=64 * 1024, ge=1024, description="the request target plus header lines; "
+                                                                            "larger heads get 431")
+    max_headers: Count = Field(default=100, ge=8, description="header lines per request; more get 431")
+    max_buffered_bytes: Count = Field(default=64 * MIB, gt=0, description=(
+        "head and body bytes held in memory by all connections together; while full the gateway reads "
+        "nothing more, and what stays starved past its header or body timeout gets 503 overloaded. At "
+        "least max_body_bytes + max_header_bytes"))
+    send_timeout_s: Number = Field(default=60.0, gt=0, description="unread answer bytes must drain within it, else "
+                                                                   "the connection is aborted")
+    run_start_rate: RateConfig | None = Field(default=None, description=(
+        "a token bucket per principal on run starts (e.g. {per_second: 2, burst: 10}); over it 429 "
+        "rate_limited. Unset: no limit"))
+    max_streams_per_principal: Count = Field(default=8, ge=1, description="event streams open at once per principal; "
+                                                                          "more get 429")
+
+    @model_validator(mode="after")
+    def _holds_one_request(self) -> LimitsConfig:
+        if self.max_buffered_bytes < self.max_body_bytes + self.max_header_bytes:
+            raise problem(f"must hold at least one whole request: limits.max_body_bytes plus "
+                          f"limits.max_header_bytes ({self.max_body_bytes + self.max_header_bytes})",
+                          at="max_buffered_bytes")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class IssuerConfig(_Model):
+    """A trusted token issuer."""
+
+    issuer: Annotated[Text, AfterValidator(_issuer_url)] = Field(description=(
+        "the exact `iss` a token must carry (compared as a string); an http(s) URL"))
+    audiences: Annotated[Texts, AfterValidator(_not_empty("at least one audience is required"))] = Field(
+        description="a token's `aud` must name at least one of these")
+    jwks_uri: Url | None = Field(default=None, description="where the signing keys are; unset: found by OIDC discovery")
+    discovery_url: Url | None = Field(default=None, description="unset: {issuer}/.well-known/openid-configuration")
+    algorithms: Annotated[tuple[Annotated[Text, AfterValidator(_algorithm)], ...], BeforeValidator(_comma_list)] = (
+        Field(default=("RS256",), description="the JWS algorithms accepted from this issuer: RS256/384/512, "
+                                              "PS256/384/512, ES256/384, EdDSA; HS* needs hmac_secret"))
+    hmac_secret: Text | None = Field(default=None, description="the one HMAC key, needed for HS* algorithms (never "
+                                                               "from a JWKS); at least 32 bytes; never printed")
+
+    @property
+    def discovery(self) -> str:
+        return self.discovery_url or self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+    @model_validator(mode="after")
+    def _hmac(self) -> IssuerConfig:
+        found = []
+        if any(a in HMAC_ALGORITHMS for a in self.algorithms) and not self.hmac_secret:
+            found.append(("algorithms", "HMAC algorithms need an explicit hmac_secret"))
+        if self.hmac_secret and len(self.hmac_secret.encode()) < 32:
+            found.append(("hmac_secret", "must be at least 32 bytes"))
+        if found:
+            raise problems(found)
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class AccessRule(_Model):
+    """Scope and claim requirements of a forwarded route."""
+
+    path: Annotated[Text, AfterValidator(_forwarded_route)] = Field(description=(
+        "a forwarded route template, e.g. /v1/runs/{run_id}:cancel"))
+    methods: Annotated[tuple[Annotated[Text, AfterValidator(str.upper)], ...], BeforeValidator(_comma_list)] = (
+        Field(default=(), description="the methods it applies to; empty: all of the route's methods"))
+    scopes: Texts = Field(default=(), description="scopes (scope or scp) the token must all carry")
+    claims: Claims = Field(default=(), json_schema_extra={"default": {}}, description=(
+        "claim: value pairs the token must all carry, e.g. {realm_access.roles: arp-runner}"))
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class ExchangeConfig(_Model):
+    """The STS, for auth.forward_token: exchange (RFC 8693)."""
+
+    token_endpoint: Url | None = Field(default=None, description="the STS's OAuth token endpoint (required for "
+                                                                 "forward_token: exchange)")
+    client_id: Text | None = Field(default=None, description="the gateway's client at the STS")
+    client_secret: Text | None = Field(default=None, description="its secret; never logged or printed")
+    client_secret_file: Text | None = Field(default=None, description=(
+        "a file holding the secret (a mounted Kubernetes Secret), read at start-up and re-read when it "
+        "changes, so a rotation needs no restart; set one of client_secret and client_secret_file"))
+    audience: Text = Field(default="arp-run-coordinator", description="the audience asked for: the coordinator")
+    scope: Text | None = Field(default=None, description="scopes asked for, space-separated; unset: the STS's default")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_from_file(cls, data: Any) -> Any:
+        # Only input from a file or the environment names a file to read; an ExchangeConfig built in
+        # code is taken as given (the exchanger re-reads the file itself).
+        if isinstance(data, ArgsKwargs) or not isinstance(data, dict):
+            return data
+        path, secret = data.get("client_secret_file"), data.get("client_secret")
+        if not isinstance(path, str) or not path:
+            return data
+        if secret is not None:
+            raise problem("set either auth.exchange.client_secret or auth.exchange.client_secret_file, not both",
+                          at="client_secret_file")
+        try:
+            return {**data, "client_secret": read_secret(path)}
+        except SecretFileError as exc:
+            raise problem(exc.reason, at="client_secret_file") from None
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class AuthConfig(_Model):
+    """Authentication and authorization."""
+
+    mode: AuthMode = Field(default=AuthMode.REQUIRED, description="required, optional (no token: the anonymous "
+                                                                  "principal) or disabled (the dev subject)")
+    realm: Text = Field(default="arp-run-gateway", description="the realm in WWW-Authenticate challenges")
+    issuers: tuple[IssuerConfig, ...] = Field(default=(), description="trusted token issuers, looked up by a token's "
+                                                                      "`iss`; the environment overrides the first")
+    clock_skew_s: Number = Field(default=60.0, ge=0, description="leeway for exp, nbf and iat against our clock")
+    exempt_paths: Texts = Field(default=("/v1/health", "/v1/version"), description="raw paths answered without a "
+                                                                                   "token")
+    dev_subject: Text = Field(default="dev", description="the subject every request acts as with auth disabled")
+    anonymous_subject: Text = Field(default="anonymous", description="the subject of tokenless requests in optional "
+                                                                     "mode")
+    jwks_cache_ttl_s: Number = Field(default=300.0, gt=0, description="how long fetched keys are fresh when the IdP "
+                                                                      "sends no max-age")
+    jwks_min_ttl_s: Number = Field(default=30.0, gt=0, description="an IdP's max-age (or no-store) is raised to at "
+                                                                   "least this")
+    jwks_max_ttl_s: Number = Field(default=86400.0, gt=0, description="and lowered to at most this")
+    jwks_refetch_cooldown_s: Number = Field(default=30.0, ge=0, description="at most one unknown-kid refetch per "
+                                                                            "issuer in this time")
+    jwks_max_stale_s: Number = Field(default=86400.0, gt=0, description="keys older than this (IdP down) are not "
+                                                                        "used: 503 instead")
+    jwks_fetch_timeout_s: Number = Field(default=5.0, gt=0, description="one JWKS or discovery request, whole")
+    token_cache_size: Count = Field(default=10000, ge=0, description="verified tokens remembered (LRU); 0 verifies "
+                                                                     "every request")
+    max_token_bytes: Count = Field(default=8192, gt=0, description="longer bearer tokens are refused before any "
+                                                                   "parsing")
+    identity_header_prefix: Annotated[Text, AfterValidator(_header_prefix)] = Field(
+        default="X-Auth-", description="identity headers sent upstream; callers' headers with it are stripped")
+    claim_headers: ClaimHeaders = Field(default=(), json_schema_extra={"default": {}}, description=(
+        "claim: header pairs also sent upstream, e.g. {email: X-Auth-Email}"))
+    forward_token: ForwardToken = Field(default=ForwardToken.PASSTHROUGH, description="the token the coordinator "
+                                                                                      "receives: passthrough, strip "
+                                                                                      "or exchange (RFC 8693)")
+    exchange: ExchangeConfig = Field(default_factory=ExchangeConfig, description="the STS, for forward_token: exchange")
+    rules: tuple[AccessRule, ...] = Field(default=(), description="per-route scope and claim requirements")
+    cors_preflight_bypass: bool = Field(default=False, description="forward tokenless CORS preflights (OPTIONS) to "
+                                                                   "the coordinator")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthConfig:
+        found = []
+        if self.jwks_min_ttl_s > self.jwks_max_ttl_s:
+            found.append(("jwks_min_ttl_s", "must not exceed auth.jwks_max_ttl_s"))
+        if self.forward_token == ForwardToken.EXCHANGE:
+            x = self.exchange
+            for key in ("token_endpoint", "client_id", "client_secret"):
+                if not getattr(x, key) and not (key == "client_secret" and x.client_secret_file):
+                    also = " (or auth.exchange.client_secret_file)" if key == "client_secret" else ""
+                    found.append((f"exchange.{key}", f"required{also} when auth.forward_token is 'exchange'"))
+        if found:
+            raise problems(found)
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class MetricsConfig(_Model):
+    """Prometheus metrics, /livez and /readyz."""
+
+    enabled: bool = Field(default=True, description="serve Prometheus metrics at all")
+    host: Text = Field(default="127.0.0.1", description="the metrics listener's address: the public port never "
+                                                        "exposes metrics")
+    port: Count = Field(default=9464, ge=0, le=65535, description="its port; 0 serves /metrics on the main listener "
+                                                                  "instead; with listen.workers N, worker i listens "
+                                                                  "on port + i")
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class LoggingConfig(_Model):
+    """JSON logs on stdout."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = Field(
+        default="info", description="debug, info, warning or error")
+    access_log: bool = Field(default=True, description="one JSON line per request on stdout")
+    log_subject: bool = Field(default=False, description="put the caller's subject in access log lines (personal data)")
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class GatewayConfig(_Model):
+    """The ARP Run Gateway's configuration."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig, description="the public listener")
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description="the Run Coordinator behind it")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="request size and time limits")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="authentication and authorization")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and access log")
+    shutdown_grace_s: Number = Field(default=25.0, ge=0, description="after the listener closes, in-flight requests "
+                                                                     "get this long to finish")
+    drain_delay_s: Number = Field(default=5.0, ge=0, description="after SIGTERM, /readyz fails this long before the "
+                                                                 "listener closes")
+
+    @model_validator(mode="after")
+    def _whole_gateway(self) -> GatewayConfig:
+        # Checked here, not in AuthConfig: an AuthConfig built in code without issuers is fine
+        # (tests, tools); a gateway started from a configuration is not.
+        found = []
+        auth = self.auth
+        if auth.mode != AuthMode.DISABLED and not auth.issuers:
+            found.append(("auth.issuers", f"auth.mode is {auth.mode.value!r} but no issuer is configured "
+                                          "(set auth.issuers or ARP_AUTH_ISSUER, or auth.mode: disabled)"))
+        if self.limits.max_header_bytes <= auth.max_token_bytes + 256:
+            found.append(("limits.max_header_bytes", f"must leave room for a token of auth.max_token_bytes "
+                                                     f"({auth.max_token_bytes}) plus other headers, so an "
+                                                     "oversized token gets its 401"))
+        if found:
+            raise problems(found)
+        return self
+

@@ -301,3 +301,24 @@ async def test_the_client_closing_its_side_mid_body_ends_the_body_as_incomplete(
     assert client.eof() is True  # the writing side stays open for the answer
     await settle()
     assert edge.handler.body_errors == ["BodyIncomplete"] and client.answers()[0].status == 400
+
+
+async def test_a_nearly_full_queue_takes_a_straddling_head_end_and_holds_what_follows():
+    """The queue has room for two: a read completing a head begun before, one whole request and the start
+    of a third fills it; the third waits unparsed, and nothing stops the connection."""
+    edge = Edge()
+    edge.handler.later = True
+    client = edge.connect()
+    client.send(get("/v1/runs/first"))
+    await settle()
+    client.send(b"".join(get(f"/v1/runs/q{i}") for i in range(MAX_PIPELINED - 2)))
+    client.send(get("/v1/runs/straddle")[:-1])
+    client.send(b"\n" + get("/v1/runs/whole") + b"GET /v1/runs/third HTTP/1.1\r\n")
+    client.send(b"Host: gw\r\n\r\n")
+    await settle()
+    for _ in range(MAX_PIPELINED + 2):
+        edge.handler.release(edge.handler.requests[-1])
+        await settle()
+    targets = [a.body.split(b" ")[1] for a in client.answers()]
+    assert targets[-3:] == [b"/v1/runs/straddle", b"/v1/runs/whole", b"/v1/runs/third"], targets
+    assert len(targets) == MAX_PIPELINED + 2 and not client.closed

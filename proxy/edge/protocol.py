@@ -371,7 +371,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
                 # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing: answer, then close.
                 request.refusal = _bad(request, "bad_framing", "HTTP/1.0 requests cannot use Transfer-Encoding")
                 stop = True
-            elif request.has_body and parser.should_upgrade():
+            elif (request.chunked or length) and parser.should_upgrade():
                 # Upgrades are not offered, and llhttp ends an upgrade request at its head, handing over the
                 # rest as another protocol's bytes: its body would be dropped, and the request forwarded
                 # without it. (Upgrade without `Connection: upgrade` is no upgrade: its body is framed as usual.)
@@ -422,7 +422,8 @@ class ClientConnection(FlowControl, asyncio.Protocol):
             self._reserved_body = False
             if self._budget_held or awaiting:  # else reading was, and stays, what _reading says
                 self._apply_reading()
-        request._wake(None)
+        if request._waiter is not None:
+            request._wake(None)
         if self._current is not None and request is not self._current:
             # A whole request waits its turn: read no further until it is answered.
             self._pause_reading()

@@ -78,4 +78,3 @@ class Budget:
             if need > 0:
                 self.take(need)
             conn.admitted(need)
-

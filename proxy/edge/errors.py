@@ -33,4 +33,3 @@ class TrailerTooLarge(BodyIncomplete):
 
 class Overloaded(Exception):
     """limits.max_buffered_bytes stayed full until limits.body_timeout_s passed: the body could not be read."""
-

@@ -156,4 +156,3 @@ class FlowControl:
         if charge:
             self._head_charge = 0
             self._budget.give(charge)
-

@@ -78,7 +78,6 @@ class Phase(IntEnum):
     LINGER = 4  # answered and half-closed: what the client still sends is read and dropped
 
 
-
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing with this answer."""
 
@@ -87,11 +86,9 @@ class _Refused(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
-
 def valid_target(target: bytes) -> bool:
     return (target[:1] == b"/" and not target.translate(None, _TARGET_CHARS)
             and (b"%" not in target or _BAD_ESCAPE.search(target) is None))
-
 
 
 class ClientConnection(FlowControl, asyncio.Protocol):
@@ -685,4 +682,3 @@ _NOTED = {b"authorization": _AUTHORIZATION, b"host": _HOST, b"content-type": _CO
 def _bad(request: Request, reason: str, message: str) -> Answer:
     return error_answer(400, "invalid_request", message, request_id=request.request_id,
                         details={"reason": reason})
-

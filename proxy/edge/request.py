@@ -179,4 +179,3 @@ class Request(ResponseWriter):
         """The answer is complete: the connection moves on to the next request, or closes."""
         self.finished = True
         self.conn.finished(self)
-

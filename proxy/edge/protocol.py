@@ -336,6 +336,8 @@ class ClientConnection(FlowControl, asyncio.Protocol):
             if self._budget.reserve(self, length):
                 request._held += length
                 self._reserved_body = True
+                if self._budget_held:
+                    self._apply_reading()  # the reservation itself filled the budget and held this connection
             else:
                 self._awaiting_room = True
                 self._apply_reading()

@@ -123,3 +123,17 @@ async def test_a_head_starved_of_the_budget_until_its_timeout_gets_503():
     await settle()
     (answer,) = starved.answers()
     assert answer.status == 503 and answer.reason == "buffer_budget_full" and answer.json()["error"]["retryable"]
+
+
+async def test_a_body_whose_reservation_fills_the_budget_is_still_read():
+    """Reserving its bytes may itself fill the budget and hold every connection: not the one reserved for,
+    whose bytes are paid for (else it would wait for room only its own answer can give, then time out)."""
+    edge = Edge(max_buffered_bytes=8192, header_timeout_s=100, body_timeout_s=100)
+    uploader = edge.connect()
+    head = 8 + (4 + 2 + 4) + (12 + 16 + 4) + (14 + 4 + 4)   # what the budget counts of post()'s head
+    uploader.send(post("/v1/runs", b"", length=8192 - head))
+    assert edge.listener.budget.full and edge.listener.budget.used == 8192
+    assert uploader.transport.reading, "the body the budget was filled for is not read"
+    uploader.send(b"a" * (8192 - head))
+    await settle()
+    assert uploader.answers()[0].body == b"POST /v1/runs %d" % (8192 - head)

@@ -36,7 +36,8 @@ from jsonschema import Draft202012Validator, ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from ..edge.listener import BodyIncomplete, BodyTimeout, BodyTooLarge, Overloaded, Request, TrailerTooLarge
+from ..edge.errors import BodyIncomplete, BodyTimeout, BodyTooLarge, Overloaded, TrailerTooLarge
+from ..edge.request import Request
 from ..settings.config import LimitsConfig
 from .answers import Answer, error_answer
 from .routes import START_RUN, Route

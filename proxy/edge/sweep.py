@@ -34,13 +34,15 @@ class DeadlineSweep(Generic[T]):
     add to or remove from whatever the owner keeps its items in."""
 
     def __init__(self, name: str, interval_s: float, *, due: Callable[[float], Sequence[T]],
-                 expire: Callable[[T, float], None], log_interval_s: float = LOG_INTERVAL_S) -> None:
+                 expire: Callable[[T, float], None], log_interval_s: float = LOG_INTERVAL_S,
+                 clock: Callable[[], float] | None = None) -> None:
         self.name = name
         self.interval_s = interval_s
         self._due = due
         self._expire = expire
         self._log_interval = log_interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock = clock                # the loop's time unless given: whatever the owner's deadlines use
         self._handle: asyncio.TimerHandle | None = None
         self._last_logged: float | None = None
         self.failures = 0            # passes or items that raised, for tests and diagnosis
@@ -51,6 +53,8 @@ class DeadlineSweep(Generic[T]):
             return
         self.started = True
         self._loop = loop
+        if self._clock is None:
+            self._clock = loop.time
         self._handle = loop.call_later(self.interval_s, self._tick)
 
     def stop(self) -> None:
@@ -64,7 +68,11 @@ class DeadlineSweep(Generic[T]):
         assert loop is not None
         # Re-armed first: whatever happens below, the next pass is already scheduled.
         self._handle = loop.call_later(self.interval_s, self._tick)
-        now = loop.time()
+        assert self._clock is not None
+        self.run(self._clock())
+
+    def run(self, now: float) -> None:
+        """One pass: expires each item due at `now`, each on its own."""
         try:
             due = self._due(now)
         except Exception:

@@ -28,7 +28,7 @@ from aiohttp import web
 from proxy.observability.accesslog import FLUSH_LINES, AccessLog
 from proxy.auth.jwks_fetch import FetchErrorKind
 from proxy.util.clock import FakeClock
-from proxy.edge.listener import ClientConnection
+from proxy.edge.protocol import ClientConnection
 from proxy.runtime.server import start_gateway
 from proxy.upstream.pool import UpstreamPool, _Connection
 from tests.support.jwks import ScriptedFetcher, UpperBound, scheduler

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.edge.listener import MAX_PIPELINED
+from proxy.edge.protocol import MAX_PIPELINED
 from proxy.runtime.server import start_gateway
 from tests.support.gateway import RUN_START, gateway_config
 from tests.support.loopthread import LoopThread

@@ -20,9 +20,9 @@ from typing import Any
 
 from ..arp.routes import Route
 from ..edge.listener import ClientGone, Request, _reason
-from ..observability.metrics import GatewayMetrics
 from .headers import ResponseHeaders
 from .pool import PoolResponse, UpstreamError
+from .sink import UpstreamMetrics
 
 log = logging.getLogger("proxy.upstream.relay")
 
@@ -31,7 +31,7 @@ Done = Callable[[Request, int], None]
 
 
 class Relay:
-    def __init__(self, metrics: GatewayMetrics | None, *, stream_idle_timeout_s: float) -> None:
+    def __init__(self, metrics: UpstreamMetrics | None, *, stream_idle_timeout_s: float) -> None:
         self.metrics = metrics
         self._idle_timeout = stream_idle_timeout_s
         self._headers = ResponseHeaders()

@@ -6,7 +6,7 @@ It owns the wire behaviour of RFC 6750 and the ARP spec (which status, which
 coordinator learns about the caller in `identity.py`.
 
     authn = Authenticator(cfg.auth, verifier, AccessPolicy(cfg.auth.rules))
-    outcome = await authn.authenticate(request, route, request_id)
+    outcome = authn.authenticate(request, route)        # now, or a coroutine when the token must be verified
     if outcome.refusal is not None:
         request.respond(outcome.refusal)        # never forwarded
     header_lines = outcome.identity             # what the coordinator learns about the caller
@@ -14,18 +14,19 @@ coordinator learns about the caller in `identity.py`.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from ..arp.answers import Answer, error_answer
 from ..arp.routes import Route
-from ..edge.listener import Request
 from ..settings.config import AuthConfig, AuthMode
 from ..util.boundedcache import BoundedCache
 from .access import AccessPolicy
 from .identity import Identity
 from .jwks_store import KeysUnavailable
-from .principal import Principal, PrincipalKind
+from .principal import Caller, Principal, PrincipalKind
 from .tokens import TokenError, TokenVerifier
 
 
@@ -79,28 +80,25 @@ class Authenticator:
         self._dev = AuthOutcome(dev, None, AuthResult.DEV, identity=self._identity.lines(dev) or b"")
         self._anonymous = Principal(cfg.anonymous_subject, kind=PrincipalKind.ANONYMOUS)
 
-    def is_exempt(self, raw_path: str) -> bool:
-        return raw_path in self._exempt
-
-    def authenticate_now(self, request: Request, route: Route) -> AuthOutcome | None:
-        """The outcome when it needs no wait (no credentials, bad ones, a token verified before);
-        None when authenticate() has to verify the token."""
+    def authenticate(self, request: Caller, route: Route) -> AuthOutcome | Coroutine[Any, Any, AuthOutcome]:
+        """The outcome now when nothing has to wait (an exempt path, no or bad credentials, a token
+        verified before); else the coroutine that verifies the token and gives the outcome."""
+        if request.path in self._exempt:
+            return EXEMPT
         decided = self._read_credentials(request, route)
         if decided.__class__ is AuthOutcome:
             return decided
         assert self._verifier is not None
         principal = self._verifier.verify_cached(decided)  # type: ignore[arg-type]
         if principal is None:
-            return None
+            return self._verified(request, route, decided)  # type: ignore[arg-type]
         return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
 
-    async def authenticate(self, request: Request, route: Route, request_id: str) -> AuthOutcome:
-        decided = self._read_credentials(request, route)
-        if decided.__class__ is AuthOutcome:
-            return decided
+    async def _verified(self, request: Caller, route: Route, token: str) -> AuthOutcome:
         assert self._verifier is not None
+        request_id = request.request_id
         try:
-            principal = await self._verifier.verify(decided)  # type: ignore[arg-type]
+            principal = await self._verifier.verify(token)
         except TokenError as exc:
             return self._invalid(exc.reason, exc.description, request_id, exc.issuer)
         except KeysUnavailable as exc:
@@ -111,7 +109,7 @@ class Authenticator:
                 issuer=exc.issuer)
         return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
 
-    def _read_credentials(self, request: Request, route: Route) -> AuthOutcome | str:
+    def _read_credentials(self, request: Caller, route: Route) -> AuthOutcome | str:
         """The bearer token to verify, or the outcome when the Authorization header alone decides."""
         values = request.authorization
         request_id = request.request_id

@@ -261,8 +261,8 @@ class Request:
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_body",
                  "_size", "_held", "_waiter", "_given_id", "_ids", "status", "bytes_out", "upstream_s", "head_sent",
-                 "will_close", "_chunked_out", "finished", "aborter", "started", "route", "outcome", "client",
-                 "user_agent", "upstream_start")
+                 "will_close", "_chunked_out", "finished", "aborter", "exchange", "client", "user_agent",
+                 "upstream_start")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -307,9 +307,7 @@ class Request:
         # Kept by the gateway while it answers.
         self.finished = False                           # the answer is written and observed
         self.aborter: Callable[[], None] | None = None  # stops work in flight outside a task if the client leaves
-        self.started = 0.0
-        self.route: object = None
-        self.outcome: object = None
+        self.exchange: Exchange | None = None           # the handler's own state for this request
 
     @property
     def has_body(self) -> bool:
@@ -1147,6 +1145,13 @@ _NOTED = frozenset({b"content-type", b"content-length", b"transfer-encoding", b"
 def _bad(request: Request, reason: str, message: str) -> Answer:
     return error_answer(400, "invalid_request", message, request_id=request.request_id,
                         details={"reason": reason})
+
+
+class Exchange(Protocol):
+    """What a handler keeps per request; the listener only carries it for the handler."""
+
+    def abandoned(self, status: int) -> None:
+        """The request ended without `finish()` (see `Handler.abandoned`)."""
 
 
 class Handler(Protocol):

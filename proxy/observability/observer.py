@@ -6,9 +6,9 @@ failed), so `requests_in_flight` can never drift and every answer has its metric
 access-log line.
 
     observer = RequestObserver(metrics, access_log)
-    observer.begin(request)
+    started = observer.begin()
     ...
-    observer.end(request, status=0)     # 0: the status the answer carried
+    observer.end(request, route, outcome, started, status=0)     # 0: the status the answer carried
 """
 
 from __future__ import annotations
@@ -30,17 +30,17 @@ class RequestObserver:
         self._metrics = metrics
         self._access_log = access_log
 
-    def begin(self, request: Request) -> None:
-        request.started = time.perf_counter()
+    def begin(self) -> float:
+        """Counts a request in; its start time, for `end`."""
         if self._metrics is not None:
             self._metrics.in_flight += 1
+        return time.perf_counter()
 
-    def end(self, request: Request, status: int = 0) -> None:
+    def end(self, request: Request, route: Route, outcome: AuthOutcome | None, started: float,
+            status: int = 0) -> None:
         """`status`: what the request ended with when it was not an answer (499, 500)."""
-        seconds = time.perf_counter() - request.started
+        seconds = time.perf_counter() - started
         status = status or request.status or 500
-        route: Route = request.route  # type: ignore[assignment]
-        outcome: AuthOutcome | None = request.outcome  # type: ignore[assignment]
         principal = outcome.principal if outcome is not None else None
         metrics = self._metrics
         if metrics is not None:

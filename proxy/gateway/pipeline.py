@@ -76,10 +76,11 @@ class HealthProbe(Protocol):
 class Exchange:
     """The gateway's state for one request, from `handle` to `observe`."""
 
-    __slots__ = ("gateway", "request", "route", "outcome", "started", "body", "extra")
+    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "_streams", "_observer")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
-        self.gateway = gateway
+        self._streams = gateway.streams
+        self._observer = gateway.observer
         self.request = request
         self.route: Route = NOT_FOUND
         self.outcome: AuthOutcome | None = None
@@ -89,10 +90,20 @@ class Exchange:
 
     def done(self, request: Request, failed: int) -> None:
         """The answer is written: observe it, and let the connection go on."""
-        self.gateway.done(self, failed)
+        request.exchange = None  # no cycle between the two: both go when the connection lets go
+        if self._streams.holding:
+            self._streams.leave(request)
+        if not request.finished:
+            self._observer.end(request, self.route, self.outcome, self.started, failed)
+            request.finish()
 
     def abandoned(self, status: int) -> None:
-        self.gateway.ended_early(self, status)
+        """The client left (499) or answering failed (500) before `done`."""
+        request = self.request
+        request.exchange = None
+        if self._streams.holding:
+            self._streams.leave(request)
+        self._observer.end(request, self.route, self.outcome, self.started, status)
 
 
 class Gateway:
@@ -174,11 +185,10 @@ class Gateway:
 
     def handle(self, request: Request) -> None:
         ex = request.exchange = Exchange(self, request, self.observer.begin())
-        stages = self._stages
-        i, n = 0, len(stages)
-        while i < n:
-            result = stages[i](ex)
+        i = 0
+        for stage in self._stages:
             i += 1
+            result = stage(ex)
             if result is None:
                 continue
             if result.__class__ is not Answer:  # a stage has to wait: the rest runs in a task
@@ -329,27 +339,15 @@ class Gateway:
         return self.probe_answer(route)
 
     def _reply(self, ex: Exchange, answer: Answer) -> None:
-        ex.request.respond(answer)
-        self.done(ex, 0)
-
-    def done(self, ex: Exchange, failed: int) -> None:
-        """The answer is written: observe it, and let the connection go on."""
         request = ex.request
-        if self.streams.holding:
-            self.streams.leave(request)
-        if not request.finished:
-            self.observer.end(request, ex.route, ex.outcome, ex.started, failed)
-            request.finish()
+        request.respond(answer)
+        ex.done(request, 0)
 
     def abandoned(self, request: Request, status: int) -> None:
-        """The client left (499) or answering failed (500) before `done`."""
+        """The client left (499) or answering failed (500) before the answer was done; nothing
+        more when it was (the exchange is then gone), so no request is observed twice."""
         if request.exchange is not None:
             request.exchange.abandoned(status)
-
-    def ended_early(self, ex: Exchange, status: int) -> None:
-        if self.streams.holding:
-            self.streams.leave(ex.request)
-        self.observer.end(ex.request, ex.route, ex.outcome, ex.started, status)
 
     def _rate(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
         """The run-start rate limit."""

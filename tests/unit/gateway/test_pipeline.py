@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -158,3 +160,46 @@ def test_one_retry_policy_for_every_path() -> None:
     assert policy.after_status("GET", 503, 1) and not policy.after_status("POST", 503, 1)
     assert not policy.after_status("GET", 500, 1) and not policy.after_status("GET", 502, 3)
     assert all(0 <= policy.pause(retry) <= RetryConfig().backoff_max_s for retry in range(1, 10))
+
+
+async def test_a_client_that_leaves_mid_exchange_is_observed_once() -> None:
+    """The client closes while the coordinator holds its request on a pooled connection (the exchange
+    on callbacks): one 499, and requests_in_flight back to zero, not below."""
+    held = asyncio.Event()
+    answered = 0
+
+    async def first_then_hold(writer: asyncio.StreamWriter) -> bool | None:
+        nonlocal answered
+        if answered == 0:
+            answered += 1
+            await started(writer)
+            return None
+        held.set()
+        await asyncio.sleep(5)  # until the test ends and closes the server
+        return False
+
+    coordinator = RawServer(first_then_hold)
+    server, url = await start_gateway(gateway_config(await coordinator.start(),
+                                                     metrics={"enabled": True, "port": 0}))
+    metrics = server.gateway.metrics
+    assert metrics is not None
+    get = b"GET /v1/runs/r1 HTTP/1.1\r\nHost: gw\r\n\r\n"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        status, _ = await exchange(reader, writer, get)  # opens the pooled coordinator connection
+        assert status == 200
+        writer.write(get)
+        await asyncio.wait_for(held.wait(), 5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with linger 0, a reset: the client is gone at once
+        for _ in range(100):  # bounded: the gateway sees the close within a few loop turns
+            if metrics.in_flight <= 0:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        counts = {status: n[0] for (route, method, status), n in metrics._requests.items() if method == "GET"}
+        assert counts == {200: 1, 499: 1} and metrics.in_flight == 0
+    finally:
+        await server.cleanup()
+        await coordinator.close()

@@ -85,14 +85,31 @@ class Authenticator:
         verified before); else the coroutine that verifies the token and gives the outcome."""
         if request.path in self._exempt:
             return EXEMPT
-        decided = self._read_credentials(request, route)
-        if decided.__class__ is AuthOutcome:
-            return decided
+        if self._disabled:
+            return self._dev
+        values = request.authorization
+        if len(values) != 1:
+            return self._no_single_token(request, route)
+        scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return self._challenge("unsupported_scheme", "Use the Bearer authentication scheme", request.request_id)
+        token = token.strip()
+        if not token:
+            return self._bad_request("empty_token", "The Bearer token is empty", request.request_id)
         assert self._verifier is not None
-        principal = self._verifier.verify_cached(decided)  # type: ignore[arg-type]
+        principal = self._verifier.verify_cached(token)
         if principal is None:
-            return self._verified(request, route, decided)  # type: ignore[arg-type]
+            return self._verified(request, route, token)
         return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
+
+    def _no_single_token(self, request: Caller, route: Route) -> AuthOutcome:
+        """No Authorization header (anonymous in optional mode, else 401), or more than one (400)."""
+        if request.authorization:
+            return self._bad_request("multiple_authorization_headers", "Send exactly one Authorization header",
+                                     request.request_id)
+        if self._optional:
+            return self._authorize(self._anonymous, route, request.method, request.request_id, AuthResult.ANONYMOUS)
+        return self._challenge("missing_token", "A bearer token is required", request.request_id)
 
     async def _verified(self, request: Caller, route: Route, token: str) -> AuthOutcome:
         assert self._verifier is not None
@@ -108,27 +125,6 @@ class Authenticator:
                 headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable",
                 issuer=exc.issuer)
         return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
-
-    def _read_credentials(self, request: Caller, route: Route) -> AuthOutcome | str:
-        """The bearer token to verify, or the outcome when the Authorization header alone decides."""
-        values = request.authorization
-        request_id = request.request_id
-        if self._disabled:
-            return self._dev
-        if len(values) > 1:
-            return self._bad_request("multiple_authorization_headers",
-                                     "Send exactly one Authorization header", request_id)
-        if not values:
-            if self._optional:
-                return self._authorize(self._anonymous, route, request.method, request_id, AuthResult.ANONYMOUS)
-            return self._challenge("missing_token", "A bearer token is required", request_id)
-        scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return self._challenge("unsupported_scheme", "Use the Bearer authentication scheme", request_id)
-        token = token.strip()
-        if not token:
-            return self._bad_request("empty_token", "The Bearer token is empty", request_id)
-        return token
 
     def _authorize(self, principal: Principal, route: Route, method: str, request_id: str,
                    result: AuthResult) -> AuthOutcome:

@@ -51,10 +51,8 @@ class RequestObserver:
         if self._access_log is not None:
             tail = _RUN_ID_TAIL.get(route)
             self._access_log.record(
-                request_id=request.request_id, method=request.method or "-", route=route.template, status=status,
-                seconds=seconds, upstream_s=request.upstream_s, bytes_in=request.body_size,
-                bytes_out=request.bytes_out, auth_result=outcome.result if outcome else "none",
-                auth_reason=outcome.reason if outcome else "", subject=principal.subject if principal else None,
-                client=request.client or request.conn.peer, user_agent=request.user_agent,
-                issuer=outcome.issuer if outcome else None,
-                run_id=None if tail is None else request.path[9:len(request.path) - tail])
+                request.request_id, request.method or "-", route.template, status, seconds, request.upstream_s,
+                request.body_size, request.bytes_out, outcome.result if outcome else "none",
+                outcome.reason if outcome else "", principal.subject if principal else None,
+                request.client or request.conn.peer, request.user_agent, outcome.issuer if outcome else None,
+                None if tail is None else request.path[9:len(request.path) - tail])

@@ -307,7 +307,7 @@ class Request:
         # Kept by the gateway while it answers.
         self.finished = False                           # the answer is written and observed
         self.aborter: Callable[[], None] | None = None  # stops work in flight outside a task if the client leaves
-        self.exchange: Exchange | None = None           # the handler's own state for this request
+        self.exchange: Handling | None = None           # the handler's own state for this request
 
     @property
     def has_body(self) -> bool:
@@ -1147,7 +1147,7 @@ def _bad(request: Request, reason: str, message: str) -> Answer:
                         details={"reason": reason})
 
 
-class Exchange(Protocol):
+class Handling(Protocol):
     """What a handler keeps per request; the listener only carries it for the handler."""
 
     def abandoned(self, status: int) -> None:

@@ -184,6 +184,7 @@ class Gateway:
     # ------------------------------------------------------------------ requests
 
     def handle(self, request: Request) -> None:
+        """The driver: the stages in order, inline, until one answers or has to wait."""
         ex = request.exchange = Exchange(self, request, self.observer.begin())
         i = 0
         for stage in self._stages:

@@ -1,14 +1,13 @@
-"""Request bodies at the edge: their limits, their reading, and `POST /v1/runs` against the ARP
-`RunStartRequest` schema.
+"""Request bodies: their limits and `POST /v1/runs` against the ARP `RunStartRequest` schema.
 
-Only POST routes take a body; it is read whole, within `limits.max_body_bytes` and
-`limits.body_timeout_s`, and what can refuse a request before its body is read does so
-first (so a refused client is never sent `100 Continue`).
+Only POST routes take a body; it is read whole (by the gateway's body stage, within
+`limits.max_body_bytes` and `limits.body_timeout_s`), and what can refuse a request before
+its body is read does so first (so a refused client is never sent `100 Continue`). The
+rules read the request through `BodyHead`, so they do not depend on the listener.
 
     bodies = BodyRules(cfg.limits)
     refusal = bodies.before(request, route)             # type, encoding, declared size
-    body = bodies.now(request, route)                   # a complete request: bytes, None or the refusal
-    body = await bodies.later(request, route)           # one whose body is still arriving
+    body = bodies.checked(request, route, raw)          # bytes to forward, None, or the refusal
 
 Two well-kept libraries, each where it is good: fastjsonschema compiles the
 schema into Python code once and accepts a valid body on the request path;
@@ -29,16 +28,13 @@ import re
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import fastjsonschema
 from jsonschema import Draft202012Validator, ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from ..edge.errors import BodyIncomplete, BodyTimeout, BodyTooLarge, Overloaded, TrailerTooLarge
-from ..edge.request import Request
-from ..settings.config import LimitsConfig
 from .answers import Answer, error_answer
 from .routes import START_RUN, Route
 
@@ -161,13 +157,33 @@ _JSON_TYPES = (b"application/json",)
 _PLAIN_JSON = frozenset({b"application/json", b"application/json; charset=utf-8", b"application/json;charset=UTF-8"})
 
 
+class BodyLimits(Protocol):
+    """The slice of the configuration the body rules read (`limits` in the settings)."""
+
+    @property
+    def max_body_bytes(self) -> int: ...
+
+    @property
+    def body_timeout_s(self) -> float: ...
+
+
+class BodyHead(Protocol):
+    """What the body rules read of a request: its head."""
+
+    method: str
+    request_id: str
+    content_type: bytes | None
+    content_encoding: bytes | None
+    content_length: int | None
+
+
 class BodyRules:
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: BodyLimits) -> None:
         self._limit = limits.max_body_bytes
-        self._body_timeout_s = limits.body_timeout_s
+        self.body_timeout_s = limits.body_timeout_s
         self._validate = load_run_start_validator()
 
-    def before(self, request: Request, route: Route) -> Answer | None:
+    def before(self, request: BodyHead, route: Route) -> Answer | None:
         """What refuses a request before its body is read: a body where none belongs, a run start
         that is not JSON or comes encoded (the edge validates it and decompresses nothing), a
         declared size over the limit."""
@@ -185,41 +201,10 @@ class BodyRules:
                 return error_answer(415, "unsupported_media_type", "Send the run start body uncompressed",
                                     request_id=rid, details={"content_encoding": coding[:100].decode("latin-1")})
         if request.content_length is not None and request.content_length > self._limit:
-            return self._too_large(rid)
+            return self.too_large(rid)
         return None
 
-    def now(self, request: Request, route: Route) -> bytes | None | Answer:
-        """The body to forward of a complete request, or the refusal."""
-        try:
-            body = request.body_now()
-        except BodyTooLarge:
-            return self._too_large(request.request_id)
-        return self._checked(request, route, body)
-
-    async def later(self, request: Request, route: Route) -> bytes | None | Answer:
-        """The body to forward once it has arrived (`100 Continue` first if the client waits), or the
-        refusal: 413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full
-        that long, 431 for an oversized trailer section, 400 when it ends early or breaks."""
-        rid = request.request_id
-        try:
-            body = await request.read_body()
-        except BodyTooLarge:
-            return self._too_large(rid)
-        except BodyTimeout:
-            return error_answer(408, "request_timeout", "The request body did not arrive in time", request_id=rid,
-                                details={"body_timeout_s": self._body_timeout_s})
-        except Overloaded:
-            return error_answer(503, "overloaded", "The gateway holds too many request bytes; retry shortly",
-                                request_id=rid, retryable=True, details={"reason": "buffer_budget_full"})
-        except TrailerTooLarge:
-            return error_answer(431, "request_header_fields_too_large", "The request trailer section is too large",
-                                request_id=rid, details={"reason": "trailer_too_large"})
-        except BodyIncomplete as exc:
-            return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
-                                request_id=rid, details={"reason": exc.reason})
-        return self._checked(request, route, body)
-
-    def _checked(self, request: Request, route: Route, body: bytes) -> bytes | None | Answer:
+    def checked(self, request: BodyHead, route: Route, body: bytes) -> bytes | None | Answer:
         """None on GET routes (an empty chunked body is no body), a valid RunStartRequest on a run
         start, the body as it came on a cancel."""
         if request.method != "POST":
@@ -241,11 +226,11 @@ class BodyRules:
             return [problem]
         return self._validate(document)
 
-    def _too_large(self, rid: str) -> Answer:
+    def too_large(self, rid: str) -> Answer:
         return error_answer(413, "payload_too_large", f"The request body exceeds {self._limit} bytes",
                             request_id=rid, details={"max_body_bytes": self._limit})
 
 
-def _no_body(request: Request, route: Route) -> Answer:
+def _no_body(request: BodyHead, route: Route) -> Answer:
     return error_answer(400, "invalid_request", f"{request.method} {route.template} takes no body",
                         request_id=request.request_id, details={"reason": "unexpected_body"})

@@ -6,7 +6,7 @@ It owns the wire behaviour of RFC 6750 and the ARP spec (which status, which
 coordinator learns about the caller in `identity.py`.
 
     authn = Authenticator(cfg.auth, verifier, AccessPolicy(cfg.auth.rules))
-    outcome = await authn.authenticate(request, route, request_id)
+    outcome = authn.authenticate(request, route)        # now, or a coroutine when the token must be verified
     if outcome.refusal is not None:
         request.respond(outcome.refusal)        # never forwarded
     header_lines = outcome.identity             # what the coordinator learns about the caller
@@ -14,18 +14,19 @@ coordinator learns about the caller in `identity.py`.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from ..arp.answers import Answer, error_answer
 from ..arp.routes import Route
-from ..edge.listener import Request
 from ..settings.config import AuthConfig, AuthMode
 from ..util.boundedcache import BoundedCache
 from .access import AccessPolicy
 from .identity import Identity
 from .jwks_store import KeysUnavailable
-from .principal import Principal, PrincipalKind
+from .principal import Caller, Principal, PrincipalKind
 from .tokens import TokenError, TokenVerifier
 
 
@@ -79,28 +80,42 @@ class Authenticator:
         self._dev = AuthOutcome(dev, None, AuthResult.DEV, identity=self._identity.lines(dev) or b"")
         self._anonymous = Principal(cfg.anonymous_subject, kind=PrincipalKind.ANONYMOUS)
 
-    def is_exempt(self, raw_path: str) -> bool:
-        return raw_path in self._exempt
-
-    def authenticate_now(self, request: Request, route: Route) -> AuthOutcome | None:
-        """The outcome when it needs no wait (no credentials, bad ones, a token verified before);
-        None when authenticate() has to verify the token."""
-        decided = self._read_credentials(request, route)
-        if decided.__class__ is AuthOutcome:
-            return decided
+    def authenticate(self, request: Caller, route: Route) -> AuthOutcome | Coroutine[Any, Any, AuthOutcome]:
+        """The outcome now when nothing has to wait (an exempt path, no or bad credentials, a token
+        verified before); else the coroutine that verifies the token and gives the outcome."""
+        if request.path in self._exempt:
+            return EXEMPT
+        if self._disabled:
+            return self._dev
+        values = request.authorization
+        if len(values) != 1:
+            return self._no_single_token(request, route)
+        scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return self._challenge("unsupported_scheme", "Use the Bearer authentication scheme", request.request_id)
+        token = token.strip()
+        if not token:
+            return self._bad_request("empty_token", "The Bearer token is empty", request.request_id)
         assert self._verifier is not None
-        principal = self._verifier.verify_cached(decided)  # type: ignore[arg-type]
+        principal = self._verifier.verify_cached(token)
         if principal is None:
-            return None
+            return self._verified(request, route, token)
         return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
 
-    async def authenticate(self, request: Request, route: Route, request_id: str) -> AuthOutcome:
-        decided = self._read_credentials(request, route)
-        if decided.__class__ is AuthOutcome:
-            return decided
+    def _no_single_token(self, request: Caller, route: Route) -> AuthOutcome:
+        """No Authorization header (anonymous in optional mode, else 401), or more than one (400)."""
+        if request.authorization:
+            return self._bad_request("multiple_authorization_headers", "Send exactly one Authorization header",
+                                     request.request_id)
+        if self._optional:
+            return self._authorize(self._anonymous, route, request.method, request.request_id, AuthResult.ANONYMOUS)
+        return self._challenge("missing_token", "A bearer token is required", request.request_id)
+
+    async def _verified(self, request: Caller, route: Route, token: str) -> AuthOutcome:
         assert self._verifier is not None
+        request_id = request.request_id
         try:
-            principal = await self._verifier.verify(decided)  # type: ignore[arg-type]
+            principal = await self._verifier.verify(token)
         except TokenError as exc:
             return self._invalid(exc.reason, exc.description, request_id, exc.issuer)
         except KeysUnavailable as exc:
@@ -110,27 +125,6 @@ class Authenticator:
                 headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable",
                 issuer=exc.issuer)
         return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
-
-    def _read_credentials(self, request: Request, route: Route) -> AuthOutcome | str:
-        """The bearer token to verify, or the outcome when the Authorization header alone decides."""
-        values = request.authorization
-        request_id = request.request_id
-        if self._disabled:
-            return self._dev
-        if len(values) > 1:
-            return self._bad_request("multiple_authorization_headers",
-                                     "Send exactly one Authorization header", request_id)
-        if not values:
-            if self._optional:
-                return self._authorize(self._anonymous, route, request.method, request_id, AuthResult.ANONYMOUS)
-            return self._challenge("missing_token", "A bearer token is required", request_id)
-        scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return self._challenge("unsupported_scheme", "Use the Bearer authentication scheme", request_id)
-        token = token.strip()
-        if not token:
-            return self._bad_request("empty_token", "The Bearer token is empty", request_id)
-        return token
 
     def _authorize(self, principal: Principal, route: Route, method: str, request_id: str,
                    result: AuthResult) -> AuthOutcome:

@@ -11,7 +11,7 @@ pass for these are dropped in `upstream/headers.py`.
     identity = Identity(cfg.auth, exchanger)
     lines = identity.lines(principal)                   # None: refuse the token (invalid_claims)
     header_block = identity.now(request, outcome)       # when nothing has to be fetched
-    header_block = await identity.later(request, outcome)   # with token exchange
+    header_block += await identity.exchanged(request, principal)   # with token exchange (`waits`)
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from __future__ import annotations
 import re
 
 from ..arp.answers import Answer, error_answer
-from ..edge.listener import Request
 from ..settings.config import AuthConfig, ForwardToken
 from ..util.boundedcache import BoundedCache
 from .exchange import ExchangeFailed, TokenExchanger
-from .principal import Principal, PrincipalKind
+from .principal import Caller, Principal, PrincipalKind
 
 CACHE_SIZE = 10000
 # Longer identity values are refused rather than cut: two subjects must never become one.
@@ -59,7 +58,7 @@ class Identity:
         self._lines.put(id(principal), (principal, block))  # holds the principal: its id stays its own
         return block
 
-    def now(self, request: Request, outcome_principal: Principal | None, lines: bytes) -> bytes:
+    def now(self, request: Caller, outcome_principal: Principal | None, lines: bytes) -> bytes:
         """Everything the coordinator learns about the caller of `request`, when nothing has to be
         fetched: the admitted principal's `lines` and, with auth disabled, the client's own token
         (nothing verified it, but a coordinator may still check it itself)."""
@@ -70,18 +69,17 @@ class Identity:
             return lines + b"Authorization: " + request.authorization[0] + b"\r\n"
         return lines
 
-    async def later(self, request: Request, outcome_principal: Principal | None, lines: bytes) -> bytes | Answer:
-        """As `now`, plus the exchanged token with `forward_token: exchange`; the 502 when the STS fails."""
-        block = self.now(request, outcome_principal, lines)
-        if self.exchanger is None or outcome_principal is None:
-            return block
+    async def exchanged(self, request: Caller, outcome_principal: Principal) -> bytes | Answer:
+        """With `forward_token: exchange` (`waits`): the exchanged token's header line, added to what
+        `now` gave; the 502 when the STS fails."""
+        assert self.exchanger is not None
         try:
             token = await self.exchanger.token_for(outcome_principal.token)
         except ExchangeFailed as exc:
             return error_answer(502, "token_exchange_failed", "Could not obtain a token for the Run Coordinator",
                                 request_id=request.request_id, retryable=exc.retryable,
                                 details={"reason": exc.reason})
-        return block + b"Authorization: Bearer " + token.encode() + b"\r\n"
+        return b"Authorization: Bearer " + token.encode() + b"\r\n"
 
     def _headers(self, principal: Principal) -> list[tuple[str, str]] | None:
         prefix = self._prefix

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
+
+
+class Caller(Protocol):
+    """What authentication reads of a request: the listener's Request, without depending on it."""
+
+    method: str
+    path: str
+    request_id: str
+    authorization: list[bytes]   # every Authorization header value, as sent
 
 
 class PrincipalKind(StrEnum):

@@ -39,18 +39,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .budget import Budget
-from .errors import BodyIncomplete, BodyTimeout, BodyTooLarge, ClientGone, Overloaded, TrailerTooLarge
-from .protocol import MAX_PIPELINED, ClientConnection, Phase
+from .protocol import ClientConnection, Phase
 from .request import Request
 from .sweep import DeadlineSweep
-from .writer import _reason, http_date
 
 log = logging.getLogger("proxy.edge.listener")
 
-# Names imported from this module before the edge was split into its parts; other packages may still do so.
-__all__ = ["CONNECTION_BYTES", "FD_HEADROOM", "MAX_PIPELINED", "BodyIncomplete", "BodyTimeout", "BodyTooLarge",
-           "Budget", "ClientConnection", "ClientGone", "EdgeLimits", "Handler", "Listener", "Overloaded", "Request",
-           "TrailerTooLarge", "_reason", "default_max_connections", "http_date"]
 
 # Sockets the process needs besides client connections: the coordinator pool is added on top.
 FD_HEADROOM = 64
@@ -90,6 +84,7 @@ def default_max_connections(upstream_connections: int, max_buffered_bytes: int |
     if max_buffered_bytes is not None:
         by_files = min(by_files, max_buffered_bytes // CONNECTION_BYTES)
     return max(1, by_files)
+
 
 class Handler(Protocol):
     """What the listener hands requests to: the gateway."""

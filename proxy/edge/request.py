@@ -15,7 +15,7 @@ import asyncio
 import random
 import re
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..arp.answers import Answer
 from .errors import BodyIncomplete, BodyTooLarge, ClientGone, TrailerTooLarge
@@ -40,6 +40,13 @@ def new_request_id(given: bytes | None) -> str:
     return _IDS.getrandbits(128).to_bytes(16, "big").hex()  # "%032x", without formatting
 
 
+class Handling(Protocol):
+    """What a handler keeps per request; the request only carries it for the handler."""
+
+    def abandoned(self, status: int) -> None:
+        """The request ended without `finish()` (see `Handler.abandoned`)."""
+
+
 class Request(ResponseWriter):
     """One client request as the gateway sees it: the parsed head, the body as it arrives, and
     the calls that answer it on its connection."""
@@ -49,8 +56,7 @@ class Request(ResponseWriter):
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_body",
                  "_size", "_held", "_waiter", "_given_id", "_ids", "upstream_s",
-                 "finished", "aborter", "started", "route", "outcome", "client",
-                 "user_agent", "upstream_start")
+                 "finished", "aborter", "exchange", "client", "user_agent", "upstream_start")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -95,9 +101,7 @@ class Request(ResponseWriter):
         # Kept by the gateway while it answers.
         self.finished = False                           # the answer is written and observed
         self.aborter: Callable[[], None] | None = None  # stops work in flight outside a task if the client leaves
-        self.started = 0.0
-        self.route: object = None
-        self.outcome: object = None
+        self.exchange: Handling | None = None           # the handler's own state for this request
 
     @property
     def has_body(self) -> bool:

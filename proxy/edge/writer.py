@@ -35,7 +35,7 @@ def http_date(second: int) -> bytes:
 
 
 @lru_cache(maxsize=128)
-def _reason(status: int) -> bytes:
+def reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
@@ -79,7 +79,7 @@ class ResponseWriter:
     def respond(self, answer: Answer) -> None:
         """Writes a gateway-made answer whole."""
         body = answer.body
-        parts = self._head(answer.status, _reason(answer.status), len(body))
+        parts = self._head(answer.status, reason_phrase(answer.status), len(body))
         parts += (b"Content-Type: ", answer.content_type, b"\r\nContent-Length: %d\r\n" % len(body),
                   http_date(int(time.time())))
         for name, value in answer.headers:

@@ -1,12 +1,18 @@
 """The gateway: builds every part from one GatewayConfig and takes each request through the stages.
 
-`Gateway.handle` reads as the pipeline: route → probes → authenticate → admit
-(the run-start rate) → validate (the body) → build identity → forward →
-observe. Each stage lives in its own module; this one only wires and
-sequences them. The listener (listener.py) calls `handle` once per request,
-in order; the request is answered when the gateway calls `request.finish()`.
+The stage order is written once, in `Gateway.__init__` (`self._stages`): route (with the
+listener's refusals and the probes) → authenticate → local answers → admit → body → identity
+→ forward; observing happens when the answer is done. Each stage is one method that returns
+None (go on), an Answer (reply with it and stop; `HANDED`: the stage answers by itself), or a
+coroutine that gives one of those once what it waits for has come. One driver runs the stages
+inline, in the listener's read callback, and moves into a task only at the first stage that
+returns a coroutine: a request that waits for nothing is answered without a task or a future.
+Each stage's work lives in its own module; this one wires them and keeps the order.
 
-    gateway = Gateway(load_config(path, os.environ), SystemClock())
+The gateway's own per-request state is an `Exchange` (route, auth outcome, start time, body,
+identity lines), which the listener's Request only carries.
+
+    gateway = Gateway(load_config(path, os.environ), SystemClock(), probe, version_info())
     await gateway.start()
     gateway.handle(request)
 """
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -22,20 +30,20 @@ from ..arp.answers import Answer, error_answer, json_answer
 from ..arp.routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from ..arp.validation import BodyRules
 from ..auth import (
-    EXEMPT,
     AccessPolicy,
     Authenticator,
     AuthOutcome,
     Identity,
     JwksRegistry,
+    Principal,
     TokenExchanger,
     TokenVerifier,
 )
-from ..edge.listener import Request
+from ..edge.errors import BodyIncomplete, BodyTimeout, BodyTooLarge, Overloaded, TrailerTooLarge
+from ..edge.request import Request
 from ..observability.accesslog import AccessLog
 from ..observability.metrics import AuthStateCollector, GatewayMetrics
 from ..observability.observer import RequestObserver
-from ..runtime.health import CoordinatorProbe, version_info
 from ..settings.config import GatewayConfig
 from ..upstream import Upstream
 from ..upstream.headers import TrustedProxies
@@ -45,9 +53,62 @@ from .streamlimit import StreamLimiter
 
 log = logging.getLogger("proxy.gateway.pipeline")
 
+# What a stage gives: None to go on, an Answer to end with (HANDED: the stage answers by itself),
+# or a coroutine that gives one of those.
+Outcome = Answer | None
+Result = Outcome | Coroutine[Any, Any, Outcome]
+HANDED = Answer(0, b"")
+
+
+class HealthProbe(Protocol):
+    """The coordinator health probe, which the runtime layer provides (runtime/health.py)."""
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> dict[str, Any]:
+        """An ARP Health document for `/v1/health`."""
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the coordinator can take work now, and the check that says so."""
+
+
+class Exchange:
+    """The gateway's state for one request, from `handle` to `observe`."""
+
+    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "_streams", "_observer")
+
+    def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
+        self._streams = gateway.streams
+        self._observer = gateway.observer
+        self.request = request
+        self.route: Route = NOT_FOUND
+        self.outcome: AuthOutcome | None = None
+        self.started = started
+        self.body: bytes | None = None     # what is forwarded: the checked body, if any
+        self.extra = b""                   # identity header lines for the coordinator
+
+    def done(self, request: Request, failed: int) -> None:
+        """The answer is written: observe it, and let the connection go on."""
+        request.exchange = None  # no cycle between the two: both go when the connection lets go
+        if self._streams.holding:
+            self._streams.leave(request)
+        if not request.finished:
+            self._observer.end(request, self.route, self.outcome, self.started, failed)
+            request.finish()
+
+    def abandoned(self, status: int) -> None:
+        """The client left (499) or answering failed (500) before `done`."""
+        request = self.request
+        request.exchange = None
+        if self._streams.holding:
+            self._streams.leave(request)
+        self._observer.end(request, self.route, self.outcome, self.started, status)
+
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, clock: Clock) -> None:
+    def __init__(self, cfg: GatewayConfig, clock: Clock, probe: HealthProbe, version: dict[str, Any]) -> None:
         self.cfg = cfg
         self.clock = clock
         self.routes = RouteTable(metrics_on_main=cfg.metrics.enabled and cfg.metrics.port == 0)
@@ -60,7 +121,8 @@ class Gateway:
         self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
                                  strip_names=(header for _, header in cfg.auth.claim_headers),
                                  trusted=self.trusted_proxies)
-        self.probe = CoordinatorProbe(cfg.upstream, clock)
+        self.probe = probe
+        self._version = json_answer(200, version)
         self.bodies = BodyRules(cfg.limits)
         self.state = "starting"
         self.ops_url: str | None = None
@@ -79,6 +141,9 @@ class Gateway:
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
+        # The stage order, in its one place.
+        self._stages: tuple[Callable[[Exchange], Result], ...] = (
+            self._route, self._authenticate, self._local, self._admit, self._body, self._identity, self._forward)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,62 +185,150 @@ class Gateway:
     # ------------------------------------------------------------------ requests
 
     def handle(self, request: Request) -> None:
-        """Runs the stages in order: route, probes, authenticate, validate, build identity, forward,
-        observe. All of them run now when none has to wait (a token verified before, a body that
-        came with the head, an idle coordinator connection); otherwise the request continues in a
-        task from the first stage that waits."""
-        self.observer.begin(request)
-        request.route = NOT_FOUND
+        """The driver: the stages in order, inline, until one answers or has to wait."""
+        ex = request.exchange = Exchange(self, request, self.observer.begin())
+        i = 0
+        for stage in self._stages:
+            i += 1
+            result = stage(ex)
+            if result is None:
+                continue
+            if result.__class__ is not Answer:  # a stage has to wait: the rest runs in a task
+                request.spawn(self._resume(ex, result, i))  # type: ignore[arg-type]
+            elif result is not HANDED:
+                self._reply(ex, result)
+            return
+
+    async def _resume(self, ex: Exchange, pending: Coroutine[Any, Any, Outcome], i: int) -> None:
+        """The driver, from the first stage that waits: the same stages, awaiting any that wait."""
+        result = await pending
+        stages = self._stages
+        n = len(stages)
+        while result is None and i < n:
+            step = stages[i](ex)
+            i += 1
+            result = step if step is None or step.__class__ is Answer else await step  # type: ignore[misc]
+        if result is not None and result is not HANDED:
+            self._reply(ex, result)
+
+    # ------------------------------------------------------------------ the stages, in order
+
+    def _route(self, ex: Exchange) -> Result:
+        """The client address, the listener's refusals, the route; 404, 405 and the probes; CORS
+        preflights forwarded unauthenticated when configured."""
+        request = ex.request
         trusted = self.trusted_proxies
         if trusted is not None and trusted.trusts(request.conn.peer):
             request.client = trusted.client(request)
         if request.refusal is not None:  # decided by the listener: framing, target, limits
-            return self._reply(request, request.refusal)
-        route = request.route = self.routes.resolve(request.path) or NOT_FOUND
+            return request.refusal
+        route = ex.route = self.routes.resolve(request.path) or NOT_FOUND
         if request.preflight and self._is_bypassed_preflight(request, route):
-            return self.upstream.forward(request, route, None, b"", self._done)
+            return self._forward(ex)
         if route is NOT_FOUND or request.method not in route.methods or route in _PROBES:
-            return self._reply(request, self._route_answer(request, route))
-        outcome = EXEMPT if self.authn.is_exempt(request.path) else self.authn.authenticate_now(request, route)
-        if (outcome is None or not route.forward or self.identity.waits
-                or not (request.complete or request.too_large)):
-            request.spawn(self._handle_later(request, route, outcome))
-            return None
-        request.outcome = outcome
-        if outcome.refusal is not None:
-            return self._reply(request, outcome.refusal)
-        refusal = (self.run_start_limiter is not None and self._admit(request, route, outcome)
-                   or route.streaming and self._admit_stream(request, outcome)
-                   or self.bodies.before(request, route))
-        if refusal is not None:
-            return self._reply(request, refusal)
-        body = self.bodies.now(request, route)
-        if body.__class__ is Answer:
-            return self._reply(request, body)
-        return self.upstream.forward(request, route, body,  # type: ignore[arg-type]
-                                     self.identity.now(request, outcome.principal, outcome.identity), self._done)
+            return self._route_answer(request, route)
+        return None
 
-    async def _handle_later(self, request: Request, route: Route, outcome: AuthOutcome | None) -> None:
-        """The stages of handle(), for a request that has to wait in one of them."""
-        if outcome is None:
-            outcome = await self.authn.authenticate(request, route, request.request_id)
-        request.outcome = outcome
-        if outcome.refusal is not None:
-            return self._reply(request, outcome.refusal)
-        if not route.forward:
-            return self._reply(request, json_answer(200, await self.probe.health() if route is HEALTH
-                                                    else version_info()))
-        refusal = (self._admit(request, route, outcome) or route.streaming and self._admit_stream(request, outcome)
-                   or self.bodies.before(request, route))
-        if refusal is not None:
-            return self._reply(request, refusal)
-        body = await self.bodies.later(request, route)
+    def _authenticate(self, ex: Exchange) -> Result:
+        decided = self.authn.authenticate(ex.request, ex.route)
+        if decided.__class__ is AuthOutcome:
+            ex.outcome = decided
+            return decided.refusal
+        return self._authenticated(ex, decided)  # type: ignore[arg-type]
+
+    async def _authenticated(self, ex: Exchange, pending: Coroutine[Any, Any, AuthOutcome]) -> Outcome:
+        outcome = ex.outcome = await pending
+        return outcome.refusal
+
+    def _local(self, ex: Exchange) -> Result:
+        """/v1/health and /v1/version, answered by the gateway after authentication."""
+        route = ex.route
+        if route.forward:
+            return None
+        if route is HEALTH:
+            return self._health()
+        return self._version
+
+    async def _health(self) -> Outcome:
+        return json_answer(200, await self.probe.health())
+
+    def _admit(self, ex: Exchange) -> Result:
+        """The run-start rate, the event-stream count, then what refuses a body before it is read:
+        all before the body, so a flood costs little."""
+        request, route = ex.request, ex.route
+        outcome = ex.outcome
+        assert outcome is not None
+        return (self.run_start_limiter is not None and route is START_RUN and self._rate(request, route, outcome)
+                or route.streaming and self._admit_stream(request, outcome)
+                or self.bodies.before(request, route))
+
+    def _body(self, ex: Exchange) -> Result:
+        request = ex.request
+        if request.complete or request.too_large:
+            try:
+                raw = request.body_now()
+            except BodyTooLarge as exc:
+                return self._body_refusal(request, exc)
+            return self._checked(ex, raw)
+        return self._body_later(ex)
+
+    async def _body_later(self, ex: Exchange) -> Outcome:
+        """The body once it has arrived (`100 Continue` first if the client waits for it)."""
+        request = ex.request
+        try:
+            raw = await request.read_body()
+        except (BodyTooLarge, BodyTimeout, Overloaded, BodyIncomplete) as exc:
+            return self._body_refusal(request, exc)
+        return self._checked(ex, raw)
+
+    def _checked(self, ex: Exchange, raw: bytes) -> Outcome:
+        body = self.bodies.checked(ex.request, ex.route, raw)
         if body.__class__ is Answer:
-            return self._reply(request, body)
-        extra = await self.identity.later(request, outcome.principal, outcome.identity)
-        if extra.__class__ is Answer:
-            return self._reply(request, extra)
-        return self.upstream.forward(request, route, body, extra, self._done)  # type: ignore[arg-type]
+            return body
+        ex.body = body  # type: ignore[assignment]
+        return None
+
+    def _body_refusal(self, request: Request, exc: Exception) -> Answer:
+        """413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full that
+        long, 431 for an oversized trailer section, 400 when the body ends early or breaks."""
+        rid = request.request_id
+        if isinstance(exc, BodyTooLarge):
+            return self.bodies.too_large(rid)
+        if isinstance(exc, BodyTimeout):
+            return error_answer(408, "request_timeout", "The request body did not arrive in time", request_id=rid,
+                                details={"body_timeout_s": self.bodies.body_timeout_s})
+        if isinstance(exc, Overloaded):
+            return error_answer(503, "overloaded", "The gateway holds too many request bytes; retry shortly",
+                                request_id=rid, retryable=True, details={"reason": "buffer_budget_full"})
+        if isinstance(exc, TrailerTooLarge):
+            return error_answer(431, "request_header_fields_too_large", "The request trailer section is too large",
+                                request_id=rid, details={"reason": "trailer_too_large"})
+        assert isinstance(exc, BodyIncomplete)
+        return error_answer(400, "invalid_request", "The request body is incomplete or its framing is invalid",
+                            request_id=rid, details={"reason": exc.reason})
+
+    def _identity(self, ex: Exchange) -> Result:
+        """What the coordinator learns about the caller; with token exchange, after the STS answers."""
+        outcome = ex.outcome
+        assert outcome is not None
+        principal = outcome.principal
+        ex.extra = self.identity.now(ex.request, principal, outcome.identity)
+        if self.identity.waits and principal is not None:
+            return self._exchanged(ex, principal)
+        return None
+
+    async def _exchanged(self, ex: Exchange, principal: Principal) -> Outcome:
+        line = await self.identity.exchanged(ex.request, principal)
+        if line.__class__ is Answer:
+            return line
+        ex.extra += line  # type: ignore[operator]
+        return None
+
+    def _forward(self, ex: Exchange) -> Result:
+        self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done)
+        return HANDED
+
+    # ------------------------------------------------------------------ answers and their end
 
     def _route_answer(self, request: Request, route: Route) -> Answer:
         """Not found, wrong method, or a probe."""
@@ -187,29 +340,21 @@ class Gateway:
                                 request_id=request.request_id, headers={"Allow": route.allow})
         return self.probe_answer(route)
 
-    def _reply(self, request: Request, answer: Answer) -> None:
+    def _reply(self, ex: Exchange, answer: Answer) -> None:
+        request = ex.request
         request.respond(answer)
-        self._done(request, 0)
-
-    def _done(self, request: Request, failed: int) -> None:
-        """The answer is written: observe it, and let the connection go on."""
-        if self.streams.holding:
-            self.streams.leave(request)
-        if not request.finished:
-            self.observer.end(request, failed)
-            request.finish()
+        ex.done(request, 0)
 
     def abandoned(self, request: Request, status: int) -> None:
-        """The client left (499) or answering failed (500) before `_done`."""
-        if self.streams.holding:
-            self.streams.leave(request)
-        self.observer.end(request, status)
+        """The client left (499) or answering failed (500) before the answer was done; nothing
+        more when it was (the exchange is then gone), so no request is observed twice."""
+        if request.exchange is not None:
+            request.exchange.abandoned(status)
 
-    def _admit(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
-        """The run-start rate limit, before the body is read or validated: a flood costs little."""
+    def _rate(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
+        """The run-start rate limit."""
         limiter = self.run_start_limiter
-        if limiter is None or route is not START_RUN:
-            return None
+        assert limiter is not None
         wait = limiter.take(_principal_key(request, outcome))
         if not wait:
             return None
@@ -222,7 +367,7 @@ class Gateway:
 
     def _admit_stream(self, request: Request, outcome: AuthOutcome) -> Answer | None:
         """At most limits.max_streams_per_principal event streams open per principal; counted until
-        the request ends however it ends (`_done` or `abandoned`)."""
+        the request ends however it ends (`done` or `abandoned`)."""
         if self.streams.enter(request, _principal_key(request, outcome)):
             return None
         if self.metrics is not None:

@@ -6,9 +6,9 @@ failed), so `requests_in_flight` can never drift and every answer has its metric
 access-log line.
 
     observer = RequestObserver(metrics, access_log)
-    observer.begin(request)
+    started = observer.begin()
     ...
-    observer.end(request, status=0)     # 0: the status the answer carried
+    observer.end(request, route, outcome, started, status=0)     # 0: the status the answer carried
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 from ..arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, Route
 from ..auth import EXEMPT, AuthOutcome
-from ..edge.listener import Request
+from ..edge.request import Request
 from .accesslog import AccessLog
 from .metrics import GatewayMetrics
 
@@ -30,17 +30,17 @@ class RequestObserver:
         self._metrics = metrics
         self._access_log = access_log
 
-    def begin(self, request: Request) -> None:
-        request.started = time.perf_counter()
+    def begin(self) -> float:
+        """Counts a request in; its start time, for `end`."""
         if self._metrics is not None:
             self._metrics.in_flight += 1
+        return time.perf_counter()
 
-    def end(self, request: Request, status: int = 0) -> None:
+    def end(self, request: Request, route: Route, outcome: AuthOutcome | None, started: float,
+            status: int = 0) -> None:
         """`status`: what the request ended with when it was not an answer (499, 500)."""
-        seconds = time.perf_counter() - request.started
+        seconds = time.perf_counter() - started
         status = status or request.status or 500
-        route: Route = request.route  # type: ignore[assignment]
-        outcome: AuthOutcome | None = request.outcome  # type: ignore[assignment]
         principal = outcome.principal if outcome is not None else None
         metrics = self._metrics
         if metrics is not None:
@@ -51,10 +51,8 @@ class RequestObserver:
         if self._access_log is not None:
             tail = _RUN_ID_TAIL.get(route)
             self._access_log.record(
-                request_id=request.request_id, method=request.method or "-", route=route.template, status=status,
-                seconds=seconds, upstream_s=request.upstream_s, bytes_in=request.body_size,
-                bytes_out=request.bytes_out, auth_result=outcome.result if outcome else "none",
-                auth_reason=outcome.reason if outcome else "", subject=principal.subject if principal else None,
-                client=request.client or request.conn.peer, user_agent=request.user_agent,
-                issuer=outcome.issuer if outcome else None,
-                run_id=None if tail is None else request.path[9:len(request.path) - tail])
+                request.request_id, request.method or "-", route.template, status, seconds, request.upstream_s,
+                request.body_size, request.bytes_out, outcome.result if outcome else "none",
+                outcome.reason if outcome else "", principal.subject if principal else None,
+                request.client or request.conn.peer, request.user_agent, outcome.issuer if outcome else None,
+                None if tail is None else request.path[9:len(request.path) - tail])

@@ -24,6 +24,7 @@ from ..edge.listener import EdgeLimits, Listener, default_max_connections
 from ..gateway.pipeline import Gateway
 from ..settings.config import GatewayConfig, redacted
 from ..util.clock import Clock, SystemClock
+from .health import CoordinatorProbe, version_info
 from .ops import create_ops_app
 
 log = logging.getLogger("proxy.runtime.server")
@@ -70,7 +71,8 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
     Workers (`worker` = 0..N-1) share the public port through SO_REUSEPORT but each gets its own
     metrics port, `metrics.port + worker`: counters live per process, and a shared port would hand
     each scrape to a random worker, so counters would jump backwards between scrapes."""
-    gateway = Gateway(cfg, clock or SystemClock())
+    clock = clock or SystemClock()
+    gateway = Gateway(cfg, clock, CoordinatorProbe(cfg.upstream, clock), version_info())
     await gateway.start()
     listener = Listener(gateway, edge_limits(cfg), gateway.metrics)
     if gateway.metrics is not None:

@@ -21,18 +21,15 @@ from dataclasses import dataclass
 
 from ..arp.answers import error_answer
 from ..arp.routes import Route
-from ..edge.listener import Request
-from ..observability.metrics import GatewayMetrics
+from ..edge.request import Request
 from ..settings.config import UpstreamConfig
-from ..util.backoff import full_jitter
 from .headers import ClientHeaders, TrustedProxies
 from .pool import ConnectFailed, PoolBusy, PoolResponse, UpstreamError, UpstreamPool
 from .relay import Done, Relay
+from .retry import RetryPolicy
+from .sink import UpstreamMetrics
 
 log = logging.getLogger("proxy.upstream")
-
-_RETRYABLE_STATUSES = frozenset({502, 503, 504})
-
 
 @dataclass(frozen=True, slots=True)
 class UpstreamFailure:
@@ -64,7 +61,7 @@ def _holds_stream(request: Request, route: Route) -> bool:
 
 
 class Upstream:
-    def __init__(self, cfg: UpstreamConfig, metrics: GatewayMetrics | None = None, *,
+    def __init__(self, cfg: UpstreamConfig, metrics: UpstreamMetrics | None = None, *,
                  strip_prefix: str = "", strip_names: Iterable[str] = (),
                  trusted: TrustedProxies | None = None) -> None:
         self.cfg = cfg
@@ -73,6 +70,7 @@ class Upstream:
         self._client_headers = ClientHeaders(strip_prefix=strip_prefix, strip_names=strip_names, trusted=trusted)
         self._relay = Relay(metrics, stream_idle_timeout_s=cfg.stream_idle_timeout_s)
         self.pool: UpstreamPool | None = None
+        self._retry = RetryPolicy(cfg.retries)
         self._loop: asyncio.AbstractEventLoop  # set by start(), inside the running loop
 
     async def start(self) -> None:
@@ -127,12 +125,12 @@ class Upstream:
             if response is None:
                 conn.finish(reusable=False)
                 assert error is not None
-                if self._retryable(request, error, 1):
+                if self._retry.after_error(request.method, error, 1):
                     request.spawn(self._exchange(request, route, head, body, deadline, done, 2))
                 else:
                     self._refuse(request, error)
                     done(request, 0)
-            elif self._retry_status(request, response, 1):
+            elif self._retry.after_status(request.method, response.status, 1):
                 response.release()
                 request.spawn(self._exchange(request, route, head, body, deadline, done, 2))
             else:
@@ -149,45 +147,38 @@ class Upstream:
 
     async def _exchange(self, request: Request, route: Route, head: bytes, body: bytes | None, deadline: float,
                         done: Done, attempt: int) -> None:
-        """The same exchange, for when it has to wait: for a pool connection, or between retries."""
+        """The same exchange, from attempt number `attempt` on, for when it has to wait: for a pool
+        connection, or between retries."""
         pool = self.pool
         assert pool is not None
-        if attempt > 1:
-            if self.metrics is not None:
-                self.metrics.retried(route.template)
-            if not await self._pause(attempt - 1, deadline):
-                self._refuse(request, TimeoutError())
+        policy, method = self._retry, request.method
+        stream = _holds_stream(request, route)
+        while True:
+            if attempt > 1:
+                if self.metrics is not None:
+                    self.metrics.retried(route.template)
+                pause = policy.pause(attempt - 1)
+                if self._loop.time() + pause >= deadline:
+                    self._refuse(request, TimeoutError())
+                    done(request, 0)
+                    return
+                await asyncio.sleep(pause)
+            try:
+                response = await pool.request(head, body, deadline=deadline, stream=stream)
+            except (UpstreamError, TimeoutError) as exc:
+                if policy.after_error(method, exc, attempt):
+                    attempt += 1
+                    continue
+                self._refuse(request, exc)
                 done(request, 0)
                 return
-        try:
-            upstream = await self._send(pool, route, head, body, request.method == "GET", deadline, attempt,
-                                        _holds_stream(request, route))
-        except (UpstreamError, TimeoutError) as exc:
-            self._refuse(request, exc)
-            done(request, 0)
-            return
-        pending = self._relay.answer(request, route, upstream, done)
+            if not policy.after_status(method, response.status, attempt):
+                break
+            response.release()
+            attempt += 1
+        pending = self._relay.answer(request, route, response, done)
         if pending is not None:
             await pending
-
-    def _retryable(self, request: Request, error: UpstreamError | TimeoutError, attempt: int) -> bool:
-        """A refused connection is retried for any method (the request never left); a reset only
-        for GET, so a run is never started twice."""
-        return (attempt < self.cfg.retries.attempts and isinstance(error, UpstreamError)
-                and not isinstance(error, PoolBusy) and (request.method == "GET" or not error.sent))
-
-    def _retry_status(self, request: Request, response: PoolResponse, attempt: int) -> bool:
-        return (request.method == "GET" and response.status in _RETRYABLE_STATUSES
-                and attempt < self.cfg.retries.attempts)
-
-    async def _pause(self, retry: int, deadline: float) -> bool:
-        """Full-jitter exponential backoff before retry number `retry`; False if it would pass the deadline."""
-        retries = self.cfg.retries
-        pause = full_jitter(retry, retries.backoff_initial_s, retries.backoff_max_s)
-        if self._loop.time() + pause >= deadline:
-            return False
-        await asyncio.sleep(pause)
-        return True
 
     def _refuse(self, request: Request, exc: BaseException) -> None:
         """The ErrorEnvelope for an exchange that failed before the coordinator answered."""
@@ -208,27 +199,3 @@ class Upstream:
                                                       "request_id": request.request_id})
         request.respond(error_answer(failure.status, failure.code, failure.message,
                                      request_id=request.request_id, retryable=failure.retryable))
-
-    async def _send(self, pool: UpstreamPool, route: Route, head: bytes, body: bytes | None,
-                    idempotent: bool, deadline: float, first: int, stream: bool = False) -> PoolResponse:
-        """Sends with retries, from attempt `first` on: a refused connection for any method (the
-        request never left); a reset or a 502/503/504 only for GET, so a run is never started twice."""
-        attempts = self.cfg.retries.attempts
-        for attempt in range(first, attempts + 1):
-            if attempt > first:
-                if self.metrics is not None:
-                    self.metrics.retried(route.template)
-                if not await self._pause(attempt - 1, deadline):
-                    raise TimeoutError()
-            try:
-                response = await pool.request(head, body, deadline=deadline, stream=stream)
-            except PoolBusy:
-                raise
-            except UpstreamError as exc:
-                if attempt == attempts or not (idempotent or not exc.sent):
-                    raise
-            else:
-                if not (idempotent and response.status in _RETRYABLE_STATUSES and attempt < attempts):
-                    return response
-                response.release()
-        raise AssertionError("unreachable")

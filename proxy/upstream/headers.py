@@ -24,7 +24,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-from ..edge.listener import Request
+from ..edge.request import Request
 from ..util.boundedcache import BoundedCache
 
 # RFC 9110 section 7.6.1 plus the legacy names proxies still meet in the wild.

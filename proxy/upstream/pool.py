@@ -173,7 +173,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.response: PoolResponse | None = None
-        self._headers_ready: asyncio.Future[PoolResponse] | None = None
         # Callback mode (start()): called once with the response when its headers are in, or with the
         # error that ended the exchange first. No future and no task between request and answer.
         self._on_headers: HeadersCallback | None = None
@@ -291,9 +290,6 @@ class _Connection(asyncio.Protocol):
         response.keep_alive = self._parser.should_keep_alive()
         if not response.keep_alive:
             self._framing(response)
-        ready = self._headers_ready
-        if ready is not None and not ready.done():
-            ready.set_result(response)
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
@@ -346,9 +342,6 @@ class _Connection(asyncio.Protocol):
             pass
 
     def _error(self, error: UpstreamError | TimeoutError) -> None:
-        ready = self._headers_ready
-        if ready is not None and not ready.done():
-            ready.set_exception(error)
         callback = self._on_headers
         if callback is not None:
             self._on_headers = None
@@ -373,15 +366,20 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     async def send(self, head: bytes, body: bytes | None, deadline: float | None) -> PoolResponse:
-        assert self.transport is not None
-        self.response = PoolResponse(self)
+        """`start`, awaited: the response once its headers are in, or the error that ended the exchange."""
+        ready: asyncio.Future[PoolResponse] = self._loop.create_future()
+
+        def settle(response: PoolResponse | None, error: UpstreamError | TimeoutError | None) -> None:
+            if ready.done():
+                return
+            if response is not None:
+                ready.set_result(response)
+            else:
+                ready.set_exception(error or UpstreamError("the exchange ended"))
+
         # The parser is the connection's: llhttp starts on the next message after a complete one,
         # and a connection whose exchange did not complete is never reused.
-        self._headers_ready = ready = self._loop.create_future()
-        self.deadline = deadline or 0.0  # kept by the pool's sweep: no timer armed per request
-        self.received_any = False
-        self._in_head, self._head_lines, self._unparsed = True, 0, 0
-        self.transport.write(head + body if body else head)
+        self.start(head, body, deadline or 0.0, settle)  # a deadline of 0: kept by the caller alone
         try:
             return await ready
         finally:
@@ -403,7 +401,6 @@ class _Connection(asyncio.Protocol):
 
     def finish(self, *, reusable: bool) -> None:
         self.response = None
-        self._headers_ready = None
         self._on_headers = None
         if self.stream:
             self.stream = False

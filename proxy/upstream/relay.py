@@ -19,10 +19,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..arp.routes import Route
-from ..edge.listener import ClientGone, Request, _reason
-from ..observability.metrics import GatewayMetrics
+from ..edge.errors import ClientGone
+from ..edge.request import Request
+from ..edge.writer import reason_phrase
 from .headers import ResponseHeaders
 from .pool import PoolResponse, UpstreamError
+from .sink import UpstreamMetrics
 
 log = logging.getLogger("proxy.upstream.relay")
 
@@ -31,7 +33,7 @@ Done = Callable[[Request, int], None]
 
 
 class Relay:
-    def __init__(self, metrics: GatewayMetrics | None, *, stream_idle_timeout_s: float) -> None:
+    def __init__(self, metrics: UpstreamMetrics | None, *, stream_idle_timeout_s: float) -> None:
         self.metrics = metrics
         self._idle_timeout = stream_idle_timeout_s
         self._headers = ResponseHeaders()
@@ -44,7 +46,7 @@ class Relay:
         if self.metrics is not None:
             self.metrics.upstream(route.template, upstream.status, upstream_s)
         # The gateway's own reason phrase: the coordinator's is free text (RFC 9112 4), so not relayed.
-        reason = _reason(upstream.status)
+        reason = reason_phrase(upstream.status)
         block, dated = self._headers.block(upstream.headers)
         whole = upstream.body_if_complete()
         if whole is None:

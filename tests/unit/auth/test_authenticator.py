@@ -17,7 +17,7 @@ from proxy.auth.authenticator import EXEMPT, Authenticator, AuthOutcome, AuthRes
 from proxy.util.clock import FakeClock
 from proxy.settings.config import build_config
 from proxy.auth.jwks_refresh import JwksRegistry
-from proxy.edge.listener import Request
+from proxy.edge.request import Request
 from proxy.auth.principal import PrincipalKind
 from proxy.arp.routes import GET_RUN, START_RUN, Route
 from proxy.auth.tokens import TokenVerifier
@@ -52,7 +52,8 @@ def token(clock: FakeClock, **claims: Any) -> bytes:
 
 
 async def outcome(authn: Authenticator, req: Request, route: Route = GET_RUN) -> AuthOutcome:
-    return await authn.authenticate(req, route, "rid-1")
+    decided = authn.authenticate(req, route)
+    return decided if isinstance(decided, AuthOutcome) else await decided
 
 
 def refusal(out: AuthOutcome, status: int, code: str, reason: str) -> dict[str, Any]:
@@ -192,7 +193,11 @@ async def test_claims_that_cannot_be_headers_are_invalid_claims(clock: FakeClock
 
 def test_exempt_paths_and_the_exempt_outcome(clock: FakeClock) -> None:
     authn = authenticator(clock)
-    assert authn.is_exempt("/v1/health") and authn.is_exempt("/v1/version") and not authn.is_exempt("/v1/runs")
+    for path in ("/v1/health", "/v1/version", "/v1/runs"):
+        req = request("GET")
+        req.path = path
+        decided = authn.authenticate(req, GET_RUN)
+        assert (decided is EXEMPT) == (path != "/v1/runs"), path
     assert EXEMPT.result is AuthResult.EXEMPT and EXEMPT.refusal is None and EXEMPT.principal is None
 
 

@@ -86,6 +86,9 @@ def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstrea
                        timeout=60)
         dump = Path(f"{out}.1")
         wait_until("the callgrind dump", dump.exists, 60)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(dump, args.keep / f"callgrind.{label}")
         for line in dump.read_text().splitlines():
             if line.startswith("summary:"):
                 return int(line.split()[1]) // args.requests
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, help="directory holding another `proxy` package to count too")
     p.add_argument("--requests", type=int, default=1000, help="counted run starts (default 1000)")
     p.add_argument("--warmup", type=int, default=200, help="uncounted run starts first (default 200)")
+    p.add_argument("--keep", type=Path, help="copy each callgrind dump here (read it with callgrind_annotate)")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", help="with metrics disabled")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="with the access log off")
     args = p.parse_args(argv)

@@ -74,8 +74,8 @@ class PoolBusy(TimeoutError):
 class PoolResponse:
     """One response: headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "headers", "complete", "error", "keep_alive", "close_delimited", "_conn",
-                 "_chunks", "_buffered", "_waiter", "_paused")
+    __slots__ = ("status", "headers", "complete", "error", "keep_alive", "close_delimited", "codings_checked",
+                 "_conn", "_chunks", "_buffered", "_waiter", "_paused")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
@@ -85,6 +85,7 @@ class PoolResponse:
         self.keep_alive = False
         # The body ends where the coordinator closes the connection (RFC 9112 6.3 rule 8).
         self.close_delimited = False
+        self.codings_checked = False
         self._conn: _Connection | None = conn
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -309,21 +310,20 @@ class _Connection(asyncio.Protocol):
 
     @staticmethod
     def _framing(response: PoolResponse) -> None:
-        """For an answer that ends the connection: whether its body is delimited by the close, and
-        never a transfer coding other than chunked, whose bytes the client could not decode once
-        this hop drops the Transfer-Encoding line. Only answers without keep-alive get here, so
-        the usual exchange pays nothing for it."""
-        codings: list[bytes] = []
-        length = False
-        for name, value in response.headers:
-            low = name.lower()
-            if low == b"transfer-encoding":
-                codings += (c.strip().lower() for c in value.split(b","))
-            elif low == b"content-length":
-                length = True
-        if any(c != b"chunked" for c in codings):
-            raise BadResponse("the coordinator used a transfer coding other than chunked")
+        """For an answer that ends the connection: whether its body is delimited by the close. Only
+        answers without keep-alive get here, so the usual exchange pays nothing for it."""
+        codings, length = _codings(response.headers)
+        response.codings_checked = True
         response.close_delimited = not codings and not length and response.status not in (204, 304)
+
+    def on_chunk_header(self) -> None:
+        # Only chunked bodies get here, once per chunk: the one place a kept-alive answer shows a
+        # coding before `chunked` (`gzip, chunked`), checked once per answer. Answers with a
+        # Content-Length, the usual run start, never pay for it.
+        response = self.response
+        if response is not None and not response.codings_checked:
+            response.codings_checked = True
+            _codings(response.headers)
 
     def _body_closed(self) -> None:
         """The coordinator closed its side: a body delimited by the close is complete now
@@ -416,6 +416,23 @@ def _expire_conn(conn: _Connection, now: float) -> None:
     # Cleared only once the expiry went through: one that failed is tried again on the next pass.
     conn.expire()
     conn.deadline = 0.0
+
+
+def _codings(headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], bool]:
+    """The answer's transfer codings and whether it declares a length. BadResponse for a coding
+    other than chunked: llhttp undoes only the chunking, and this hop drops the Transfer-Encoding
+    line, so the client would take the still-coded bytes for the content."""
+    codings: list[bytes] = []
+    length = False
+    for name, value in headers:
+        low = name.lower()
+        if low == b"transfer-encoding":
+            codings += (c.strip().lower() for c in value.split(b","))
+        elif low == b"content-length":
+            length = True
+    if any(c != b"chunked" for c in codings):
+        raise BadResponse("the coordinator used a transfer coding other than chunked")
+    return codings, length
 
 
 def _expire(future: asyncio.Future) -> None:

@@ -115,6 +115,17 @@ async def test_an_answer_with_a_transfer_coding_other_than_chunked_is_502_not_re
     await still_serves(url)
 
 
+@pytest.mark.parametrize("codings", [b"gzip, chunked", b"gzip\r\nTransfer-Encoding: chunked"])
+async def test_a_kept_alive_chunked_answer_with_another_coding_first_is_502(through, codings):
+    """`gzip, chunked` on a kept-alive answer: llhttp undoes the chunking and leaves gzip bytes,
+    which relayed without the coding the client would take for the content."""
+    body = b"\x1f\x8b\x08\x00rest"
+    url, _ = await through(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + codings + b"\r\n\r\n"
+                           b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    bad_response(await ask(url))
+    await still_serves(url)
+
+
 # --------------------------------------------------------------------------- trailers
 
 

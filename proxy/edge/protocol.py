@@ -152,7 +152,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
             self.phase = Phase.HEAD
             self.deadline = self._clock() + self._limits.header_timeout_s
         if self._held:
-            data, self._held = self._held + data, b""  # parsed in the order it came
+            data = self._unhold() + data  # parsed in the order it came
         if data.count(_CRLF2) < MAX_PIPELINED - len(self._queue) - 1:
             self._feed(data)  # cannot complete more heads than there is room for
         else:
@@ -162,13 +162,25 @@ class ClientConnection(FlowControl, asyncio.Protocol):
             # came in the same read is complete by now.
             self._begin(self._queue.popleft())
 
+    def _hold(self, data: bytes) -> None:
+        """Keeps what the full pipeline queue cannot take yet; it counts against the budget like a
+        head or a body, since every connection may hold one read of it."""
+        self._held = data
+        self._budget.take(len(data))
+
+    def _unhold(self) -> bytes:
+        held, self._held = self._held, b""
+        if held:
+            self._budget.give(len(held))
+        return held
+
     def _parse(self, data: bytes) -> None:
         """Parses as much of `data` as the pipelining queue has room for; holds the rest."""
         start = 0
         while start < len(data) and not self._stopped and not self.closed:
             room = MAX_PIPELINED - len(self._queue)
             if room <= 0:
-                self._held = data[start:]
+                self._hold(data[start:])
                 self._pause_reading()
                 return
             end = start
@@ -232,6 +244,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
         self.listener.forget(self)
         self._budget.forget(self)
         self._uncharge_head()
+        self._unhold()
         for held in (self._current, self._parsing, *self._queue):
             if held is not None:
                 self._release(held)
@@ -501,8 +514,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
 
     def _advance_once(self) -> None:
         if self._held and not self._stopped:
-            held, self._held = self._held, b""
-            self._parse(held)
+            self._parse(self._unhold())
         if self._queue:
             self._begin(self._queue.popleft())
             return

@@ -115,6 +115,22 @@ async def test_a_read_with_more_requests_than_the_queue_holds_is_parsed_as_the_q
     assert client.transport.reading and not client.closed
 
 
+async def test_bytes_held_unparsed_behind_a_full_pipeline_count_against_the_budget():
+    # What waits unparsed is memory like a head or a body: one read per connection, up to the read
+    # size, which connections by the thousand would otherwise hold outside limits.max_buffered_bytes.
+    edge = Edge()
+    edge.handler.later = True
+    client = edge.connect()
+    budget = edge.listener.budget
+    junk = b"X" * 100_000
+    client.send(b"".join(get(f"/v1/runs/r{i}") for i in range(MAX_PIPELINED + 1)) + junk)
+    await settle()
+    assert budget.used >= len(junk), "held bytes are outside the budget"
+    client.transport._lose()
+    await settle()
+    assert budget.used == 0
+
+
 async def test_a_whole_request_waiting_its_turn_stops_reading_until_the_connection_is_free():
     edge = Edge()
     edge.handler.later = True

@@ -114,6 +114,9 @@ _LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s
          '"client":"%s","user_agent":%s,"issuer":%s,"run_id":%s}')
 _dumps = json.JSONEncoder(ensure_ascii=True).encode
 _second: list = [-1, ""]
+# Each millisecond's tail made once: formatting "%03d" per request costs more than an index. The
+# fraction is exact and below 1, and below 1 times 1000 stays below 1000 in binary floating point.
+_MILLIS = tuple(".%03dZ" % ms for ms in range(1000))
 
 
 def _timestamp() -> str:
@@ -121,4 +124,4 @@ def _timestamp() -> str:
     whole = int(now)
     if whole != _second[0]:  # strftime once a second, not once a request
         _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return "%s.%03dZ" % (_second[1], (now - whole) * 1000)
+    return _second[1] + _MILLIS[int((now - whole) * 1000)]

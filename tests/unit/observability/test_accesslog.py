@@ -1,0 +1,33 @@
+"""The access log's line, field by field where the gateway formats it itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+from proxy.observability import accesslog
+from proxy.observability.accesslog import AccessLog
+
+
+@pytest.mark.parametrize(("now", "stamp"), [
+    (0.0, "1970-01-01T00:00:00.000Z"),
+    (1.5, "1970-01-01T00:00:01.500Z"),
+    (1765061905.25, "2025-12-06T22:58:25.250Z"),
+    (math.nextafter(1765061906.0, 0), "2025-12-06T22:58:25.999Z"),
+    (1765061906.0, "2025-12-06T22:58:26.000Z"),
+])
+def test_time_is_utc_to_the_millisecond(now: float, stamp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accesslog.time, "time", lambda: now)
+    out = io.StringIO()
+    log = AccessLog(out, log_subject=False)
+    log._handle = object()  # type: ignore[assignment]  # no loop here: flushed by hand
+    log.record("r1", "POST", "/v1/runs", 200, 0.0012345, None, 2, 3, "allowed", "", None, "127.0.0.1",
+               None, None, None)
+    log._handle = None
+    log.flush()
+    line = json.loads(out.getvalue())
+    assert line["time"] == stamp
+    assert line["duration_ms"] == 1.234 and line["upstream_ms"] is None

@@ -3,10 +3,12 @@
 The stage order is written once, in `Gateway.__init__` (`self._stages`): route (with the
 listener's refusals and the probes) → authenticate → local answers → admit → body → identity
 → forward; observing happens when the answer is done. Each stage is one method that returns
-None (go on), an Answer (reply with it and stop; `HANDED`: the stage answers by itself), or a
-coroutine that gives one of those once what it waits for has come. One driver runs the stages
-inline, in the listener's read callback, and moves into a task only at the first stage that
-returns a coroutine: a request that waits for nothing is answered without a task or a future.
+None (go on), an Answer (reply with it and stop; `HANDED`: the stage answers by itself;
+`PAUSED`: the stage continues the driver itself, with `proceed`, as the body stage does from
+the read that completes a body), or a coroutine that gives one of those once what it waits for
+has come. One driver runs the stages inline, in the listener's read callback, and moves into a
+task only at the first stage that returns a coroutine: a request that waits for nothing, or only
+for its body, is answered without a task or a future.
 Each stage's work lives in its own module; this one wires them and keeps the order.
 
 The gateway's own per-request state is an `Exchange` (route, auth outcome, start time, body,

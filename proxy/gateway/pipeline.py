@@ -285,10 +285,14 @@ class Gateway:
         """The body, whole; one still arriving pauses the driver without a task (`100 Continue`
         first if the client waits for it), and the connection continues it from its read."""
         request = ex.request
+        if request.complete or request.too_large:
+            try:
+                raw = request.body_now()
+            except BodyTooLarge as exc:
+                return self._body_refusal(request, exc)
+            return self._checked(ex, raw)
         if request.broken:
             return self._body_refusal(request, broken_error(request.broken))
-        if request.complete or request.too_large:
-            return self._body_whole(ex)
         # False: the client is gone, and its connection reports the request as abandoned.
         return PAUSED if request.body_later(self._body_came) else HANDED
 
@@ -296,15 +300,8 @@ class Gateway:
         ex = request.exchange
         if not isinstance(ex, Exchange) or error.__class__ is ClientGone:
             return  # the client left: its connection has reported it (499)
-        self.proceed(ex, self._body_whole(ex) if error is None else self._body_refusal(request, error))
-
-    def _body_whole(self, ex: Exchange) -> Outcome:
-        request = ex.request
-        try:
-            raw = request.body_now()
-        except BodyTooLarge as exc:
-            return self._body_refusal(request, exc)
-        return self._checked(ex, raw)
+        # With no error the body is whole (or past the limit), so _body takes it now.
+        self.proceed(ex, self._body(ex) if error is None else self._body_refusal(request, error))  # type: ignore[arg-type]
 
     def _checked(self, ex: Exchange, raw: bytes) -> Outcome:
         body = self.bodies.checked(ex.request, ex.route, raw)

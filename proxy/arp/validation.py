@@ -151,7 +151,22 @@ def _reject_constant(name: str) -> None:
 
 
 # Built once: json.loads with any keyword argument builds a new decoder per call.
-_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODE = _DECODER.decode
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+
+
+def _decode(text: str) -> Any:
+    """json's decode, with the scanner called directly for a document that fills the text: decode()
+    itself adds two whitespace regex matches and two Python frames per body. Anything else (whitespace
+    around the document, text after it, no document) goes to decode() for its answer and its message."""
+    try:
+        document, end = _SCAN(text, 0)
+    except StopIteration:
+        end = -1
+    if end == len(text):
+        return document
+    return _DECODE(text)
 _JSON_TYPES = (b"application/json",)
 # The exact header values clients send: accepted without parsing.
 _PLAIN_JSON = frozenset({b"application/json", b"application/json; charset=utf-8", b"application/json;charset=UTF-8"})
@@ -218,7 +233,7 @@ class BodyRules:
 
     def _problems(self, body: bytes) -> list[Problem]:
         try:
-            document = _DECODE(body.decode("utf-8"))  # RFC 8259: JSON between systems is UTF-8
+            document = _decode(body.decode("utf-8"))  # RFC 8259: JSON between systems is UTF-8
         except (ValueError, RecursionError) as exc:
             problem = {"path": "$", "message": f"not valid JSON: {type(exc).__name__}"}
             if isinstance(exc, json.JSONDecodeError):

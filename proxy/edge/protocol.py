@@ -135,6 +135,9 @@ class ClientConnection(FlowControl, asyncio.Protocol):
         self._held = b""            # read but not yet parsed: the pipelining queue was full
         self._advancing = False
         self._advance_again = False
+        self._feeding = False       # inside llhttp: a body's arrival is acted on once the read is parsed
+        self._came: Request | None = None  # the current request's body arrived (or failed) in this read
+        self._came_error: BaseException | None = None
 
     # -- asyncio.Protocol
 
@@ -157,6 +160,8 @@ class ClientConnection(FlowControl, asyncio.Protocol):
             self._feed(data)  # cannot complete more heads than there is room for
         else:
             self._parse(data)
+        if self._came is not None:
+            self._body_arrived()
         if self._current is None and self._queue and not self.closed:
             # Begun after the whole read is parsed, never from inside llhttp: a request whose body
             # came in the same read is complete by now.
@@ -198,6 +203,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
         in_trailer = self._chunk_waiting
         if in_trailer:
             chunks = self._chunks_seen
+        self._feeding = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -226,6 +232,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
                 # Until the head is whole it holds at most what was read since it began.
                 self._head_charge += len(data)
                 self._budget.take(len(data))
+        self._feeding = False
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -434,7 +441,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
             self._reserved_body = False
             if self._budget_held or awaiting:  # else reading was, and stays, what _reading says
                 self._apply_reading()
-        if request._waiter is not None:
+        if request._waiter is not None or request._then is not None:
             request._wake(None)
         if self._current is not None and request is not self._current:
             # A whole request waits its turn: read no further until it is answered.
@@ -588,6 +595,31 @@ class ClientConnection(FlowControl, asyncio.Protocol):
     def body_done(self) -> None:
         self.phase = Phase.BUSY
         self.deadline = 0.0
+
+    def body_came(self, request: Request, error: BaseException | None) -> None:
+        """The body a `Request.body_later` waits for arrived or failed: its callback runs now, or,
+        from inside llhttp, once the read is parsed (so the request goes on with the parser idle)."""
+        if self._feeding:
+            if self._came is None:
+                self._came, self._came_error = request, error
+            return
+        self._continue(request, error)
+
+    def _body_arrived(self) -> None:
+        request, error = self._came, self._came_error
+        self._came = self._came_error = None
+        assert request is not None
+        self._continue(request, error)
+
+    def _continue(self, request: Request, error: BaseException | None) -> None:
+        then, request._then = request._then, None
+        if then is None:
+            return  # woken before: the body's outcome is only acted on once
+        self.body_done()
+        try:
+            then(request, error)
+        except Exception:
+            self._internal_error(request)
 
     def expire(self) -> None:
         """The deadline of the current phase passed."""

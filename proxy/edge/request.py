@@ -40,6 +40,15 @@ def new_request_id(given: bytes | None) -> str:
     return _IDS.getrandbits(128).to_bytes(16, "big").hex()  # "%032x", without formatting
 
 
+def broken_error(reason: str) -> BodyIncomplete:
+    """What reading a body that broke (`Request.broken`) ends in."""
+    return TrailerTooLarge() if reason == "trailer_too_large" else BodyIncomplete(reason)
+
+
+# What `Request.body_later` calls: with None once the body is whole, else with why it will not be.
+BodyCallback = Callable[["Request", BaseException | None], None]
+
+
 class Handling(Protocol):
     """What a handler keeps per request; the request only carries it for the handler."""
 
@@ -56,7 +65,7 @@ class Request(ResponseWriter):
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_body",
                  "_size", "_held", "_waiter", "_given_id", "_ids", "upstream_s",
-                 "finished", "aborter", "exchange", "client", "user_agent", "upstream_start")
+                 "finished", "aborter", "exchange", "client", "user_agent", "upstream_start", "_then")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -86,6 +95,7 @@ class Request(ResponseWriter):
         self._size = 0
         self._held = 0                                  # bytes this request counts against the budget
         self._waiter: asyncio.Future[None] | None = None
+        self._then: BodyCallback | None = None          # called once the body arrives (body_later)
         self._given_id: bytes | None = None
         self._ids = 0
         # What the access log learns.
@@ -118,7 +128,7 @@ class Request(ResponseWriter):
         for it. BodyTooLarge, BodyTimeout, BodyIncomplete (TrailerTooLarge), Overloaded or ClientGone
         otherwise."""
         if self.broken:
-            raise TrailerTooLarge() if self.broken == "trailer_too_large" else BodyIncomplete(self.broken)
+            raise broken_error(self.broken)
         if not self.complete and not self.too_large:
             conn = self.conn
             if conn.closed:
@@ -134,6 +144,22 @@ class Request(ResponseWriter):
                 self._waiter = None
                 conn.body_done()
         return self.body_now()
+
+    def body_later(self, then: BodyCallback) -> bool:
+        """Calls `then(request, None)` once the whole body has arrived, or `then(request, error)` with
+        what `read_body` would raise: no task and no future, for a stage that only waits for the
+        body. The connection calls it after the read that completes the body is parsed, never from
+        inside llhttp. False, and nothing is called, when the client is already gone (its
+        connection reports that)."""
+        conn = self.conn
+        if conn.closed:
+            return False
+        if self.expect_continue and self.version == b"1.1":
+            self.expect_continue = False
+            conn.transport.write(_CONTINUE)
+        self._then = then
+        conn.wait_for_body()
+        return True
 
     def body_now(self) -> bytes:
         """The whole body of a complete request (BodyTooLarge past limits.max_body_bytes)."""
@@ -163,7 +189,7 @@ class Request(ResponseWriter):
 
     def _break(self, reason: str) -> None:
         self.broken = reason
-        self._wake(TrailerTooLarge() if reason == "trailer_too_large" else BodyIncomplete(reason))
+        self._wake(broken_error(reason))
 
     def _wake(self, error: BaseException | None) -> None:
         waiter = self._waiter
@@ -172,6 +198,8 @@ class Request(ResponseWriter):
                 waiter.set_result(None)
             else:
                 waiter.set_exception(error)
+        elif self._then is not None:
+            self.conn.body_came(self, error)
 
     # -- its life on the connection
 

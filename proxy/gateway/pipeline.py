@@ -3,10 +3,12 @@
 The stage order is written once, in `Gateway.__init__` (`self._stages`): route (with the
 listener's refusals and the probes) → authenticate → local answers → admit → body → identity
 → forward; observing happens when the answer is done. Each stage is one method that returns
-None (go on), an Answer (reply with it and stop; `HANDED`: the stage answers by itself), or a
-coroutine that gives one of those once what it waits for has come. One driver runs the stages
-inline, in the listener's read callback, and moves into a task only at the first stage that
-returns a coroutine: a request that waits for nothing is answered without a task or a future.
+None (go on), an Answer (reply with it and stop; `HANDED`: the stage answers by itself;
+`PAUSED`: the stage continues the driver itself, with `proceed`, as the body stage does from
+the read that completes a body), or a coroutine that gives one of those once what it waits for
+has come. One driver runs the stages inline, in the listener's read callback, and moves into a
+task only at the first stage that returns a coroutine: a request that waits for nothing, or only
+for its body, is answered without a task or a future.
 Each stage's work lives in its own module; this one wires them and keeps the order.
 
 The gateway's own per-request state is an `Exchange` (route, auth outcome, start time, body,
@@ -39,8 +41,8 @@ from ..auth import (
     TokenExchanger,
     TokenVerifier,
 )
-from ..edge.errors import BodyIncomplete, BodyTimeout, BodyTooLarge, Overloaded, TrailerTooLarge
-from ..edge.request import Request
+from ..edge.errors import BodyIncomplete, BodyTimeout, BodyTooLarge, ClientGone, Overloaded, TrailerTooLarge
+from ..edge.request import Request, broken_error
 from ..observability.accesslog import AccessLog
 from ..observability.metrics import AuthStateCollector, GatewayMetrics
 from ..observability.observer import RequestObserver
@@ -53,11 +55,13 @@ from .streamlimit import StreamLimiter
 
 log = logging.getLogger("proxy.gateway.pipeline")
 
-# What a stage gives: None to go on, an Answer to end with (HANDED: the stage answers by itself),
-# or a coroutine that gives one of those.
+# What a stage gives: None to go on, an Answer to end with (HANDED: the stage answers by itself;
+# PAUSED: the stage stops the driver and continues it with `Gateway.proceed` once what it waits
+# for has come, like Envoy's StopIteration and continueDecoding), or a coroutine that gives one of those.
 Outcome = Answer | None
 Result = Outcome | Coroutine[Any, Any, Outcome]
 HANDED = Answer(0, b"")
+PAUSED = Answer(0, b"")
 
 
 class HealthProbe(Protocol):
@@ -77,7 +81,7 @@ class HealthProbe(Protocol):
 class Exchange:
     """The gateway's state for one request, from `handle` to `observe`."""
 
-    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "_streams", "_observer")
+    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "at", "_streams", "_observer")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         self._streams = gateway.streams
@@ -88,6 +92,7 @@ class Exchange:
         self.started = started
         self.body: bytes | None = None     # what is forwarded: the checked body, if any
         self.extra = b""                   # identity header lines for the coordinator
+        self.at = 0                        # the stage after a PAUSED one: where `proceed` goes on
 
     def done(self, request: Request, failed: int) -> None:
         """The answer is written: observe it, and let the connection go on."""
@@ -187,17 +192,29 @@ class Gateway:
     def handle(self, request: Request) -> None:
         """The driver: the stages in order, inline, until one answers or has to wait."""
         ex = request.exchange = Exchange(self, request, self.observer.begin())
-        i = 0
-        for stage in self._stages:
+        self._drive(ex, 0)
+
+    def _drive(self, ex: Exchange, i: int) -> None:
+        # A for loop over the tuple: cheaper per stage than indexing it, and a request starts at 0.
+        for stage in self._stages[i:] if i else self._stages:
             i += 1
             result = stage(ex)
             if result is None:
                 continue
             if result.__class__ is not Answer:  # a stage has to wait: the rest runs in a task
-                request.spawn(self._resume(ex, result, i))  # type: ignore[arg-type]
+                ex.request.spawn(self._resume(ex, result, i))  # type: ignore[arg-type]
+            elif result is PAUSED:
+                ex.at = i
             elif result is not HANDED:
                 self._reply(ex, result)
             return
+
+    def proceed(self, ex: Exchange, result: Outcome) -> None:
+        """The driver again, after a PAUSED stage, with that stage's outcome."""
+        if result is None:
+            self._drive(ex, ex.at)
+        elif result is not HANDED:
+            self._reply(ex, result)
 
     async def _resume(self, ex: Exchange, pending: Coroutine[Any, Any, Outcome], i: int) -> None:
         """The driver, from the first stage that waits: the same stages, awaiting any that wait."""
@@ -208,7 +225,9 @@ class Gateway:
             step = stages[i](ex)
             i += 1
             result = step if step is None or step.__class__ is Answer else await step  # type: ignore[misc]
-        if result is not None and result is not HANDED:
+        if result is PAUSED:
+            ex.at = i
+        elif result is not None and result is not HANDED:
             self._reply(ex, result)
 
     # ------------------------------------------------------------------ the stages, in order
@@ -263,6 +282,8 @@ class Gateway:
                 or self.bodies.before(request, route))
 
     def _body(self, ex: Exchange) -> Result:
+        """The body, whole; one still arriving pauses the driver without a task (`100 Continue`
+        first if the client waits for it), and the connection continues it from its read."""
         request = ex.request
         if request.complete or request.too_large:
             try:
@@ -270,16 +291,17 @@ class Gateway:
             except BodyTooLarge as exc:
                 return self._body_refusal(request, exc)
             return self._checked(ex, raw)
-        return self._body_later(ex)
+        if request.broken:
+            return self._body_refusal(request, broken_error(request.broken))
+        # False: the client is gone, and its connection reports the request as abandoned.
+        return PAUSED if request.body_later(self._body_came) else HANDED
 
-    async def _body_later(self, ex: Exchange) -> Outcome:
-        """The body once it has arrived (`100 Continue` first if the client waits for it)."""
-        request = ex.request
-        try:
-            raw = await request.read_body()
-        except (BodyTooLarge, BodyTimeout, Overloaded, BodyIncomplete) as exc:
-            return self._body_refusal(request, exc)
-        return self._checked(ex, raw)
+    def _body_came(self, request: Request, error: BaseException | None) -> None:
+        ex = request.exchange
+        if not isinstance(ex, Exchange) or error.__class__ is ClientGone:
+            return  # the client left: its connection has reported it (499)
+        # With no error the body is whole (or past the limit), so _body takes it now.
+        self.proceed(ex, self._body(ex) if error is None else self._body_refusal(request, error))  # type: ignore[arg-type]
 
     def _checked(self, ex: Exchange, raw: bytes) -> Outcome:
         body = self.bodies.checked(ex.request, ex.route, raw)
@@ -288,7 +310,7 @@ class Gateway:
         ex.body = body  # type: ignore[assignment]
         return None
 
-    def _body_refusal(self, request: Request, exc: Exception) -> Answer:
+    def _body_refusal(self, request: Request, exc: BaseException) -> Answer:
         """413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full that
         long, 431 for an oversized trailer section, 400 when the body ends early or breaks."""
         rid = request.request_id

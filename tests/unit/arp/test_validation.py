@@ -107,3 +107,17 @@ def test_references_resolve_only_inside_the_schema_directory(tmp_path: Path, mon
     with pytest.raises(ValueError, match="outside"):
         validation._read((tmp_path.parent / "elsewhere.json").as_uri())
     validation._read.cache_clear()
+
+
+@pytest.mark.parametrize("text", [
+    '{"input": {}}', ' {"input": {}}', '{"input": {}} \n', '{"a": 1} x', '{"a": 1}{}', '', ' ', '[1, 2',
+    '{"a": NaN}', '{"a": -Infinity}', '"x"', '1', 'null', '{"a": "\\ud800"}', '{"a": 1,}',
+])
+def test_the_body_decoder_answers_as_json_does(text: str) -> None:
+    """The scanner called directly gives the document, or the error and message, json's decode gives."""
+    def outcome(decode):
+        try:
+            return ("ok", decode(text))
+        except (ValueError, RecursionError) as exc:
+            return (type(exc).__name__, str(exc))
+    assert outcome(validation._decode) == outcome(validation._DECODE)

@@ -147,6 +147,38 @@ async def test_a_stage_that_waits_moves_the_rest_into_one_task(tasks: GatewayTas
         await coordinator.close()
 
 
+async def test_a_body_in_a_later_read_continues_the_stages_without_a_task(tasks: GatewayTasks) -> None:
+    """A client that writes the head and the body apart (http.client, aiohttp, httpx all do): the
+    driver pauses at the body and the connection continues it from the read that completes it."""
+    from proxy.edge.protocol import Phase
+
+    coordinator = RawServer(started)
+    server, url = await start_gateway(gateway_config(await coordinator.start()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        await exchange(reader, writer, run_start())  # opens the pooled coordinator connection
+        tasks.names.clear()
+        head, _, body = run_start().partition(b"\r\n\r\n")
+        for _ in range(3):
+            writer.write(head + b"\r\n\r\n")
+            await writer.drain()
+            for _ in range(500):  # until the gateway has read the head and waits for the body
+                if any(conn.phase is Phase.BODY for conn in server.listener.connections):
+                    break
+                await asyncio.sleep(0.002)
+            else:
+                pytest.fail("the gateway never waited for the body")
+            status, answer = await exchange(reader, writer, body)
+            assert status == 200 and json.loads(answer)["run_id"] == "r1"
+        assert tasks.names == [], f"a body in a later read created tasks: {tasks.names}"
+        assert len(coordinator.requests) == 4
+        assert json.loads(coordinator.requests[-1].partition(b"\r\n\r\n")[2]) == RUN_START
+    finally:
+        writer.close()
+        await server.cleanup()
+        await coordinator.close()
+
+
 def test_one_retry_policy_for_every_path() -> None:
     policy = RetryPolicy(RetryConfig(attempts=3))
     refused = ConnectFailed("refused", sent=False)

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import resource
-import signal
-import sys
 import time
 
 import pytest
 import yaml
 
 from proxy.dev import coordinator as devcoordinator
-from tests.support.process import ROOT, free_port, read_json_lines
+from tests.support.process import ServeProcess, free_port, serve_process
 from tests.support.gateway import RUN_START
 from tests.support.rawhttp import RawConnection, Response, request
 from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
@@ -181,9 +178,6 @@ async def test_at_the_cap_idle_keep_alive_goes_first_then_silent_connections_old
 # --------------------------------------------------------------------------- the connection flood
 
 
-def _lower_file_limit() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
-
 
 async def _attacker(url_host: str, port: int, pool: list[asyncio.StreamWriter], sends_request: bool) -> None:
     try:
@@ -225,66 +219,51 @@ async def test_a_connection_flood_does_not_stop_well_behaved_clients(tmp_path):
         "logging": {"access_log": False},
         "drain_delay_s": 0, "shutdown_grace_s": 1,
     }))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), cwd=ROOT,
-        env={"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        preexec_fn=_lower_file_limit, limit=1 << 20)
-    logs: list[tuple[float, dict]] = []
-    assert proc.stdout is not None
-    reading = asyncio.create_task(read_json_lines(proc.stdout, logs))
     attackers: list[asyncio.StreamWriter] = []
     try:
-        async with asyncio.timeout(20):
-            while not any(e.get("event") == "start" for _, e in logs):
-                assert proc.returncode is None, "the gateway exited"
-                await asyncio.sleep(0.05)  # a child process starting
-        url = next(e["url"] for _, e in logs if e.get("event") == "start")
-        host, port = url.removeprefix("http://").rsplit(":", 1)
-        async with asyncio.timeout(10):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(request("POST", "/v1/runs", [JSON, ("Connection", "close")], RUN_START_BODY))
-            run = json.loads((await reader.read()).partition(b"\r\n\r\n")[2])
-            writer.close()
-        path = f"/v1/runs/{run['run_id']}"
-
-        attack_started = time.monotonic()
-        for batch in range(11):  # 1,100 connections, half idle after a request, half silent from the start
-            await asyncio.gather(*(_attacker(host, int(port), attackers, sends_request=(batch + i) % 2 == 0)
-                                   for i in range(100)))
-        await asyncio.sleep(0.5)  # the gateway process settles under the attack
-        served = 0
-        for _ in range(5):  # 125 requests, 25 at a time, each on a fresh connection
-            served += sum(await asyncio.gather(*(_well_behaved(host, int(port), path) for _ in range(25))))
-        attack_s = time.monotonic() - attack_started
-        assert served >= 119, f"only {served} of 125 well-behaved requests were served during the flood"
-
-        async with asyncio.timeout(10):
-            reader, writer = await asyncio.open_connection("127.0.0.1", ops_port)
-            writer.write(request("GET", "/metrics", [("Connection", "close")]))
-            exposition = (await reader.read()).decode()
-            writer.close()
-        assert "# TYPE arp_gateway_connections_refused_total counter" in exposition
-        assert all('reason="' in line for line in exposition.splitlines()
-                   if line.startswith("arp_gateway_connections_refused_total{"))
-        gauge = re.search(r"^arp_gateway_connections_open(?:\{[^}]*\})? (\S+)$", exposition, re.M)
-        assert gauge is not None and float(gauge.group(1)) < 1024, exposition[:3000]
-
-        await asyncio.sleep(0.3)  # the child's warnings reach its log
-        warnings = [(t, e) for t, e in logs if e.get("level") == "warning"
-                    and re.search(r"connection", json.dumps(e), re.I) and re.search(r"limit", json.dumps(e), re.I)]
-        assert warnings, "no warning about the connection limit was logged"
-        assert len(warnings) <= 1 + int(attack_s // 10), [e for _, e in warnings]
+        async with serve_process(config, file_limit=1024) as served:
+            await _flood(served, ops_port, attackers)
     finally:
         for writer in attackers:
             writer.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        reading.cancel()
         await coordinator.cleanup()
+
+
+async def _flood(served: ServeProcess, ops_port: int, attackers: list[asyncio.StreamWriter]) -> None:
+    """1,100 attacking connections against a gateway with 1,024 descriptors; well-behaved clients still served."""
+    logs = served.logs
+    host, port = served.address
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request("POST", "/v1/runs", [JSON, ("Connection", "close")], RUN_START_BODY))
+        run = json.loads((await reader.read()).partition(b"\r\n\r\n")[2])
+        writer.close()
+    path = f"/v1/runs/{run['run_id']}"
+
+    attack_started = time.monotonic()
+    for batch in range(11):  # 1,100 connections, half idle after a request, half silent from the start
+        await asyncio.gather(*(_attacker(host, int(port), attackers, sends_request=(batch + i) % 2 == 0)
+                               for i in range(100)))
+    await asyncio.sleep(0.5)  # the gateway process settles under the attack
+    answered = 0
+    for _ in range(5):  # 125 requests, 25 at a time, each on a fresh connection
+        answered += sum(await asyncio.gather(*(_well_behaved(host, int(port), path) for _ in range(25))))
+    attack_s = time.monotonic() - attack_started
+    assert answered >= 119, f"only {answered} of 125 well-behaved requests were served during the flood"
+
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", ops_port)
+        writer.write(request("GET", "/metrics", [("Connection", "close")]))
+        exposition = (await reader.read()).decode()
+        writer.close()
+    assert "# TYPE arp_gateway_connections_refused_total counter" in exposition
+    assert all('reason="' in line for line in exposition.splitlines()
+               if line.startswith("arp_gateway_connections_refused_total{"))
+    gauge = re.search(r"^arp_gateway_connections_open(?:\{[^}]*\})? (\S+)$", exposition, re.M)
+    assert gauge is not None and float(gauge.group(1)) < 1024, exposition[:3000]
+
+    await asyncio.sleep(0.3)  # the child's warnings reach its log
+    warnings = [(t, e) for t, e in logs if e.get("level") == "warning"
+                and re.search(r"connection", json.dumps(e), re.I) and re.search(r"limit", json.dumps(e), re.I)]
+    assert warnings, "no warning about the connection limit was logged"
+    assert len(warnings) <= 1 + int(attack_s // 10), [e for _, e in warnings]

@@ -12,12 +12,8 @@ import asyncio
 import io
 import json
 import logging
-import os
 import re
-import resource
-import signal
 import socket
-import sys
 import time
 from typing import Any
 
@@ -35,7 +31,7 @@ from tests.support.jwks import ScriptedFetcher, UpperBound, scheduler
 from tests.support.gateway import RUN_START, gateway_config
 from tests.support.rawhttp import RawConnection, Response, request
 from tests.support.recording import strict_upstream  # noqa: F401  (fixture)
-from tests.support.process import ROOT, free_port, read_json_lines
+from tests.support.process import free_port, serve_process
 
 RUN_START_BODY = json.dumps(RUN_START).encode()
 JSON = ("Content-Type", "application/json")
@@ -407,9 +403,6 @@ async def test_a_closed_connection_with_unsent_answers_counts_until_its_socket_i
 # --------------------------------------------------------------------------- descriptor exhaustion under uvloop
 
 
-def _file_limit_128() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
 
 async def test_descriptor_exhaustion_under_uvloop_is_counted_and_logged(tmp_path):
     ops_port = free_port()
@@ -423,58 +416,38 @@ async def test_descriptor_exhaustion_under_uvloop_is_counted_and_logged(tmp_path
         "logging": {"access_log": False},
         "drain_delay_s": 0, "shutdown_grace_s": 1,
     }))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), cwd=ROOT,
-        env={"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        preexec_fn=_file_limit_128, limit=1 << 20)
-    logs: list[tuple[float, dict]] = []
-    assert proc.stdout is not None
-    reading = asyncio.create_task(read_json_lines(proc.stdout, logs))
     clients: list[asyncio.StreamWriter] = []
     try:
-        async with asyncio.timeout(20):
-            while not any(e.get("event") == "start" for _, e in logs):
-                assert proc.returncode is None, "the gateway exited"
-                await asyncio.sleep(0.05)  # a child process starting
-        url = next(e["url"] for _, e in logs if e.get("event") == "start")
-        host, port = _address(url)
-        for _ in range(160):  # more than the gateway has descriptors for
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
-            except (OSError, TimeoutError):
-                continue
-            clients.append(writer)
-        async with asyncio.timeout(5):
-            while not any(e.get("event") == "connection_limit" and e.get("action") == "fd_limit" for _, e in logs):
-                await asyncio.sleep(0.05)  # the child's log line arrives
-        for writer in clients:
-            writer.close()
-        clients.clear()
-        exposition = ""
-        async with asyncio.timeout(10):  # the descriptors come back once the gateway sees the clients leave
-            while 'reason="fd_limit"' not in exposition:
+        async with serve_process(config, file_limit=128) as served:
+            host, port = served.address
+            logs = served.logs
+            for _ in range(160):  # more than the gateway has descriptors for
                 try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", ops_port)
-                    writer.write(request("GET", "/metrics", [("Connection", "close")]))
-                    exposition = (await reader.read()).decode()
-                    writer.close()
-                except OSError:
-                    await asyncio.sleep(0.1)  # polls a child process's ops port
-        found = re.search(r'^arp_gateway_connections_refused_total\{reason="fd_limit"\} (\S+)$', exposition, re.M)
-        assert found is not None and float(found.group(1)) >= 1, exposition[:2000]
+                    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+                except (OSError, TimeoutError):
+                    continue
+                clients.append(writer)
+            async with asyncio.timeout(5):
+                while not any(e.get("event") == "connection_limit" and e.get("action") == "fd_limit" for _, e in logs):
+                    await asyncio.sleep(0.05)  # the child's log line arrives
+            for writer in clients:
+                writer.close()
+            clients.clear()
+            exposition = ""
+            async with asyncio.timeout(10):  # the descriptors come back once the gateway sees the clients leave
+                while 'reason="fd_limit"' not in exposition:
+                    try:
+                        reader, writer = await asyncio.open_connection("127.0.0.1", ops_port)
+                        writer.write(request("GET", "/metrics", [("Connection", "close")]))
+                        exposition = (await reader.read()).decode()
+                        writer.close()
+                    except OSError:
+                        await asyncio.sleep(0.1)  # polls a child process's ops port
+            found = re.search(r'^arp_gateway_connections_refused_total\{reason="fd_limit"\} (\S+)$', exposition, re.M)
+            assert found is not None and float(found.group(1)) >= 1, exposition[:2000]
     finally:
         for writer in clients:
             writer.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        reading.cancel()
 
 
 async def _one(url: str, data: bytes) -> tuple[Response | None, bool]:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import collections
 import json
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -27,15 +26,11 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.bench.soak import GATEWAY, PYTHON, ROOT, Children, gauge, rss_bytes  # noqa: E402
+from tests.bench.soak import GATEWAY, PYTHON, ROOT, Children, gauge, rss_bytes, wait_ready  # noqa: E402
+from tests.support.process import free_port  # noqa: E402
 
 MIB = 1024 * 1024
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def start(children: Children, workdir: Path, source: Path, hold: float) -> tuple[str, str, int, str]:
@@ -57,16 +52,7 @@ async def start(children: Children, workdir: Path, source: Path, hold: float) ->
     path.write_text(json.dumps(config))
     proc, url = await start_in(children, [*GATEWAY, "--config", str(path)], source.resolve())
     metrics = f"http://127.0.0.1:{metrics_port}"
-    async with aiohttp.ClientSession() as http:
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    async with http.get(metrics + "/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+    await wait_ready(metrics)
     return url, metrics, proc.pid, (workdir / "token.txt").read_text().strip()
 
 

@@ -137,6 +137,20 @@ async def gauge(http: aiohttp.ClientSession, url: str, name: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
+async def wait_ready(base: str, timeout_s: float = 30) -> None:
+    """Until `base`/readyz answers 200 (bounded by `timeout_s`)."""
+    async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    async with http.get(base + "/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)  # polls a child process starting
+
+
 async def start_stack(children: Children, workdir: Path, *, latency: float, step_delay: float,
                       upstream: dict, limits: dict | None = None) -> tuple[str, int, str, str]:
     _, issuer = await children.start([PYTHON, str(ROOT / "tests/bench/servers.py"), "issuer", "--port", "0",
@@ -155,17 +169,7 @@ async def start_stack(children: Children, workdir: Path, *, latency: float, step
     path = workdir / "gateway.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     proc, url = await children.start([*GATEWAY, "--config", str(path)], r'"url": "(http://[^"]+)"')
-    # Listening is not ready: wait for /readyz (JWKS loaded).
-    async with aiohttp.ClientSession() as http:
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    async with http.get(url + "/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+    await wait_ready(url)  # listening is not ready: /readyz says when the JWKS is loaded
     token = (workdir / "token.txt").read_text().strip()
     bad = (workdir / "wrong-aud.txt").read_text().strip()
     return url, proc.pid, token, bad

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -47,6 +48,21 @@ class EventLoop(StrEnum):
 
     UVLOOP = "uvloop"
     ASYNCIO = "asyncio"
+
+
+class AuditSink(StrEnum):
+    """`audit.sink`: where audit records go."""
+
+    OFF = "off"         # no audit trail at all
+    STDOUT = "stdout"   # the process's stdout, beside the access log
+    FILE = "file"       # audit.path, appended to; reopened when rotated
+
+
+class AuditOnFull(StrEnum):
+    """`audit.on_full`: what happens when records cannot be kept."""
+
+    DROP = "drop"       # count and lose them; requests go on
+    REFUSE = "refuse"   # refuse run starts and cancels (503 audit_unavailable) until records are written again
 
 
 AUTH_MODES = tuple(m.value for m in AuthMode)
@@ -514,6 +530,39 @@ class LoggingConfig(_Model):
     log_subject: bool = Field(default=False, description="put the caller's subject in access log lines (personal data)")
 
 
+def _yaml_off(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false.
+    return "off" if value is False else value
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class AuditConfig(_Model):
+    """The audit trail: one JSON record per decision on a run route, written off the request path."""
+
+    sink: Annotated[AuditSink, BeforeValidator(_yaml_off)] = Field(default=AuditSink.OFF, description=(
+        "off (no audit trail, no cost), stdout (beside the access log) or file (audit.path)"))
+    path: Text | None = Field(default=None, description=(
+        "the audit file, appended to (created 0640); required with sink: file, its directory must exist. "
+        "Reopened when its inode changes (logrotate's rename and create) and on SIGHUP"))
+    on_full: AuditOnFull = Field(default=AuditOnFull.DROP, description=(
+        "when the queue is full or the sink cannot be written: drop (count arp_gateway_audit_dropped_total, "
+        "warn) or refuse (run starts and cancels get 503 audit_unavailable until a write succeeds)"))
+    queue_size: Count = Field(default=10000, ge=1, description="records held for the writer; beyond it on_full "
+                                                               "applies")
+
+    @model_validator(mode="after")
+    def _where(self) -> AuditConfig:
+        if self.sink == AuditSink.FILE:
+            if self.path is None:
+                raise problem("required when audit.sink is 'file'", at="path")
+            directory = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(directory):
+                raise problem(f"its directory {shown(directory)} does not exist", at="path")
+            if os.path.isdir(self.path):
+                raise problem(f"{shown(self.path)} is a directory; name a file in it", at="path")
+        return self
+
+
 @dataclass(frozen=True, config=_STRICT_KEYS)
 class GatewayConfig(_Model):
     """The ARP Run Gateway's configuration."""
@@ -524,6 +573,7 @@ class GatewayConfig(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="authentication and authorization")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and access log")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit trail of run-route decisions")
     shutdown_grace_s: Number = Field(default=25.0, ge=0, description="after the listener closes, in-flight requests "
                                                                      "get this long to finish")
     drain_delay_s: Number = Field(default=5.0, ge=0, description="after SIGTERM, /readyz fails this long before the "

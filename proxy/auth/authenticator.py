@@ -14,6 +14,7 @@ coordinator learns about the caller in `identity.py`.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
@@ -79,6 +80,8 @@ class Authenticator:
         dev = Principal(cfg.dev_subject, kind=PrincipalKind.DEV)
         self._dev = AuthOutcome(dev, None, AuthResult.DEV, identity=self._identity.lines(dev) or b"")
         self._anonymous = Principal(cfg.anonymous_subject, kind=PrincipalKind.ANONYMOUS)
+        # Issuers whose tokens are bound to the client certificate (RFC 8705); empty: no check at all.
+        self._bound = frozenset(i.issuer for i in cfg.issuers if i.require_certificate_binding)
 
     def authenticate(self, request: Caller, route: Route) -> AuthOutcome | Coroutine[Any, Any, AuthOutcome]:
         """The outcome now when nothing has to wait (an exempt path, no or bad credentials, a token
@@ -100,7 +103,26 @@ class Authenticator:
         principal = self._verifier.verify_cached(token)
         if principal is None:
             return self._verified(request, route, token)
+        if self._bound and principal.issuer in self._bound:
+            unbound = self._unbound(principal, request)
+            if unbound is not None:
+                return unbound
         return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
+
+    def _unbound(self, principal: Principal, request: Caller) -> AuthOutcome | None:
+        """RFC 8705 3: the token's cnf x5t#S256 must be the thumbprint of the connection's client
+        certificate. Checked per request, after the token cache: the same token may come over
+        another connection, with another certificate (or a thief's)."""
+        certificate = request.client_certificate
+        if certificate is None:
+            return self._invalid("certificate_required", "the token is bound to a client certificate and none "
+                                 "was presented", request.request_id, principal.issuer)
+        cnf = principal.claims.get("cnf")
+        bound_to = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        if not isinstance(bound_to, str) or not hmac.compare_digest(bound_to.encode(), certificate.thumbprint.encode()):
+            return self._invalid("certificate_binding_mismatch", "the token is not bound to the client certificate "
+                                 "presented", request.request_id, principal.issuer)
+        return None
 
     def _no_single_token(self, request: Caller, route: Route) -> AuthOutcome:
         """No Authorization header (anonymous in optional mode, else 401), or more than one (400)."""
@@ -124,6 +146,10 @@ class Authenticator:
                 request_id=request_id, retryable=True, details={"reason": "keys_unavailable"},
                 headers={"Retry-After": str(exc.retry_after_s)}), AuthResult.UNAVAILABLE, "keys_unavailable",
                 issuer=exc.issuer)
+        if self._bound and principal.issuer in self._bound:
+            unbound = self._unbound(principal, request)
+            if unbound is not None:
+                return unbound
         return self._authorize(principal, route, request.method, request_id, AuthResult.ALLOWED)
 
     def _authorize(self, principal: Principal, route: Route, method: str, request_id: str,

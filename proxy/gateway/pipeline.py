@@ -138,6 +138,8 @@ class Gateway:
         self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
         self.identity = Identity(auth, self.exchanger)
         self.authn = Authenticator(auth, verifier, AccessPolicy(auth.rules), self.identity)
+        # Client certificates asked for at the TLS handshake: their subject and URIs go upstream.
+        self.client_certificates = cfg.listen.tls.enabled and cfg.listen.tls.client_auth != "none"
         if self.metrics is not None and self.registry is not None and verifier is not None:
             self.metrics.watch(AuthStateCollector(self.registry, verifier))
             for jwks in self.registry:
@@ -335,6 +337,10 @@ class Gateway:
         assert outcome is not None
         principal = outcome.principal
         ex.extra = self.identity.now(ex.request, principal, outcome.identity)
+        if self.client_certificates and principal is not None:
+            certificate = ex.request.client_certificate
+            if certificate is not None:
+                ex.extra += self.identity.certificate(certificate)
         if self.identity.waits and principal is not None:
             return self._exchanged(ex, principal)
         return None

@@ -21,8 +21,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ..edge.listener import EdgeLimits, Listener, default_max_connections
+from ..edge.tls import HANDSHAKE_FAILURE_REASONS, CertificateFiles, ServerTls
 from ..gateway.pipeline import Gateway
 from ..settings.config import GatewayConfig, redacted
+from ..settings.models import ListenTlsConfig
+from ..util.certificates import build_context
 from ..util.clock import Clock, SystemClock
 from .health import CoordinatorProbe, version_info
 from .ops import create_ops_app
@@ -48,6 +51,14 @@ def edge_limits(cfg: GatewayConfig) -> EdgeLimits:
                                                                               cfg.limits.max_buffered_bytes))
 
 
+def server_tls(tls: ListenTlsConfig) -> CertificateFiles:
+    """The public listener's certificate files, loaded now and rebuilt the same way on each change."""
+    return CertificateFiles(
+        "listen", tls.files,
+        lambda files: build_context(files, server=True, min_version=tls.min_version, client_auth=tls.client_auth.value),
+        reload_interval_s=tls.reload_interval_s)
+
+
 class GatewayServer:
     """A started gateway: the public listener, the optional ops listener, and their shutdown."""
 
@@ -55,9 +66,27 @@ class GatewayServer:
         self.gateway = gateway
         self.listener = listener
         self._ops = ops
+        self.certificates: list[CertificateFiles] = []
+        # What SIGHUP does, in order: each hook on its own, a failing one logged and the rest still run.
+        self.reload_hooks: list[Callable[[], object]] = [self.reload_certificates]
+
+    def reload_certificates(self) -> None:
+        for files in self.certificates:
+            files.check(force=True)
+
+    def reload(self) -> None:
+        """SIGHUP: every reload hook."""
+        for hook in self.reload_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("reload failed", extra={"event": "reload_failed",
+                                                      "hook": getattr(hook, "__name__", repr(hook))})
 
     async def cleanup(self) -> None:
         """Stops accepting, lets in-flight work finish (shutdown_grace_s), then closes everything."""
+        for files in self.certificates:
+            files.stop()
         await self.listener.close(self.gateway.cfg.shutdown_grace_s)
         await self.gateway.close()
         if self._ops is not None:
@@ -79,8 +108,25 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
         gateway.metrics.open_connections = lambda: len(listener.connections)
         gateway.metrics.buffered_bytes = lambda: listener.budget.used
     server = GatewayServer(gateway, listener, None)
+    tls = None
+    if cfg.listen.tls.enabled:
+        metrics = gateway.metrics
+        tls = ServerTls(server_tls(cfg.listen.tls),
+                        on_failure=metrics.tls_handshake_failed if metrics is not None else None)
+        server.certificates.append(tls.files)
+    if gateway.upstream.certificates is not None:
+        server.certificates.append(gateway.upstream.certificates)
+        gateway.probe.ssl_context = lambda files=gateway.upstream.certificates: files.context  # type: ignore[attr-defined]
+    loop = asyncio.get_running_loop()
+    for files in server.certificates:
+        if gateway.metrics is not None:
+            gateway.metrics.tls_certificate(files.name, files.not_after,
+                                            HANDSHAKE_FAILURE_REASONS if files.name == "listen" else ())
+            files.on_reload = lambda result, not_after, name=files.name, metrics=gateway.metrics: \
+                metrics.tls_reloaded(name, result, not_after)
+        files.watch(loop)
     try:
-        url = await listener.start(cfg.listen.host, cfg.listen.port, reuse_port=worker is not None)
+        url = await listener.start(cfg.listen.host, cfg.listen.port, reuse_port=worker is not None, tls=tls)
         if cfg.metrics.enabled and cfg.metrics.port != 0:
             server._ops = ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
             await ops.setup()
@@ -100,6 +146,7 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     runner, url = await start_gateway(cfg, worker=worker)
+    loop.add_signal_handler(signal.SIGHUP, runner.reload)
     gateway = runner.gateway
     log.info("gateway listening", extra={"event": "start", "url": url, "metrics_url": gateway.ops_url,
                                          "pid": os.getpid(), "config": redacted(cfg)})
@@ -117,7 +164,7 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     finally:
         log.info("stopping", extra={"event": "stop", "grace_s": cfg.shutdown_grace_s})
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped", extra={"event": "stopped"})
 
@@ -164,6 +211,7 @@ def serve(cfg: GatewayConfig) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

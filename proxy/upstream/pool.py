@@ -625,7 +625,7 @@ class UpstreamPool:
                                                        ssl=context, server_hostname=self._server_name)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             if isinstance(exc, ssl.SSLCertVerificationError):
-                reason = f"TLS: {exc.verify_message or exc.reason}"
+                reason = f"TLS: certificate verify failed: {exc.verify_message or exc.reason}"
             elif isinstance(exc, ssl.SSLError):
                 reason = f"TLS: {exc.reason or type(exc).__name__}"
             else:

@@ -153,7 +153,10 @@ class ServerTls:
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     raise
                 except ssl.SSLError as exc:
-                    failed(exc)
+                    try:
+                        failed(exc)
+                    except Exception:  # counting must never turn a refused handshake into a crash
+                        log.exception("counting a failed TLS handshake failed", extra={"event": "tls_count_failed"})
                     raise
 
         return CountedSSLObject

@@ -148,9 +148,11 @@ class Gateway:
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
-        # The stage order, in its one place.
+        # The stage order, in its one place. With client certificates asked for, the identity stage
+        # also passes the certificate on; without, requests never look for one.
+        identity = self._identity_and_certificate if self.client_certificates else self._identity
         self._stages: tuple[Callable[[Exchange], Result], ...] = (
-            self._route, self._authenticate, self._local, self._admit, self._body, self._identity, self._forward)
+            self._route, self._authenticate, self._local, self._admit, self._body, identity, self._forward)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -337,12 +339,22 @@ class Gateway:
         assert outcome is not None
         principal = outcome.principal
         ex.extra = self.identity.now(ex.request, principal, outcome.identity)
-        if self.client_certificates and principal is not None:
-            certificate = ex.request.client_certificate
-            if certificate is not None:
-                ex.extra += self.identity.certificate(certificate)
         if self.identity.waits and principal is not None:
             return self._exchanged(ex, principal)
+        return None
+
+    def _identity_and_certificate(self, ex: Exchange) -> Result:
+        """The identity stage, with the client certificate's subject and URIs added (listen.tls with
+        client certificates)."""
+        outcome = ex.outcome
+        assert outcome is not None
+        certificate = ex.request.client_certificate
+        if outcome.principal is None or certificate is None:
+            return self._identity(ex)
+        ex.extra = self.identity.now(ex.request, outcome.principal, outcome.identity) + \
+            self.identity.certificate(certificate)
+        if self.identity.waits:
+            return self._exchanged(ex, outcome.principal)
         return None
 
     async def _exchanged(self, ex: Exchange, principal: Principal) -> Outcome:

@@ -316,3 +316,22 @@ async def test_idle_tls_connections_at_the_cap_are_reclaimed(live: Path, certs: 
         for _, writer in idle:
             writer.close()
         await server.cleanup()
+
+
+async def test_refusals_over_tls_are_enveloped_like_over_plain_http(live: Path, certs: Certs,
+                                                                   coordinator: Upstream) -> None:
+    cfg = gateway_config(coordinator.url, listen=tls_section(live), limits={"max_header_bytes": 9000})
+    server, url = await start_gateway(cfg)
+    port = int(url.rsplit(":", 1)[1])
+    context = client_context(certs)
+    try:
+        for request, status, reason in (
+                (b"GET /v1/runs/a b HTTP/1.1\r\nHost: localhost\r\n\r\n", b"400", None),
+                (b"GET /v1/runs/x HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 10000 + b"\r\n\r\n", b"431",
+                 b"header_too_large")):
+            answer = await exchange(port, context, request)
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+            assert b'"error"' in answer and (reason is None or reason in answer)
+        assert coordinator.requests == []
+    finally:
+        await server.cleanup()

@@ -101,7 +101,10 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
     metrics port, `metrics.port + worker`: counters live per process, and a shared port would hand
     each scrape to a random worker, so counters would jump backwards between scrapes."""
     clock = clock or SystemClock()
-    gateway = Gateway(cfg, clock, CoordinatorProbe(cfg.upstream, clock), version_info())
+    probe = CoordinatorProbe(cfg.upstream, clock)
+    gateway = Gateway(cfg, clock, probe, version_info())
+    if gateway.upstream.certificates is not None:
+        probe.ssl_context = lambda files=gateway.upstream.certificates: files.context  # the pool's, as it reloads
     await gateway.start()
     listener = Listener(gateway, edge_limits(cfg), gateway.metrics)
     if gateway.metrics is not None:
@@ -116,7 +119,6 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
         server.certificates.append(tls.files)
     if gateway.upstream.certificates is not None:
         server.certificates.append(gateway.upstream.certificates)
-        gateway.probe.ssl_context = lambda files=gateway.upstream.certificates: files.context  # type: ignore[attr-defined]
     loop = asyncio.get_running_loop()
     for files in server.certificates:
         if gateway.metrics is not None:

@@ -14,6 +14,7 @@ coordinator learns about the caller in `identity.py`.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
@@ -79,6 +80,11 @@ class Authenticator:
         dev = Principal(cfg.dev_subject, kind=PrincipalKind.DEV)
         self._dev = AuthOutcome(dev, None, AuthResult.DEV, identity=self._identity.lines(dev) or b"")
         self._anonymous = Principal(cfg.anonymous_subject, kind=PrincipalKind.ANONYMOUS)
+        # Issuers whose tokens are bound to the client certificate (RFC 8705). Without any, requests
+        # take the plain authenticate() and the binding costs nothing.
+        self._bound = frozenset(i.issuer for i in cfg.issuers if i.require_certificate_binding)
+        if self._bound:
+            self.authenticate = self._authenticate_bound  # type: ignore[method-assign]
 
     def authenticate(self, request: Caller, route: Route) -> AuthOutcome | Coroutine[Any, Any, AuthOutcome]:
         """The outcome now when nothing has to wait (an exempt path, no or bad credentials, a token
@@ -101,6 +107,38 @@ class Authenticator:
         if principal is None:
             return self._verified(request, route, token)
         return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
+
+    def _authenticate_bound(self, request: Caller, route: Route) -> AuthOutcome | Coroutine[Any, Any, AuthOutcome]:
+        """authenticate(), then RFC 8705 for a principal of a binding issuer. Checked after the token
+        cache, per request: the same token may come over another connection, with another
+        certificate (or a thief's)."""
+        decided = Authenticator.authenticate(self, request, route)
+        if decided.__class__ is AuthOutcome:
+            return self._bind(decided, request)
+        return self._bind_later(decided, request)  # type: ignore[arg-type]
+
+    async def _bind_later(self, pending: Coroutine[Any, Any, AuthOutcome], request: Caller) -> AuthOutcome:
+        return self._bind(await pending, request)
+
+    def _bind(self, outcome: AuthOutcome, request: Caller) -> AuthOutcome:
+        principal = outcome.principal
+        if principal is None or principal.issuer not in self._bound:
+            return outcome
+        return self._unbound(principal, request) or outcome
+
+    def _unbound(self, principal: Principal, request: Caller) -> AuthOutcome | None:
+        """RFC 8705 3: the token's cnf x5t#S256 must be the thumbprint of the connection's client
+        certificate; the refusal when it is not, None when it is."""
+        certificate = request.client_certificate
+        if certificate is None:
+            return self._invalid("certificate_required", "the token is bound to a client certificate and none "
+                                 "was presented", request.request_id, principal.issuer)
+        cnf = principal.claims.get("cnf")
+        bound_to = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        if not isinstance(bound_to, str) or not hmac.compare_digest(bound_to.encode(), certificate.thumbprint.encode()):
+            return self._invalid("certificate_binding_mismatch", "the token is not bound to the client certificate "
+                                 "presented", request.request_id, principal.issuer)
+        return None
 
     def _no_single_token(self, request: Caller, route: Route) -> AuthOutcome:
         """No Authorization header (anonymous in optional mode, else 401), or more than one (400)."""

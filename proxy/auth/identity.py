@@ -21,6 +21,7 @@ import re
 from ..arp.answers import Answer, error_answer
 from ..settings.config import AuthConfig, ForwardToken
 from ..util.boundedcache import BoundedCache
+from ..util.certificates import PeerCertificate
 from .exchange import ExchangeFailed, TokenExchanger
 from .principal import Caller, Principal, PrincipalKind
 
@@ -39,6 +40,7 @@ class Identity:
         # Whether building a request's identity can wait on the network (token exchange).
         self.waits = exchanger is not None
         self._lines: BoundedCache[int, tuple[Principal, bytes | None]] = BoundedCache(CACHE_SIZE)
+        self._certificates: BoundedCache[int, tuple[PeerCertificate, bytes]] = BoundedCache(CACHE_SIZE)
 
     def lines(self, principal: Principal) -> bytes | None:
         """The principal's identity header lines and, with `forward_token: passthrough`, its verified
@@ -68,6 +70,19 @@ class Identity:
                 and len(request.authorization) == 1):
             return lines + b"Authorization: " + request.authorization[0] + b"\r\n"
         return lines
+
+    def certificate(self, certificate: PeerCertificate) -> bytes:
+        """The client certificate's subject and SAN URIs (SPIFFE IDs) as identity header lines, built
+        once per certificate object (one per connection); a value unsafe in a header is left out."""
+        cached = self._certificates.get(id(certificate))
+        if cached is not None and cached[0] is certificate:
+            return cached[1]
+        headers = [(f"{self._prefix}Client-Cert-Subject", certificate.subject),
+                   (f"{self._prefix}Client-Cert-URI", ", ".join(certificate.uris))]
+        block = "".join(f"{name}: {value}\r\n" for name, value in headers
+                        if value and _header_safe(value)).encode("utf-8")
+        self._certificates.put(id(certificate), (certificate, block))
+        return block
 
     async def exchanged(self, request: Caller, outcome_principal: Principal) -> bytes | Answer:
         """With `forward_token: exchange` (`waits`): the exchanged token's header line, added to what

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ..util.certificates import PeerCertificate
+
 
 class Caller(Protocol):
     """What authentication reads of a request: the listener's Request, without depending on it."""
@@ -14,6 +16,10 @@ class Caller(Protocol):
     path: str
     request_id: str
     authorization: list[bytes]   # every Authorization header value, as sent
+
+    @property
+    def client_certificate(self) -> PeerCertificate | None:
+        """The connection's verified client certificate (listen.tls with client certificates), else None."""
 
 
 class PrincipalKind(StrEnum):

@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import resource
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +43,7 @@ from .budget import Budget
 from .protocol import ClientConnection, Phase
 from .request import Request
 from .sweep import DeadlineSweep
+from .tls import ServerTls
 
 log = logging.getLogger("proxy.edge.listener")
 
@@ -122,6 +124,9 @@ class Listener:
         self._probe_fd = -1
         self._all_closed: asyncio.Event | None = None
         self.budget = Budget(limits.max_buffered_bytes, self._hold_all, self._release_all)
+        # Set by start() with TLS on and client certificates asked for: each connection then reads
+        # its peer's certificate once, after the handshake; off, connections read nothing.
+        self.client_certificates = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Ties the listener to `loop` without opening a port (start() does this first)."""
@@ -132,11 +137,20 @@ class Listener:
         """A new connection's protocol: the factory the server is given."""
         return ClientConnection(self)
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> str:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024,
+                    tls: ServerTls | None = None) -> str:
         loop = asyncio.get_running_loop()
         self.bind(loop)
-        self._server = await loop.create_server(self.connection, host, port,
-                                                reuse_port=reuse_port or None, backlog=backlog)
+        if tls is None:
+            self._server = await loop.create_server(self.connection, host, port,
+                                                    reuse_port=reuse_port or None, backlog=backlog)
+        else:
+            # The handshake counts against the header timeout: a client that stalls it is cut like one
+            # that stalls its head.
+            self.client_certificates = tls.context.verify_mode != ssl.CERT_NONE
+            self._server = await loop.create_server(self.connection, host, port, reuse_port=reuse_port or None,
+                                                    backlog=backlog, ssl=tls.context,
+                                                    ssl_handshake_timeout=self.limits.header_timeout_s)
         self._watch_accept_errors()
         # libuv meets EMFILE on accept() by accepting and closing the connection itself, unseen by
         # the exception handler: under uvloop each sweep pass probes for a full descriptor table.
@@ -144,7 +158,8 @@ class Listener:
         self.sweep.start(loop)
         sock = self._server.sockets[0]
         addr, bound = sock.getsockname()[:2]
-        return f"http://{'[' + addr + ']' if ':' in addr else addr}:{bound}"
+        scheme = "http" if tls is None else "https"
+        return f"{scheme}://{'[' + addr + ']' if ':' in addr else addr}:{bound}"
 
     # -- the connection cap
 

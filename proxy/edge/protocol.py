@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from ..arp.answers import Answer, error_answer
+from ..util.certificates import PeerCertificate, peer_certificate
 from .errors import BodyTimeout, ClientGone, Overloaded
 from .flow import FlowControl
 from .request import Request, new_request_id
@@ -102,6 +103,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
         self._handler = listener.handler.handle
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.peer = ""
+        self.peer_certificate: PeerCertificate | None = None  # the client's, with client certificates asked for
         self._parser = httptools.HttpRequestParser(self)
         self.phase = Phase.HEAD
         self.deadline = 0.0
@@ -145,6 +147,8 @@ class ClientConnection(FlowControl, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        if self.listener.client_certificates:
+            self.peer_certificate = peer_certificate(transport.get_extra_info("ssl_object"))
         self.deadline = self._clock() + self._limits.header_timeout_s
         self.listener.admit(self)
 

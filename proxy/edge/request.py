@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..arp.answers import Answer
+from ..util.certificates import PeerCertificate
 from .errors import BodyIncomplete, BodyTooLarge, ClientGone, TrailerTooLarge
 from .writer import ResponseWriter
 
@@ -112,6 +113,11 @@ class Request(ResponseWriter):
         self.finished = False                           # the answer is written and observed
         self.aborter: Callable[[], None] | None = None  # stops work in flight outside a task if the client leaves
         self.exchange: Handling | None = None           # the handler's own state for this request
+
+    @property
+    def client_certificate(self) -> PeerCertificate | None:
+        """The client certificate of the connection (TLS with client_auth optional or required)."""
+        return self.conn.peer_certificate
 
     @property
     def has_body(self) -> bool:

@@ -141,6 +141,8 @@ class Gateway:
         self.exchanger = TokenExchanger(auth.exchange, clock) if auth.forward_token == "exchange" else None
         self.identity = Identity(auth, self.exchanger)
         self.authn = Authenticator(auth, verifier, AccessPolicy(auth.rules), self.identity)
+        # Client certificates asked for at the TLS handshake: their subject and URIs go upstream.
+        self.client_certificates = cfg.listen.tls.enabled and cfg.listen.tls.client_auth != "none"
         if self.metrics is not None and self.registry is not None and verifier is not None:
             self.metrics.watch(AuthStateCollector(self.registry, verifier))
             for jwks in self.registry:
@@ -149,9 +151,11 @@ class Gateway:
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
-        # The stage order, in its one place.
+        # The stage order, in its one place. With client certificates asked for, the identity stage
+        # also passes the certificate on; without, requests never look for one.
+        identity = self._identity_and_certificate if self.client_certificates else self._identity
         self._stages: tuple[Callable[[Exchange], Result], ...] = (
-            self._route, self._authenticate, self._local, self._admit, self._body, self._identity, self._forward)
+            self._route, self._authenticate, self._local, self._admit, self._body, identity, self._forward)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -344,6 +348,20 @@ class Gateway:
         ex.extra = self.identity.now(ex.request, principal, outcome.identity)
         if self.identity.waits and principal is not None:
             return self._exchanged(ex, principal)
+        return None
+
+    def _identity_and_certificate(self, ex: Exchange) -> Result:
+        """The identity stage, with the client certificate's subject and URIs added (listen.tls with
+        client certificates)."""
+        outcome = ex.outcome
+        assert outcome is not None
+        certificate = ex.request.client_certificate
+        if outcome.principal is None or certificate is None:
+            return self._identity(ex)
+        ex.extra = self.identity.now(ex.request, outcome.principal, outcome.identity) + \
+            self.identity.certificate(certificate)
+        if self.identity.waits:
+            return self._exchanged(ex, outcome.principal)
         return None
 
     async def _exchanged(self, ex: Exchange, principal: Principal) -> Outcome:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
+    Counter,
     Gauge,
     GCCollector,
     Histogram,
@@ -104,6 +105,14 @@ class GatewayMetrics:
                                         "time", ("issuer",), registry=self.registry)
         for issuer in self.issuers:
             self._jwks_duration.labels(issuer)
+        # TLS: rare events (reloads, failed handshakes), so prometheus-client's own objects suffice.
+        self._tls_reloads = Counter(PREFIX + "tls_reloads", "Certificate reloads after the files changed or "
+                                    "SIGHUP, by outcome (failure: the old certificate stayed in service)",
+                                    ("certificate", "result"), registry=self.registry)
+        self._tls_expiry = Gauge(PREFIX + "tls_certificate_expiry_timestamp_seconds", "notAfter of the "
+                                 "certificate in service (unix time)", ("certificate",), registry=self.registry)
+        self._tls_handshake_failures = Counter(PREFIX + "tls_handshake_failures", "TLS handshakes the public "
+                                               "listener failed, by reason", ("reason",), registry=self.registry)
         Gauge(PREFIX + "build_info", "Gateway build", ("version",), registry=self.registry).labels(__version__).set(1)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -167,6 +176,23 @@ class GatewayMetrics:
     def jwks_fetched(self, issuer: str, seconds: float) -> None:
         if issuer in self.issuers:
             self._jwks_duration.labels(issuer).observe(seconds)
+
+    def tls_certificate(self, certificate: str, not_after: float | None, handshake_reasons: Iterable[str] = ()) -> None:
+        """A TLS context in service ("listen" or "upstream"): its series exist from the start, at zero."""
+        for result in ("success", "failure"):
+            self._tls_reloads.labels(certificate, result)
+        for reason in handshake_reasons:
+            self._tls_handshake_failures.labels(reason)
+        if not_after is not None:
+            self._tls_expiry.labels(certificate).set(not_after)
+
+    def tls_reloaded(self, certificate: str, result: str, not_after: float | None) -> None:
+        self._tls_reloads.labels(certificate, result).inc()
+        if not_after is not None:
+            self._tls_expiry.labels(certificate).set(not_after)
+
+    def tls_handshake_failed(self, reason: str) -> None:
+        self._tls_handshake_failures.labels(reason).inc()
 
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)

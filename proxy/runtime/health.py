@@ -11,6 +11,8 @@ checks costs the coordinator one request a second at most.
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,6 +44,9 @@ class CoordinatorProbe:
         self._url = upstream.url
         self._timeout = aiohttp.ClientTimeout(total=upstream.health_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        # The coordinator pool's TLS context, when upstream.tls names files (set by the runtime).
+        self.ssl_context: Callable[[], ssl.SSLContext] | None = None
+        self._server_name = upstream.tls.server_name
         self._clock = clock
         self._ttl = ttl_s
         self._cached: tuple[float, tuple[dict[str, Any], bool]] | None = None
@@ -84,7 +89,12 @@ class CoordinatorProbe:
         if self._url is None or self._session is None:
             return {"name": name, "status": "down", "message": "run_coordinator_missing: no upstream.url"}
         try:
-            async with self._session.get(self._url + "/v1/health") as resp:
+            tls: dict[str, Any] = {}
+            if self.ssl_context is not None:
+                tls["ssl"] = self.ssl_context()
+            if self._server_name is not None:
+                tls["server_hostname"] = self._server_name
+            async with self._session.get(self._url + "/v1/health", **tls) as resp:
                 body = await resp.json(content_type=None) if resp.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             return {"name": name, "status": "down", "message": f"unreachable: {type(exc).__name__}"}

@@ -4,7 +4,7 @@ On SIGTERM or SIGINT readiness turns false at once, the gateway keeps serving
 for `drain_delay_s` so endpoints stop routing to it, then stops accepting,
 lets in-flight requests and open streams finish for up to `shutdown_grace_s`,
 closes what remains and returns. A second signal skips the drain delay.
-SIGHUP runs the reload hooks (`GatewayServer.reload`): the audit file is reopened.
+SIGHUP runs the reload hooks (`GatewayServer.reload`): certificates are checked again and the audit file is reopened.
 
     asyncio.run(run_gateway(cfg))
 """
@@ -22,8 +22,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ..edge.listener import EdgeLimits, Listener, default_max_connections
+from ..edge.tls import HANDSHAKE_FAILURE_REASONS, CertificateFiles, ServerTls
 from ..gateway.pipeline import Gateway
 from ..settings.config import GatewayConfig, redacted
+from ..settings.models import ListenTlsConfig
+from ..util.certificates import build_context
 from ..util.clock import Clock, SystemClock
 from .health import CoordinatorProbe, version_info
 from .ops import create_ops_app
@@ -68,6 +71,14 @@ class ReloadHooks:
                 log.exception("reload of %s failed", name, extra={"event": "reload_failed", "hook": name})
 
 
+def server_tls(tls: ListenTlsConfig) -> CertificateFiles:
+    """The public listener's certificate files, loaded now and rebuilt the same way on each change."""
+    return CertificateFiles(
+        "listen", tls.files,
+        lambda files: build_context(files, server=True, min_version=tls.min_version, client_auth=tls.client_auth.value),
+        reload_interval_s=tls.reload_interval_s)
+
+
 class GatewayServer:
     """A started gateway: the public listener, the optional ops listener, and their shutdown."""
 
@@ -75,12 +86,20 @@ class GatewayServer:
         self.gateway = gateway
         self.listener = listener
         self._ops = ops
+        self.certificates: list[CertificateFiles] = []
         self.reload = ReloadHooks()
+        self.reload.add("certificates", self.reload_certificates)
         if gateway.audit is not None:
             self.reload.add("audit", gateway.audit.reopen)
 
+    def reload_certificates(self) -> None:
+        for files in self.certificates:
+            files.check(force=True)
+
     async def cleanup(self) -> None:
         """Stops accepting, lets in-flight work finish (shutdown_grace_s), then closes everything."""
+        for files in self.certificates:
+            files.stop()
         await self.listener.close(self.gateway.cfg.shutdown_grace_s)
         await self.gateway.close()
         if self._ops is not None:
@@ -95,15 +114,34 @@ async def start_gateway(cfg: GatewayConfig, *, worker: int | None = None,
     metrics port, `metrics.port + worker`: counters live per process, and a shared port would hand
     each scrape to a random worker, so counters would jump backwards between scrapes."""
     clock = clock or SystemClock()
-    gateway = Gateway(cfg, clock, CoordinatorProbe(cfg.upstream, clock), version_info())
+    probe = CoordinatorProbe(cfg.upstream, clock)
+    gateway = Gateway(cfg, clock, probe, version_info())
+    if gateway.upstream.certificates is not None:
+        probe.ssl_context = lambda files=gateway.upstream.certificates: files.context  # the pool's, as it reloads
     await gateway.start()
     listener = Listener(gateway, edge_limits(cfg), gateway.metrics)
     if gateway.metrics is not None:
         gateway.metrics.open_connections = lambda: len(listener.connections)
         gateway.metrics.buffered_bytes = lambda: listener.budget.used
     server = GatewayServer(gateway, listener, None)
+    tls = None
+    if cfg.listen.tls.enabled:
+        metrics = gateway.metrics
+        tls = ServerTls(server_tls(cfg.listen.tls),
+                        on_failure=metrics.tls_handshake_failed if metrics is not None else None)
+        server.certificates.append(tls.files)
+    if gateway.upstream.certificates is not None:
+        server.certificates.append(gateway.upstream.certificates)
+    loop = asyncio.get_running_loop()
+    for files in server.certificates:
+        if gateway.metrics is not None:
+            gateway.metrics.tls_certificate(files.name, files.not_after,
+                                            HANDSHAKE_FAILURE_REASONS if files.name == "listen" else ())
+            files.on_reload = lambda result, not_after, name=files.name, metrics=gateway.metrics: \
+                metrics.tls_reloaded(name, result, not_after)
+        files.watch(loop)
     try:
-        url = await listener.start(cfg.listen.host, cfg.listen.port, reuse_port=worker is not None)
+        url = await listener.start(cfg.listen.host, cfg.listen.port, reuse_port=worker is not None, tls=tls)
         if cfg.metrics.enabled and cfg.metrics.port != 0:
             server._ops = ops = web.AppRunner(create_ops_app(gateway), access_log=None, shutdown_timeout=1)
             await ops.setup()

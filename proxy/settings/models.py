@@ -22,6 +22,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs, PydanticCustomError
 
 from ..arp.routes import ALL_ROUTES
+from ..util.certificates import CertificateProblem, TlsFiles, build_context
 from ..util.secretfile import SecretFileError, read_secret
 
 MIB = 1024 * 1024
@@ -41,6 +42,14 @@ class ForwardToken(StrEnum):
     PASSTHROUGH = "passthrough"   # the caller's verified token
     STRIP = "strip"               # none: identity headers only
     EXCHANGE = "exchange"         # one from the STS (RFC 8693 token exchange)
+
+
+class ClientAuth(StrEnum):
+    """`listen.tls.client_auth`: whether a client certificate is asked for at the handshake."""
+
+    NONE = "none"           # not asked for
+    OPTIONAL = "optional"   # asked for; one that is sent must verify against client_ca_file
+    REQUIRED = "required"   # a handshake without a valid one fails
 
 
 class EventLoop(StrEnum):
@@ -266,6 +275,98 @@ class _Model:
         return data
 
 
+def _tls_version(value: Any) -> Any:
+    # YAML reads an unquoted 1.2 as a number.
+    return str(value) if isinstance(value, float) else value
+
+
+TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)]
+
+
+def _checked_files(files: TlsFiles, *, server: bool, min_version: str, client_auth: str = "none") -> None:
+    """The files load as the gateway will load them (parse, key matches, not expired): a problem
+    fails start-up naming the key instead of failing the first handshake."""
+    try:
+        build_context(files, server=server, min_version=min_version, client_auth=client_auth)
+    except CertificateProblem as exc:
+        at = {"ca_file": "client_ca_file"}.get(exc.key, exc.key) if server else exc.key
+        raise problem(exc.reason, at=at) from None
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class ListenTlsConfig(_Model):
+    """HTTPS on the public listener; off unless cert_file and key_file are set."""
+
+    cert_file: Text | None = Field(default=None, description="the server certificate chain (PEM), leaf first; "
+                                                             "re-read when it changes")
+    key_file: Text | None = Field(default=None, description="its private key (PEM, unencrypted)")
+    min_version: TlsVersion = Field(default="1.2", description="the lowest TLS version accepted: 1.2 or 1.3")
+    reload_interval_s: Number = Field(default=10.0, gt=0, description=(
+        "how often the files are checked for a change (also on SIGHUP); a changed pair that loads is used "
+        "for new handshakes, a bad one is refused and the old one kept"))
+    client_ca_file: Text | None = Field(default=None, description="CA certificates (PEM) that client certificates "
+                                                                  "must chain to")
+    client_auth: ClientAuth = Field(default=ClientAuth.NONE, description=(
+        "none, optional (a client certificate is asked for, verified if sent) or required (the handshake "
+        "fails without a valid one); needs client_ca_file"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def files(self) -> TlsFiles:
+        return TlsFiles(self.cert_file, self.key_file, self.client_ca_file)
+
+    @model_validator(mode="after")
+    def _usable(self) -> ListenTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise problem("set listen.tls.cert_file and listen.tls.key_file together",
+                          at="key_file" if self.key_file is None else "cert_file")
+        if self.client_auth != ClientAuth.NONE and self.client_ca_file is None:
+            raise problem(f"client_auth {self.client_auth.value!r} needs listen.tls.client_ca_file",
+                          at="client_ca_file")
+        if self.cert_file is None:
+            if self.client_ca_file is not None or self.client_auth != ClientAuth.NONE:
+                raise problem("client certificates need TLS: set listen.tls.cert_file and key_file",
+                              at="cert_file")
+            return self
+        _checked_files(self.files, server=True, min_version=self.min_version, client_auth=self.client_auth.value)
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class UpstreamTlsConfig(_Model):
+    """TLS to an https:// coordinator: a private CA, a client certificate, the name to verify."""
+
+    ca_file: Text | None = Field(default=None, description="CA certificates (PEM) the coordinator's certificate "
+                                                           "must chain to, instead of the system trust store")
+    cert_file: Text | None = Field(default=None, description="a client certificate chain (PEM) presented to the "
+                                                             "coordinator")
+    key_file: Text | None = Field(default=None, description="its private key (PEM, unencrypted)")
+    server_name: Text | None = Field(default=None, description="the name sent (SNI) and verified in the "
+                                                               "coordinator's certificate; unset: the URL's host")
+    reload_interval_s: Number = Field(default=10.0, gt=0, description="how often the files are checked for a "
+                                                                      "change (also on SIGHUP)")
+
+    @property
+    def files(self) -> TlsFiles:
+        return TlsFiles(self.cert_file, self.key_file, self.ca_file)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ca_file or self.cert_file or self.server_name)
+
+    @model_validator(mode="after")
+    def _usable(self) -> UpstreamTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise problem("set upstream.tls.cert_file and upstream.tls.key_file together",
+                          at="key_file" if self.key_file is None else "cert_file")
+        if self.ca_file or self.cert_file:
+            _checked_files(self.files, server=False, min_version="1.2")
+        return self
+
+
 @dataclass(frozen=True, config=_STRICT_KEYS)
 class ListenConfig(_Model):
     """The public (edge) listener."""
@@ -285,6 +386,7 @@ class ListenConfig(_Model):
         Field(default=(), description="peers (CIDR networks; a bare address is a /32 or /128) whose X-Forwarded-For, "
                                       "-Proto and -Host are believed: the ingress in front of the gateway. Empty: "
                                       "every peer is the client, its X-Forwarded-* replaced"))
+    tls: ListenTlsConfig = Field(default_factory=ListenTlsConfig, description="HTTPS on this listener (docs/tls.md)")
 
     @model_validator(mode="after")
     def _workers_share_a_port(self) -> ListenConfig:
@@ -330,6 +432,14 @@ class UpstreamConfig(_Model):
         description="the most of max_connections event streams may hold at once; the rest stays for short requests")
     max_response_header_bytes: Count = Field(default=64 * 1024, ge=1024, description="the coordinator's head (and "
                                                                                      "trailer section); larger: 502")
+    tls: UpstreamTlsConfig = Field(default_factory=UpstreamTlsConfig, description=(
+        "TLS to an https:// coordinator (docs/tls.md)"))
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> UpstreamConfig:
+        if self.tls.configured and not (self.url or "").startswith("https://"):
+            raise problem("upstream.tls is set but upstream.url is not https://", at="tls")
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -388,6 +498,9 @@ class IssuerConfig(_Model):
                                               "PS256/384/512, ES256/384, EdDSA; HS* needs hmac_secret"))
     hmac_secret: Text | None = Field(default=None, description="the one HMAC key, needed for HS* algorithms (never "
                                                                "from a JWKS); at least 32 bytes; never printed")
+    require_certificate_binding: bool = Field(default=False, description=(
+        "RFC 8705: this issuer's tokens carry cnf.x5t#S256, which must be the SHA-256 thumbprint of the "
+        "client certificate on the connection (needs listen.tls.client_auth optional or required)"))
 
     @property
     def discovery(self) -> str:
@@ -588,6 +701,10 @@ class GatewayConfig(_Model):
         if auth.mode != AuthMode.DISABLED and not auth.issuers:
             found.append(("auth.issuers", f"auth.mode is {auth.mode.value!r} but no issuer is configured "
                                           "(set auth.issuers or ARP_AUTH_ISSUER, or auth.mode: disabled)"))
+        if any(i.require_certificate_binding for i in auth.issuers) and \
+                self.listen.tls.client_auth == ClientAuth.NONE:
+            found.append(("auth.issuers", "require_certificate_binding needs client certificates: set "
+                                          "listen.tls.client_auth to optional or required"))
         if self.limits.max_header_bytes <= auth.max_token_bytes + 256:
             found.append(("limits.max_header_bytes", f"must leave room for a token of auth.max_token_bytes "
                                                      f"({auth.max_token_bytes}) plus other headers, so an "

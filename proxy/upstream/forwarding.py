@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from ..arp.answers import error_answer
 from ..arp.routes import Route
 from ..edge.request import Request
+from ..edge.tls import CertificateFiles
 from ..settings.config import UpstreamConfig
+from ..util.certificates import build_context
 from .headers import ClientHeaders, TrustedProxies
 from .pool import ConnectFailed, PoolBusy, PoolResponse, UpstreamError, UpstreamPool
 from .relay import Done, Relay
@@ -72,6 +75,11 @@ class Upstream:
         self.pool: UpstreamPool | None = None
         self._retry = RetryPolicy(cfg.retries)
         self._loop: asyncio.AbstractEventLoop  # set by start(), inside the running loop
+        # A private CA or a client certificate for an https:// coordinator: its context follows the files.
+        tls = cfg.tls
+        self.certificates = CertificateFiles(
+            "upstream", tls.files, lambda files: build_context(files, server=False),
+            reload_interval_s=tls.reload_interval_s) if (tls.ca_file or tls.cert_file) else None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
@@ -82,9 +90,17 @@ class Upstream:
                                      sweep_interval_s=min(1.0, self.cfg.request_timeout_s / 10),
                                      queue_timeout_s=self.cfg.queue_timeout_s,
                                      stream_share=self.cfg.stream_share,
-                                     max_response_head_bytes=self.cfg.max_response_header_bytes)
+                                     max_response_head_bytes=self.cfg.max_response_header_bytes,
+                                     ssl_context=self._tls_context if self.certificates is not None else None,
+                                     server_name=self.cfg.tls.server_name)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        assert self.certificates is not None
+        return self.certificates.context
 
     async def close(self) -> None:
+        if self.certificates is not None:
+            self.certificates.stop()
         if self.pool is not None:
             await self.pool.close()
 

@@ -444,7 +444,11 @@ class UpstreamPool:
     def __init__(self, url: str, *, max_connections: int, connect_timeout_s: float,
                  idle_timeout_s: float = 4.0, sweep_interval_s: float = 0.1,
                  queue_timeout_s: float | None = 1.0, stream_share: float = 1.0,
-                 max_response_head_bytes: int = MAX_RESPONSE_HEAD) -> None:
+                 max_response_head_bytes: int = MAX_RESPONSE_HEAD,
+                 ssl_context: Callable[[], ssl.SSLContext] | None = None, server_name: str | None = None) -> None:
+        """`ssl_context` gives the context for each new connection (reloaded certificates are used by
+        the next connection); unset, an https:// URL is verified against the system trust store.
+        `server_name` is the name sent (SNI) and verified instead of the URL's host."""
         parts = urlsplit(url)
         self._secure = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -460,7 +464,9 @@ class UpstreamPool:
         self._all: set[_Connection] = set()
         self._connecting = 0
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
-        self._ssl = ssl.create_default_context() if self._secure else None
+        self._ssl = ssl.create_default_context() if self._secure and ssl_context is None else None
+        self._ssl_context = ssl_context if self._secure else None
+        self._server_name = server_name if self._secure else None
         self.closed = False
         self._sweep = DeadlineSweep("upstream_pool", sweep_interval_s, due=self._due, expire=_expire_conn)
         # None: wait for a connection until the request's own deadline (the old behaviour).
@@ -614,11 +620,17 @@ class UpstreamPool:
         self._connecting += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
+                context = self._ssl_context() if self._ssl_context is not None else self._ssl
                 _, conn = await loop.create_connection(lambda: _Connection(self), self._host, self._port,
-                                                       ssl=self._ssl)
+                                                       ssl=context, server_hostname=self._server_name)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (
-                getattr(exc, "strerror", None) or type(exc).__name__)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"TLS: certificate verify failed: {exc.verify_message or exc.reason}"
+            elif isinstance(exc, ssl.SSLError):
+                reason = f"TLS: {exc.reason or type(exc).__name__}"
+            else:
+                reason = "timed out" if isinstance(exc, TimeoutError) else (
+                    getattr(exc, "strerror", None) or type(exc).__name__)
             raise ConnectFailed(f"cannot connect to the coordinator: {reason}", sent=False) from None
         finally:
             self._connecting -= 1

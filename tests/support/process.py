@@ -74,7 +74,7 @@ class ServeProcess:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        host, port = self.url.split("://", 1)[-1].rsplit(":", 1)
         return host, int(port)
 
 

@@ -36,7 +36,7 @@ async def test_a_gateway_with_an_audit_file_survives_sighup_and_writes_nothing_f
                 assert gw.proc.returncode is None, "SIGHUP ended the gateway"
                 await asyncio.sleep(0.05)   # the child handling its signal
         reload = next(e for _, e in gw.logs if e.get("event") == "reload")
-        assert reload["hooks"] == ["audit"]
+        assert reload["hooks"] == ["certificates", "audit"]
         async with http.get(gw.url + "/livez") as resp:
             assert resp.status == 200
         gw.proc.send_signal(signal.SIGTERM)

@@ -238,6 +238,8 @@ class SharedRateLimiter:
                 return "redis", bool(allowed), int(ahead)
             except Unavailable:
                 pass
+            except (TypeError, ValueError) as exc:  # not the script's reply: whatever answered is not trusted
+                store.failed(exc)
         if self.on_error == BackendError.LOCAL:
             allowed, ahead = self.local.decide(key)
             return "local", allowed, ahead

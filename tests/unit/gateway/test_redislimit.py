@@ -159,3 +159,15 @@ async def test_a_password_file_opens_a_redis_with_requirepass_and_a_wrong_one_is
 
         with pytest.raises(redis.AuthenticationError):  # the server really wants the password
             server.client().__class__(host="127.0.0.1", port=server.port).ping()
+
+
+async def test_a_reply_that_is_not_the_scripts_is_a_failure_not_an_exception(redis_server, clock):
+    store = store_for(redis_server.url, clock)
+    await store.start()
+    store.script = store.client.register_script("return 'not a decision'")  # a Redis (or proxy) gone wrong
+    shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=1, clock=clock), BackendError.LOCAL)
+    try:
+        assert (await shared.decide("a"))[:2] == ("local", True)
+        assert store.errors["response"] == 1 and not store.up
+    finally:
+        await store.close()

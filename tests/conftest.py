@@ -22,6 +22,7 @@ from proxy.runtime.server import start_gateway
 from tests.support.gateway import Upstream, gateway_config, json_response
 from tests.support.idp import MockIdp
 from tests.support.keys import JwksServer, Registries, park, signer
+from tests.support.redis import RedisServer, have_redis
 from tests.support.threadidp import ThreadIdp
 
 
@@ -149,3 +150,15 @@ async def registries(session: aiohttp.ClientSession, clock: FakeClock) -> AsyncI
     yield make
     for registry in made:
         await registry.close()
+
+
+# --------------------------------------------------------------------------- Redis (tests/support/redis.py)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A real redis-server of this test alone: free loopback port, temporary directory, no persistence."""
+    if not have_redis():
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    with RedisServer(tmp_path) as server:
+        yield server

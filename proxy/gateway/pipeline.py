@@ -48,10 +48,12 @@ from ..observability.audit import AuditTrail
 from ..observability.metrics import AuthStateCollector, GatewayMetrics
 from ..observability.observer import RequestObserver
 from ..settings.config import GatewayConfig
+from ..settings.models import BackendError, RateBackend, RateConfig, RateKey
 from ..upstream import Upstream
 from ..upstream.headers import TrustedProxies
 from ..util.clock import Clock
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, retry_after_s
+from .redislimit import RedisStore, SharedRateLimiter, Unavailable
 from .streamlimit import StreamLimiter
 
 log = logging.getLogger("proxy.gateway.pipeline")
@@ -82,7 +84,8 @@ class HealthProbe(Protocol):
 class Exchange:
     """The gateway's state for one request, from `handle` to `observe`."""
 
-    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "at", "_streams", "_observer")
+    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "reply", "at", "_streams",
+                 "_observer")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         self._streams = gateway.streams
@@ -93,6 +96,7 @@ class Exchange:
         self.started = started
         self.body: bytes | None = None     # what is forwarded: the checked body, if any
         self.extra = b""                   # identity header lines for the coordinator
+        self.reply = b""                   # header lines added to the coordinator's answer (RateLimit)
         self.at = 0                        # the stage after a PAUSED one: where `proceed` goes on
 
     def done(self, request: Request, failed: int) -> None:
@@ -150,6 +154,15 @@ class Gateway:
         rate = cfg.limits.run_start_rate
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
+        self._rate_key = _rate_key_function(rate)
+        # backend: redis only: the fleet-wide limit, with this process's limiter as its fallback.
+        self.redis: RedisStore | None = None
+        self.shared_limiter: SharedRateLimiter | None = None
+        if rate is not None and rate.backend == RateBackend.REDIS and self.run_start_limiter is not None:
+            store = self.redis = RedisStore(cfg.redis, clock, self.metrics.redis_errors if self.metrics else None)
+            self.shared_limiter = SharedRateLimiter(store, self.run_start_limiter, rate.on_backend_error)
+            if self.metrics is not None:
+                self.metrics.redis_up = lambda: store.up
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
         # The stage order, in its one place. With client certificates asked for, the identity stage
         # also passes the certificate on; without, requests never look for one.
@@ -172,6 +185,8 @@ class Gateway:
             await self.registry.start(self.control)
         if self.exchanger is not None:
             self.exchanger.start(self.control)
+        if self.redis is not None:
+            await self.redis.start()  # never fails: a Redis that is down means the fallback
         self.state = "ready"
 
     async def close(self) -> None:
@@ -185,6 +200,8 @@ class Gateway:
             await self.control.close()
         await self.probe.close()
         await self.upstream.close()
+        if self.redis is not None:
+            await self.redis.close()
 
     def begin_drain(self) -> None:
         self.state = "draining"
@@ -288,8 +305,13 @@ class Gateway:
         request, route = ex.request, ex.route
         outcome = ex.outcome
         assert outcome is not None
-        return (self.run_start_limiter is not None and route is START_RUN and self._rate(request, route, outcome)
-                or route.streaming and self._admit_stream(request, outcome)
+        if self.run_start_limiter is not None and route is START_RUN:
+            if self.shared_limiter is not None:
+                return self._rate_shared(ex, outcome)  # the one stage here that waits, and only for Redis
+            refused = self._rate(ex, outcome)
+            if refused is not None:
+                return refused
+        return (route.streaming and self._admit_stream(request, outcome)
                 or self.bodies.before(request, route))
 
     def _body(self, ex: Exchange) -> Result:
@@ -372,7 +394,7 @@ class Gateway:
         return None
 
     def _forward(self, ex: Exchange) -> Result:
-        self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done)
+        self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done, ex.reply)
         return HANDED
 
     # ------------------------------------------------------------------ answers and their end
@@ -398,19 +420,60 @@ class Gateway:
         if request.exchange is not None:
             request.exchange.abandoned(status)
 
-    def _rate(self, request: Request, route: Route, outcome: AuthOutcome) -> Answer | None:
-        """The run-start rate limit."""
+    def _rate(self, ex: Exchange, outcome: AuthOutcome) -> Answer | None:
+        """The run-start rate limit in this process (backend: local)."""
         limiter = self.run_start_limiter
         assert limiter is not None
-        wait = limiter.take(_principal_key(request, outcome))
-        if not wait:
-            return None
+        allowed, us = limiter.decide(self._rate_key(ex.request, outcome))
+        return self._rate_decided(ex, "local", allowed, us)
+
+    async def _rate_shared(self, ex: Exchange, outcome: AuthOutcome) -> Outcome:
+        """The run-start rate limit in Redis (backend: redis), then the rest of the admit stage."""
+        shared = self.shared_limiter
+        assert shared is not None
+        request, route = ex.request, ex.route
+        try:
+            backend, allowed, us = await shared.decide(self._rate_key(request, outcome))
+        except Unavailable:
+            if shared.on_error == BackendError.CLOSED:
+                self._count_decision("redis", "failed_closed")
+                return error_answer(503, "rate_limiter_unavailable", "The run-start rate limit cannot be checked "
+                                    "now; retry shortly", request_id=request.request_id, retryable=True,
+                                    details={"reason": "redis_unavailable"},
+                                    headers={"Retry-After": str(retry_after_s(int(shared.store.reopens_in_s()
+                                                                                  * 1_000_000)))})
+            self._count_decision("redis", "failed_open")
+        else:
+            refused = self._rate_decided(ex, backend, allowed, us)
+            if refused is not None:
+                return refused
+        return (route.streaming and self._admit_stream(request, outcome)
+                or self.bodies.before(request, route))
+
+    def _count_decision(self, backend: str, decision: str) -> None:
         if self.metrics is not None:
-            self.metrics.rate_limited[route.template] = self.metrics.rate_limited.get(route.template, 0) + 1
-        retry_after = limiter.retry_after(wait)
+            decisions = self.metrics.rate_decisions
+            decisions[(backend, decision)] = decisions.get((backend, decision), 0) + 1
+
+    def _rate_decided(self, ex: Exchange, backend: str, allowed: bool, us: int) -> Answer | None:
+        """None (go on, with the RateLimit fields for the coordinator's answer) or the 429; the
+        RateLimit fields agree with Retry-After (draft-ietf-httpapi-ratelimit-headers)."""
+        limiter = self.run_start_limiter
+        assert limiter is not None
+        fields = limiter.policy.headers(allowed, us)
+        if allowed:
+            self._count_decision(backend, "allowed")
+            ex.reply = "".join(f"{name}: {value}\r\n" for name, value in fields).encode()
+            return None
+        self._count_decision(backend, "limited")
+        if self.metrics is not None:
+            template = ex.route.template
+            self.metrics.rate_limited[template] = self.metrics.rate_limited.get(template, 0) + 1
+        retry_after = retry_after_s(us)
         return error_answer(429, "rate_limited", "Too many run starts; retry after the given delay",
-                            request_id=request.request_id, retryable=True,
-                            details={"retry_after_s": int(retry_after)}, headers={"Retry-After": retry_after})
+                            request_id=ex.request.request_id, retryable=True,
+                            details={"retry_after_s": retry_after},
+                            headers={"Retry-After": str(retry_after), **dict(fields)})
 
     def _admit_stream(self, request: Request, outcome: AuthOutcome) -> Answer | None:
         """At most limits.max_streams_per_principal event streams open per principal; counted until
@@ -441,6 +504,26 @@ class Gateway:
         return Answer(200, body, content_type.encode())
 
 _PROBES = (LIVEZ, READYZ, METRICS)
+
+
+def _rate_key_function(rate: RateConfig | None) -> Callable[[Request, AuthOutcome], str]:
+    """Whom the run-start limit counts against: limits.run_start_rate.key."""
+    if rate is None or rate.key == RateKey.SUBJECT:
+        return _principal_key
+    # A claim read from a verified token; only a non-empty string or a number names a group.
+    claims = (rate.tenant_claim,) if rate.key == RateKey.TENANT else ("client_id", "azp")
+    label = "tenant\x00" if rate.key == RateKey.TENANT else "client\x00"
+
+    def key(request: Request, outcome: AuthOutcome) -> str:
+        principal = outcome.principal
+        if principal is not None and principal.kind != "anonymous":
+            for claim in claims:
+                value = principal.claims.get(claim)  # type: ignore[arg-type]
+                if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
+                    return label + (principal.issuer or "") + "\x00" + str(value)
+        return _principal_key(request, outcome)  # no such claim: the caller counts alone
+
+    return key
 
 
 def _principal_key(request: Request, outcome: AuthOutcome) -> str:

@@ -85,6 +85,11 @@ class GatewayMetrics:
         self.stream_bytes = 0
         self.rate_limited: dict[str, int] = {}
         self.streams_refused = 0  # event streams answered 429 too_many_streams
+        # Run-start limit decisions by (backend, decision); Redis errors by kind, shared with the
+        # gateway's Redis store; whether the last Redis call worked (None: no Redis configured).
+        self.rate_decisions: dict[tuple[str, str], int] = {}
+        self.redis_errors: dict[str, int] = {}
+        self.redis_up: Callable[[], bool] | None = None
         self.pool: UpstreamPool | None = None  # the coordinator pool, read at scrape time for its queue counters
         self._requests: dict[tuple[str, str, int], list[int]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
@@ -255,6 +260,21 @@ class _HotPathCollector:
         for route, count in sorted(m.rate_limited.items()):
             limited.add_metric((route,), count)
         yield limited
+        decisions = CounterMetricFamily(PREFIX + "rate_limit_decisions", "Run-start rate limit decisions, by the "
+                                        "backend that decided (redis, or local: configured or the fallback) and "
+                                        "the decision (allowed, limited, failed_open, failed_closed)",
+                                        labels=("backend", "decision"))
+        for (backend, decision), count in sorted(m.rate_decisions.items()):
+            decisions.add_metric((backend, decision), count)
+        yield decisions
+        if m.redis_up is not None:
+            redis_errors = CounterMetricFamily(PREFIX + "redis_errors", "Failed Redis calls, by kind (timeout, "
+                                               "connection, auth, response)", labels=("kind",))
+            for kind, count in sorted(m.redis_errors.items()):
+                redis_errors.add_metric((kind,), count)
+            yield redis_errors
+            yield GaugeMetricFamily(PREFIX + "redis_up", "1 when the last Redis call succeeded, else 0",
+                                    value=int(m.redis_up()))
         pool = m.pool
         yield CounterMetricFamily(PREFIX + "upstream_queued", "Requests that waited for a coordinator connection "
                                   "because upstream.max_connections were busy (event streams also for a slot of "

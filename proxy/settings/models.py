@@ -442,12 +442,102 @@ class UpstreamConfig(_Model):
         return self
 
 
+class RateBackend(StrEnum):
+    """`limits.run_start_rate.backend`: where the buckets live."""
+
+    LOCAL = "local"   # in each process: every worker and replica has its own
+    REDIS = "redis"   # in the `redis` section's Redis: one bucket per principal for the whole fleet
+
+
+class RateKey(StrEnum):
+    """`limits.run_start_rate.key`: whom a bucket belongs to."""
+
+    SUBJECT = "subject"       # the token's issuer and subject
+    TENANT = "tenant"         # the claim named by tenant_claim: a tenant's members share one bucket
+    CLIENT_ID = "client_id"   # the OAuth client (`client_id`, else `azp`): every user of one app together
+
+
+class BackendError(StrEnum):
+    """`limits.run_start_rate.on_backend_error`: a run start when Redis cannot answer in time."""
+
+    LOCAL = "local"     # this process's own bucket decides
+    OPEN = "open"       # allowed
+    CLOSED = "closed"   # 503 rate_limiter_unavailable, retryable
+
+
 @dataclass(frozen=True, config=_STRICT_KEYS)
 class RateConfig(_Model):
-    """A per-principal token bucket."""
+    """A per-principal rate limit (GCRA: a bucket of `burst` refilled at `per_second`)."""
 
     per_second: Number = Field(gt=0, description="tokens added to each subject's bucket per second")
     burst: Count = Field(ge=1, description="the bucket's size: run starts allowed at once after a quiet spell")
+    backend: RateBackend = Field(default=RateBackend.LOCAL, description=(
+        "local: a bucket per process (with listen.workers N and R replicas a caller gets N x R times the "
+        "limit); redis: one bucket per principal in the `redis` section's Redis, shared by the whole fleet"))
+    key: RateKey = Field(default=RateKey.SUBJECT, description=(
+        "whom a bucket counts: subject (issuer and subject), tenant (the claim tenant_claim names; a token "
+        "without it counts by subject) or client_id (the `client_id` claim, else `azp`, else the subject). "
+        "Anonymous callers always count by client address"))
+    tenant_claim: Text | None = Field(default=None, description="the claim naming a caller's tenant, for "
+                                                                "key: tenant (e.g. tenant_id)")
+    on_backend_error: BackendError = Field(default=BackendError.LOCAL, description=(
+        "backend: redis, when Redis fails or is slower than redis.timeout_ms: local (this process's own "
+        "bucket decides, so one replica still limits), open (allow) or closed (503 rate_limiter_unavailable, "
+        "retryable)"))
+
+    @model_validator(mode="after")
+    def _tenant_named(self) -> RateConfig:
+        if self.key == RateKey.TENANT and not self.tenant_claim:
+            raise problem("key: tenant needs the claim that names the tenant", at="tenant_claim")
+        return self
+
+
+def _redis_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError as exc:
+        raise problem(f"not a redis:// or rediss:// URL: {shown(value)} ({exc})") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise problem(f"not a redis:// or rediss:// URL: {shown(value)}")
+    if parts.password:
+        raise problem("a password in the URL would be shown by check-config; use redis.password_file")
+    db = parts.path.strip("/")
+    if db and not (db.isdigit() and int(db) < 1 << 16):
+        raise problem(f"the path must be a database number (redis://host:6379/0), got {shown(parts.path)}")
+    return value
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class RedisConfig(_Model):
+    """The Redis that holds fleet-wide state (the shared run-start limit)."""
+
+    url: Annotated[Text, AfterValidator(_redis_url)] | None = Field(default=None, description=(
+        "redis://host:port/db or rediss:// (TLS); needed by limits.run_start_rate.backend: redis"))
+    password_file: Text | None = Field(default=None, description=(
+        "a file holding the password (a mounted Kubernetes Secret), read at each new connection, so a "
+        "rotation needs no restart; the password is never in the YAML"))
+    timeout_ms: Count = Field(default=50, ge=1, le=60_000, description=(
+        "a whole Redis decision (waiting for a connection included) must come within it; later, "
+        "limits.run_start_rate.on_backend_error decides"))
+    key_prefix: Text = Field(default="arpgw", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description=(
+        "the start of every key the gateway writes (letters, digits, _ . : -), so gateways can share a Redis"))
+    breaker_failures: Count = Field(default=5, ge=1, description=(
+        "consecutive failures after which Redis is not asked for breaker_open_s"))
+    breaker_open_s: Number = Field(default=5.0, gt=0, description="how long Redis is left alone after "
+                                                                  "breaker_failures failures in a row")
+    max_connections: Count = Field(default=16, ge=1, le=1024, description=(
+        "connections to Redis per worker process; a decision waits for a free one within timeout_ms"))
+
+    @model_validator(mode="after")
+    def _password_readable(self) -> RedisConfig:
+        # Read here so check-config and start-up name a missing file; each connection reads it again.
+        if self.password_file is not None:
+            try:
+                read_secret(self.password_file)
+            except SecretFileError as exc:
+                raise problem(exc.reason, at="password_file") from None
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -687,6 +777,7 @@ class GatewayConfig(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and access log")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit trail of run-route decisions")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="the Redis holding fleet-wide state")
     shutdown_grace_s: Number = Field(default=25.0, ge=0, description="after the listener closes, in-flight requests "
                                                                      "get this long to finish")
     drain_delay_s: Number = Field(default=5.0, ge=0, description="after SIGTERM, /readyz fails this long before the "
@@ -709,6 +800,9 @@ class GatewayConfig(_Model):
             found.append(("limits.max_header_bytes", f"must leave room for a token of auth.max_token_bytes "
                                                      f"({auth.max_token_bytes}) plus other headers, so an "
                                                      "oversized token gets its 401"))
+        rate = self.limits.run_start_rate
+        if rate is not None and rate.backend == RateBackend.REDIS and self.redis.url is None:
+            found.append(("redis.url", "limits.run_start_rate.backend is 'redis' but no Redis is configured"))
         if found:
             raise problems(found)
         return self

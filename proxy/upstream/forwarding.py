@@ -109,9 +109,10 @@ class Upstream:
                          pool.host_header, b"\r\n", self._client_headers.block(request), b"X-Request-ID: ",
                          request.request_id.encode(), b"\r\n", extra, framing, b"\r\n"))
 
-    def forward(self, request: Request, route: Route, body: bytes | None, extra: bytes, done: Done) -> None:
+    def forward(self, request: Request, route: Route, body: bytes | None, extra: bytes, done: Done,
+                reply: bytes = b"") -> None:
         """Sends the request (its whole body, if any) and answers the client with what the coordinator
-        says; calls `done(request, failed)` once the answer is written.
+        says, with the header lines `reply` added; calls `done(request, failed)` once the answer is written.
 
         The usual exchange runs on callbacks alone: an idle pooled connection, one write, and the
         answer relayed from the coordinator connection's own read. Waiting for a connection,
@@ -133,7 +134,7 @@ class Upstream:
         request.upstream_start = time.perf_counter()
         conn = pool.idle_connection(deadline, _holds_stream(request, route))
         if conn is None:
-            request.spawn(self._exchange(request, route, head, body, deadline, done, 1))
+            request.spawn(self._exchange(request, route, head, body, deadline, done, 1, reply))
             return
 
         def on_headers(response: PoolResponse | None, error: UpstreamError | TimeoutError | None) -> None:
@@ -142,15 +143,15 @@ class Upstream:
                 conn.finish(reusable=False)
                 assert error is not None
                 if self._retry.after_error(request.method, error, 1):
-                    request.spawn(self._exchange(request, route, head, body, deadline, done, 2))
+                    request.spawn(self._exchange(request, route, head, body, deadline, done, 2, reply))
                 else:
                     self._refuse(request, error)
                     done(request, 0)
             elif self._retry.after_status(request.method, response.status, 1):
                 response.release()
-                request.spawn(self._exchange(request, route, head, body, deadline, done, 2))
+                request.spawn(self._exchange(request, route, head, body, deadline, done, 2, reply))
             else:
-                pending = self._relay.answer(request, route, response, done)
+                pending = self._relay.answer(request, route, response, done, reply)
                 if pending is not None:
                     request.spawn(pending)
 
@@ -162,7 +163,7 @@ class Upstream:
         conn.start(head, body, deadline, on_headers)
 
     async def _exchange(self, request: Request, route: Route, head: bytes, body: bytes | None, deadline: float,
-                        done: Done, attempt: int) -> None:
+                        done: Done, attempt: int, reply: bytes = b"") -> None:
         """The same exchange, from attempt number `attempt` on, for when it has to wait: for a pool
         connection, or between retries."""
         pool = self.pool
@@ -192,7 +193,7 @@ class Upstream:
                 break
             response.release()
             attempt += 1
-        pending = self._relay.answer(request, route, response, done)
+        pending = self._relay.answer(request, route, response, done, reply)
         if pending is not None:
             await pending
 

@@ -39,15 +39,17 @@ class Relay:
         self._headers = ResponseHeaders()
 
     def answer(self, request: Request, route: Route, upstream: PoolResponse,
-               done: Done) -> Coroutine[Any, Any, None] | None:
-        """Answers the client from `upstream` and calls `done`; or returns the coroutine that will,
-        when the body is still arriving."""
+               done: Done, reply: bytes = b"") -> Coroutine[Any, Any, None] | None:
+        """Answers the client from `upstream`, with the gateway's header lines `reply` added, and
+        calls `done`; or returns the coroutine that will, when the body is still arriving."""
         request.upstream_s = upstream_s = time.perf_counter() - request.upstream_start
         if self.metrics is not None:
             self.metrics.upstream(route.template, upstream.status, upstream_s)
         # The gateway's own reason phrase: the coordinator's is free text (RFC 9112 4), so not relayed.
         reason = reason_phrase(upstream.status)
         block, dated = self._headers.block(upstream.headers)
+        if reply:
+            block += reply
         whole = upstream.body_if_complete()
         if whole is None:
             return self._stream(request, route, upstream, reason, block, dated, done)

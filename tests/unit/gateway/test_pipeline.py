@@ -235,3 +235,34 @@ async def test_a_client_that_leaves_mid_exchange_is_observed_once() -> None:
     finally:
         await server.cleanup()
         await coordinator.close()
+
+
+async def test_a_local_run_start_limit_stays_inline_and_a_redis_one_waits_in_a_task_only_for_run_starts(
+        tasks: GatewayTasks, redis_server) -> None:
+    coordinator = RawServer(started)
+    upstream = await coordinator.start()
+    rate = {"per_second": 1000, "burst": 1000}
+    local, local_url = await start_gateway(gateway_config(upstream, limits={"run_start_rate": rate}))
+    shared, shared_url = await start_gateway(gateway_config(
+        upstream, limits={"run_start_rate": {**rate, "backend": "redis"}}, redis={"url": redis_server.url}))
+    connections = []
+    try:
+        for url in (local_url, shared_url):
+            connections.append(await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            await exchange(*connections[-1], run_start())  # opens the pooled coordinator connection
+        tasks.names.clear()
+        for _ in range(3):
+            assert (await exchange(*connections[0], run_start()))[0] == 200
+        assert tasks.names == [], f"backend: local created tasks: {tasks.names}"
+        get = b"GET /v1/runs/r1 HTTP/1.1\r\nHost: gw\r\n\r\n"
+        assert (await exchange(*connections[1], get))[0] == 200
+        assert tasks.names == [], f"a GET with backend: redis created tasks: {tasks.names}"
+        for _ in range(3):
+            assert (await exchange(*connections[1], run_start()))[0] == 200
+        assert len(tasks.names) == 3, tasks.names  # one task per run start, waiting for Redis
+    finally:
+        for _, writer in connections:
+            writer.close()
+        await local.cleanup()
+        await shared.cleanup()
+        await coordinator.close()

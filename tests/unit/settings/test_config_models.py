@@ -172,3 +172,23 @@ def test_null_means_the_default_but_an_unknown_key_set_to_null_is_still_unknown(
     cfg = build_config({"auth": {"mode": "disabled", "realm": None}, "listen": {"port": None}})
     assert (cfg.auth.realm, cfg.listen.port) == ("arp-run-gateway", 8080)
     assert problems({"auth": {"mode": "disabled"}, "listen": {"colour": None}}) == ["listen.colour: unknown key"]
+
+
+@pytest.mark.parametrize("raw, line", [
+    ({"limits": {"run_start_rate": {"per_second": 1, "burst": 2, "backend": "redis"}}},
+     "redis.url: limits.run_start_rate.backend is 'redis' but no Redis is configured"),
+    ({"limits": {"run_start_rate": {"per_second": 1, "burst": 2, "key": "tenant"}}},
+     "limits.run_start_rate.tenant_claim: key: tenant needs the claim that names the tenant"),
+    ({"redis": {"url": "http://cache:6379"}}, "redis.url: not a redis:// or rediss:// URL: 'http://cache:6379'"),
+    ({"redis": {"url": "redis://:hunter2@cache:6379"}},
+     "redis.url: a password in the URL would be shown by check-config; use redis.password_file"),
+    ({"redis": {"url": "redis://cache:6379/zero"}},
+     "redis.url: the path must be a database number (redis://host:6379/0), got '/zero'"),
+    ({"redis": {"key_prefix": "a b"}}, None),
+    ({"redis": {"timeout_ms": 0}}, None),
+])
+def test_redis_and_rate_problems_name_their_key(raw, line):
+    found = problems({**raw, "auth": {"mode": "disabled"}})
+    assert len(found) == 1 and "hunter2" not in found[0]
+    key = next(iter(raw))
+    assert found[0] == line if line else found[0].startswith(f"{key}.")

@@ -55,7 +55,7 @@ class AccessLog:
                auth_reason: str, subject: str | None, client: str, user_agent: bytes | None,
                issuer: str | None, run_id: str | None) -> None:
         # Positional from the observer: binding fifteen keywords per request costs more than the line.
-        # A %-template, not json.dumps of a dict: every field is a number or a gateway-made token
+        # A template, not json.dumps of a dict: every field is a number or a gateway-made token
         # (request ids are validated, routes are templates, reasons fixed words, the client an
         # address from the socket or one parsed as an address, the run id a routed path segment of
         # RFC 3986 characters, which hold no quote, backslash or control) except the method, the
@@ -71,10 +71,18 @@ class AccessLog:
         escaped_method = self._methods.get(method)
         if escaped_method is None:
             escaped_method = self._methods[method] = _dumps(method)
-        line = _LINE % (_timestamp(), request_id, escaped_method, route, status, seconds * 1000,
-                        "null" if upstream_s is None else "%.3f" % (upstream_s * 1000),
-                        bytes_in, bytes_out, caller,
-                        "null" if run_id is None else '"' + run_id[:RUN_ID_CHARS] + '"')
+        # The time, inline: strftime once a second, the milliseconds from a table.
+        now = time.time()
+        whole = int(now)
+        if whole != _second[0]:
+            _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        upstream = "null" if upstream_s is None else "%.3f" % (upstream_s * 1000)
+        # An f-string: its pieces are joined in one step, where a %-template parses itself per line.
+        line = (f'{{"time":"{_second[1]}{_MILLIS[int((now - whole) * 1000)]}","type":"access","request_id":'
+                f'"{request_id}","method":{escaped_method},"route":"{route}","status":{status},"duration_ms":'
+                f'{seconds * 1000:.3f},"upstream_ms":{upstream},"bytes_in":{bytes_in},'
+                f'"bytes_out":{bytes_out},{caller},"run_id":'
+                f'{"null" if run_id is None else _quoted(run_id[:RUN_ID_CHARS])}}}')
         if self._log_subject and subject is not None:
             line = line[:-1] + ',"subject":' + _dumps(subject) + "}"
         self._pending.append(line)
@@ -110,20 +118,15 @@ class AccessLog:
                     log.exception("access log write failed; %d lines lost", len(lines.splitlines()))
 
 
-_LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'
-         '"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,"bytes_out":%d,%s,"run_id":%s}')
 _CALLER = '"auth":"%s","auth_reason":"%s","client":"%s","user_agent":%s,"issuer":%s'
 
 _dumps = json.JSONEncoder(ensure_ascii=True).encode
-_second: list = [-1, ""]
+_second: list = [-1, ""]  # the last whole second seen, and its rendering
 # Each millisecond's tail made once: formatting "%03d" per request costs more than an index. The
 # fraction is exact and below 1, and below 1 times 1000 stays below 1000 in binary floating point.
 _MILLIS = tuple(".%03dZ" % ms for ms in range(1000))
 
 
-def _timestamp() -> str:
-    now = time.time()
-    whole = int(now)
-    if whole != _second[0]:  # strftime once a second, not once a request
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return _second[1] + _MILLIS[int((now - whole) * 1000)]
+def _quoted(text: str) -> str:
+    return '"' + text + '"'
+

@@ -97,9 +97,9 @@ class Authenticator:
         if not token:
             return self._bad_request("empty_token", "The Bearer token is empty", request.request_id)
         assert self._verifier is not None
-        principal = self._verifier.verify_cached(token)
-        if principal is None:
-            return self._verified(request, route, token)
+        principal = self._verifier.verify(token)
+        if principal.__class__ is not Principal:
+            return self._verified(request, route, principal)  # type: ignore[arg-type]
         return self._authorize(principal, route, request.method, request.request_id, AuthResult.ALLOWED)
 
     def _no_single_token(self, request: Caller, route: Route) -> AuthOutcome:
@@ -111,11 +111,10 @@ class Authenticator:
             return self._authorize(self._anonymous, route, request.method, request.request_id, AuthResult.ANONYMOUS)
         return self._challenge("missing_token", "A bearer token is required", request.request_id)
 
-    async def _verified(self, request: Caller, route: Route, token: str) -> AuthOutcome:
-        assert self._verifier is not None
+    async def _verified(self, request: Caller, route: Route, pending: Coroutine[Any, Any, Principal]) -> AuthOutcome:
         request_id = request.request_id
         try:
-            principal = await self._verifier.verify(token)
+            principal = await pending
         except TokenError as exc:
             return self._invalid(exc.reason, exc.description, request_id, exc.issuer)
         except KeysUnavailable as exc:

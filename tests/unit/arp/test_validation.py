@@ -198,3 +198,32 @@ class _Limits:
 @functools.cache
 def _checkers() -> tuple[Callable[[object], list[dict[str, str]]], validation.BodyRules]:
     return load_run_start_validator(), validation.BodyRules(_Limits())
+
+
+def _mutated(text: str, cut: int, insert: str) -> bytes:
+    at = cut % (len(text) + 1)
+    return (text[:at] + insert + text[at:]).encode("utf-8", "surrogatepass")
+
+
+_INSERTS = st.sampled_from(["", " ", ",", "}", '"', "\\ud800", "\\u00e9", "1e400", "99999999999999999999", "NaN",
+                            "\ufeff", "\x00", "\x0c", '"x":1,', '"input":{},', "\ud800"]) | st.text(max_size=3)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_plain_documents(), st.integers(0, 200), _INSERTS)
+def test_a_body_gets_the_problems_json_alone_gives(document: object, cut: int, insert: str) -> None:
+    """With orjson in front for the plain shape, every body, garbled or not, gets exactly the verdict and
+    problems (messages included) of json's decoder and the full check alone."""
+    _, rules = _checkers()
+    for body in (json.dumps(document).encode(), _mutated(json.dumps(document), cut, insert)):
+        fast = rules._problems(body)
+        saved = validation._loads
+        validation._loads = _refuse  # json alone, as before orjson
+        try:
+            assert fast == rules._problems(body), body
+        finally:
+            validation._loads = saved
+
+
+def _refuse(body: bytes) -> object:
+    raise ValueError("json alone")

@@ -174,8 +174,8 @@ def _reject_constant(name: str) -> None:
 # orjson parses a body in half the instructions json does, for the plain-shape check alone. It accepts
 # no text json rejects, rejects some json accepts (lone surrogates, 1e400) and reads an integer past
 # 64 bits as a float: none of which changes whether a document has the plain shape (its checked
-# fields are objects and strings, which both parse alike). Every other body is decoded and judged by json and the full check, as before,
-# so problems and their messages are json's.
+# fields are objects and strings, which both parse alike). Every other body is decoded and judged by
+# json and the full check, as before, so problems and their messages are json's.
 _loads = orjson.loads
 
 # Built once: json.loads with any keyword argument builds a new decoder per call.

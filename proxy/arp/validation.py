@@ -12,10 +12,11 @@ rules read the request through `BodyHead`, so they do not depend on the listener
 Two well-kept libraries, each where it is good: fastjsonschema compiles the
 schema into Python code once and accepts a valid body on the request path;
 only a refused body is handed to jsonschema, which lists every problem, so
-the 400 names each one. Before either, `plainly_valid` accepts the shape nearly every
-run start has in a few compares, and only where the schema accepts it too. The
-schema files are package data (`schemas/`); their relative `$ref`s resolve to
-those files, never to the network.
+the 400 names each one. Before either, orjson parses the body and
+`plainly_valid` accepts the shape nearly every run start has in a few
+compares, only where the schema accepts it too. The schema files are package
+data (`schemas/`); their relative `$ref`s resolve to those files, never to the
+network.
 
 The schema check itself:
 

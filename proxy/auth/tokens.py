@@ -1,8 +1,10 @@
 """Bearer-token verification: a compact JWS in, a Principal out, or a typed reason why not.
 
     verifier = TokenVerifier(cfg.auth, registry, SystemClock())    # registry: jwks_refresh.JwksRegistry
+    principal = verifier.verify(token)   # the Principal now when a cached verdict stands, else a coroutine
     try:
-        principal = await verifier.verify(token)
+        if not isinstance(principal, Principal):
+            principal = await principal
     except TokenError as exc:        # 401; details.reason = exc.reason, message = exc.description
         ...
     except KeysUnavailable as exc:   # 503 auth_unavailable; Retry-After: exc.retry_after_s
@@ -19,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -186,34 +189,38 @@ class TokenVerifier:
         registry.max_signature_length = self._max_bytes
         return registry
 
-    def verify_cached(self, token: str) -> Principal | None:
-        """The Principal of a token verified before whose verdict still stands, without waiting;
-        None when verify() has to decide (a new token, or one whose verdict changed)."""
+    def verify(self, token: str) -> Principal | Coroutine[Any, Any, Principal]:
+        """The Principal of a token: now, when a verdict cached for it stands (unexpired, and its key
+        still published and fresh, or the configured HMAC secret); else the coroutine that decides,
+        which gives the Principal or raises TokenError or KeysUnavailable. One stage in the
+        pipeline's manner: a repeat token is answered without a coroutine."""
         entry = self._cache.get(token)
-        if (entry is None or self._clock.time() >= entry.exp
-                or not (entry.hmac or (entry.keys.find_key(entry.kid) is entry.key and entry.keys.ready))):
-            return None
-        self.cache_hits += 1
-        return entry.principal
+        if entry is not None:
+            if self._clock.time() < entry.exp and (entry.hmac or entry.keys.find_key(entry.kid) is entry.key):
+                if entry.hmac or entry.keys.ready:
+                    self.cache_hits += 1
+                    return entry.principal
+                # Keys older than jwks_max_stale_s: a cached token gets no longer life than a new one.
+                return self._unavailable(entry.keys.issuer)
+            # Expired, or its key was rotated out: a revoked key must not live on here.
+            self._cache.pop(token)
+        return self._decide(token)
 
-    async def verify(self, token: str) -> Principal:
-        """The Principal for a valid token; TokenError or KeysUnavailable otherwise."""
+    async def _unavailable(self, issuer: str) -> NoReturn:
+        raise KeysUnavailable(issuer, self._registry.refresher(issuer).retry_after_s())
+
+    async def _decide(self, token: str) -> Principal:
+        """A token with no standing verdict: its signature and claims checked, the verdict cached."""
+        if token in self._cache:
+            # Runs a loop turn or more after `verify` asked: a request that came first with this token
+            # has verified it meanwhile, and its verdict is taken as `verify` takes any (which cannot
+            # come back here: what does not stand is dropped before).
+            decided = self.verify(token)
+            return decided if decided.__class__ is Principal else await decided  # type: ignore[misc]
         if len(token) > self._max_bytes:
             raise TokenTooLarge()
         cached = self._cache_size > 0
         if cached:
-            entry = self._cache.get(token)
-            if entry is not None:
-                if self._clock.time() < entry.exp and (
-                        entry.hmac or entry.keys.find_key(entry.kid) is entry.key):
-                    if not entry.hmac and not entry.keys.ready:
-                        # Keys older than jwks_max_stale_s: a cached token gets no longer life than a new one.
-                        issuer = entry.keys.issuer
-                        raise KeysUnavailable(issuer, self._registry.refresher(issuer).retry_after_s())
-                    self.cache_hits += 1
-                    return entry.principal
-                # Expired, or its key was rotated out: a revoked key must not live on here.
-                self._cache.pop(token)
             self.cache_misses += 1
         try:
             raw = token.encode("ascii")

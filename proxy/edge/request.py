@@ -65,7 +65,7 @@ class Request(ResponseWriter):
     __slots__ = ("conn", "method", "target", "path", "version", "headers", "authorization", "content_type",
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_body",
-                 "_size", "_held", "_waiter", "_given_id", "_ids", "upstream_s",
+                 "body_size", "_held", "_waiter", "_given_id", "_ids", "upstream_s",
                  "finished", "aborter", "exchange", "client", "user_agent", "upstream_start", "_then")
 
     def __init__(self, conn: ClientConnection) -> None:
@@ -93,7 +93,7 @@ class Request(ResponseWriter):
         # One piece as it came, or one growing buffer: never a list of pieces, which a body sent in
         # tiny chunks would multiply many times over in object headers.
         self._body: bytes | bytearray = b""
-        self._size = 0
+        self.body_size = 0                              # body bytes received so far
         self._held = 0                                  # bytes this request counts against the budget
         self._waiter: asyncio.Future[None] | None = None
         self._then: BodyCallback | None = None          # called once the body arrives (body_later)
@@ -122,10 +122,6 @@ class Request(ResponseWriter):
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
-
-    @property
-    def body_size(self) -> int:
-        return self._size
 
     # -- the body
 
@@ -177,8 +173,8 @@ class Request(ResponseWriter):
         return body  # type: ignore[return-value]
 
     def _feed(self, chunk: bytes, limit: int) -> bool:
-        self._size += len(chunk)
-        if self._size > limit:
+        self.body_size += len(chunk)
+        if self.body_size > limit:
             self.too_large = True
             self._body = b""
             self._wake(None)

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from .protocol import ClientConnection
 
 
+# The status line's " 200 " for every valid code, made once: formatting it per answer costs more than a lookup.
+_STATUS_CODES = {code: b" %d " % code for code in range(100, 600)}
+
+
 @lru_cache(maxsize=1)
 def http_date(second: int) -> bytes:
     """An RFC 9110 Date header line for this second: formatted once, whatever the request rate."""
@@ -67,7 +71,8 @@ class ResponseWriter:
                                    or (length is None and self.version == b"1.0"))
         self.head_sent = True
         self.status = status
-        parts = [b"HTTP/", self.version, b" %d " % status, reason, b"\r\nX-Request-ID: ",
+        parts = [b"HTTP/", self.version, _STATUS_CODES[status] if 100 <= status <= 599 else b" %d " % status, reason,
+                 b"\r\nX-Request-ID: ",
                  self.request_id.encode(), b"\r\n"]
         if close:
             if self.version == b"1.1":

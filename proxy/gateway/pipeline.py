@@ -323,7 +323,11 @@ class Gateway:
                 raw = request.body_now()
             except BodyTooLarge as exc:
                 return self._body_refusal(request, exc)
-            return self._checked(ex, raw)
+            body = self.bodies.checked(request, ex.route, raw)
+            if body.__class__ is Answer:
+                return body
+            ex.body = body  # type: ignore[assignment]
+            return None
         if request.broken:
             return self._body_refusal(request, broken_error(request.broken))
         # False: the client is gone, and its connection reports the request as abandoned.
@@ -335,13 +339,6 @@ class Gateway:
             return  # the client left: its connection has reported it (499)
         # With no error the body is whole (or past the limit), so _body takes it now.
         self.proceed(ex, self._body(ex) if error is None else self._body_refusal(request, error))  # type: ignore[arg-type]
-
-    def _checked(self, ex: Exchange, raw: bytes) -> Outcome:
-        body = self.bodies.checked(ex.request, ex.route, raw)
-        if body.__class__ is Answer:
-            return body
-        ex.body = body  # type: ignore[assignment]
-        return None
 
     def _body_refusal(self, request: Request, exc: BaseException) -> Answer:
         """413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full that

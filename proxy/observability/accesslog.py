@@ -51,7 +51,7 @@ class AccessLog:
                auth_reason: str, subject: str | None, client: str, user_agent: bytes | None,
                issuer: str | None, run_id: str | None) -> None:
         # Positional from the observer: binding fifteen keywords per request costs more than the line.
-        # A %-template, not json.dumps of a dict: every field is a number or a gateway-made token
+        # A template, not json.dumps of a dict: every field is a number or a gateway-made token
         # (request ids are validated, routes are templates, reasons fixed words, the client an
         # address from the socket or one parsed as an address, the run id a routed path segment of
         # RFC 3986 characters, which hold no quote, backslash or control) except the method, the
@@ -67,10 +67,13 @@ class AccessLog:
         escaped_method = self._methods.get(method)
         if escaped_method is None:
             escaped_method = self._methods[method] = _dumps(method)
-        line = _LINE % (_timestamp(), request_id, escaped_method, route, status, seconds * 1000,
-                        "null" if upstream_s is None else "%.3f" % (upstream_s * 1000),
-                        bytes_in, bytes_out, caller,
-                        "null" if run_id is None else '"' + run_id[:RUN_ID_CHARS] + '"')
+        upstream = "null" if upstream_s is None else "%.3f" % (upstream_s * 1000)
+        # An f-string: its pieces are joined in one step, where a %-template parses itself per line.
+        line = (f'{{"time":"{rfc3339_millis(time.time())}","type":"access","request_id":'
+                f'"{request_id}","method":{escaped_method},"route":"{route}","status":{status},"duration_ms":'
+                f'{seconds * 1000:.3f},"upstream_ms":{upstream},"bytes_in":{bytes_in},'
+                f'"bytes_out":{bytes_out},{caller},"run_id":'
+                f'{"null" if run_id is None else _quoted(run_id[:RUN_ID_CHARS])}}}')
         if self._log_subject and subject is not None:
             line = line[:-1] + ',"subject":' + _dumps(subject) + "}"
         self._add(line)
@@ -85,12 +88,11 @@ class AccessLog:
         return escaped
 
 
-_LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'
-         '"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,"bytes_out":%d,%s,"run_id":%s}')
 _CALLER = '"auth":"%s","auth_reason":"%s","client":"%s","user_agent":%s,"issuer":%s'
 
 _dumps = json.JSONEncoder(ensure_ascii=True).encode
 
 
-def _timestamp() -> str:
-    return rfc3339_millis(time.time())
+def _quoted(text: str) -> str:
+    return '"' + text + '"'
+

@@ -53,6 +53,7 @@ NO_ISSUER = "none"
 # The audit trail's label values (observability/audit.py); anything else is counted as "other".
 AUDIT_EVENTS = ("run.start", "run.get", "run.cancel", "run.events")
 AUDIT_DECISIONS = ("allow", "deny")
+MAX_REQUEST_SLOTS = 4096
 _TEMPLATES = frozenset(r.template for r in ALL_ROUTES)
 _FORWARDED = tuple(r.template for r in ALL_ROUTES if r.forward)
 
@@ -93,11 +94,13 @@ class GatewayMetrics:
         self.pool: UpstreamPool | None = None  # the coordinator pool, read at scrape time for its queue counters
         self._requests: dict[tuple[str, str, int], list[int]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
-        self._request_slots: dict[tuple[str, str, int], tuple[list[int], _Histogram]] = {}
+        # Per (route, method, status, auth): its count, its histogram and its auth-decision count, together.
+        self._request_slots: dict[tuple[str, str, int, tuple[str | None, str, str] | None],
+                                  tuple[list[int], _Histogram, list[int] | None]] = {}
         self._upstream: dict[tuple[str, int], _Histogram] = {}
         self._upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self._retries = dict.fromkeys(_FORWARDED, 0)
-        self._auth: dict[tuple[str, str, str], int] = {}
+        self._auth: dict[tuple[str, str, str], list[int]] = {}
         self._connection_events = {(family, reason): 0 for family, reasons in CONNECTION_EVENTS.items()
                                    for reason in reasons}
         self.open_connections: Callable[[], int] = lambda: 0
@@ -129,24 +132,33 @@ class GatewayMetrics:
     def request(self, template: str, method: str, status: int, seconds: float,
                 auth: tuple[str | None, str, str] | None = None) -> None:
         """Once per finished request: its count and duration and, when auth ran, (issuer, result, reason).
-        One call with the histogram inlined: this runs for every request the gateway serves."""
-        slots = self._request_slots.get((template, method, status))
+        One call with the histogram inlined, and one lookup finds all three counts: this runs for every
+        request the gateway serves."""
+        key = (template, method, status, auth)
+        slots = self._request_slots.get(key)
         if slots is None:
-            slots = self._new_request_slots(template, method, status)
-        slots[0][0] += 1
-        histogram = slots[1]
+            slots = self._new_request_slots(key)
+        counter, histogram, decisions = slots
+        counter[0] += 1
         histogram.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
         histogram.total += seconds
-        if auth is not None:
-            key = (auth[0] if auth[0] in self.issuers else NO_ISSUER, auth[1], auth[2])
-            self._auth[key] = self._auth.get(key, 0) + 1
+        if decisions is not None:
+            decisions[0] += 1
 
-    def _new_request_slots(self, template: str, method: str, status: int) -> tuple[list[int], _Histogram]:
+    def _new_request_slots(self, key: tuple[str, str, int, tuple[str | None, str, str] | None]
+                           ) -> tuple[list[int], _Histogram, list[int] | None]:
+        template, method, status, auth = key
         label_method = method if method in KNOWN_METHODS else "other"
         label_route = template if template in _TEMPLATES else NOT_FOUND.template
         counter = self._requests.setdefault((label_route, label_method, status), [0])
         histogram = self._durations.setdefault((label_route, label_method), _Histogram())
-        slots = self._request_slots[(template, method, status)] = (counter, histogram)
+        decisions = None if auth is None else \
+            self._auth.setdefault((auth[0] if auth[0] in self.issuers else NO_ISSUER, auth[1], auth[2]), [0])
+        slots = (counter, histogram, decisions)
+        # Bounded: routes, methods, issuers, results and reasons are, but a hostile coordinator picks the
+        # status; past the bound a combination is counted through its labels without a slot of its own.
+        if len(self._request_slots) < MAX_REQUEST_SLOTS:
+            self._request_slots[key] = slots
         return slots
 
     def upstream(self, template: str, status: int, seconds: float) -> None:
@@ -236,8 +248,8 @@ class _HotPathCollector:
             retries.add_metric((route,), count)
         auth = CounterMetricFamily(PREFIX + "auth_decisions", "Authentication and authorization decisions",
                                    labels=("issuer", "result", "reason"))
-        for labels, count in sorted(m._auth.items()):
-            auth.add_metric(labels, count)
+        for labels, cell in sorted(m._auth.items()):
+            auth.add_metric(labels, cell[0])
         yield from (requests, durations, upstream, errors, retries, auth)
         refused = CounterMetricFamily(PREFIX + "connections_refused", "Client connections turned away",
                                       labels=("reason",))

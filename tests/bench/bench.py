@@ -462,8 +462,8 @@ def gateway_config(port: int, upstream: str, issuer: str | None, *, metrics: boo
         "auth": {"mode": "required", "issuers": [{
             "issuer": issuer, "audiences": [AUDIENCE], "jwks_uri": f"{issuer}/jwks", "algorithms": ["RS256"]}]}
         if issuer else {"mode": "disabled"},
-        # nginx and HAProxy run without access logs; so does the gateway in the throughput comparisons,
-        # to compare proxying, not log I/O. The instruction count runs with it on, as operators do.
+        # Off unless asked: the headline gateway target asks for the production defaults (metrics and the
+        # access log on, as operators run it), and so does the instruction count.
         "logging": {"level": "warning", "access_log": access_log},
         # Stopping between sections must not wait out a Kubernetes drain.
         "drain_delay_s": 0, "shutdown_grace_s": 1,
@@ -557,7 +557,7 @@ class Bench:
         self.results: dict[str, Any] = {"sections": {}, "notes": []}
         self.targets: dict[str, Target] = {}
         self.ports = {name: free_port() for name in (
-            "upstream", "nginx", "haproxy", "gw_auth", "gw_noauth", "gw_metrics", "gw_workers2",
+            "upstream", "nginx", "haproxy", "gw_auth", "gw_noauth", "gw_nometrics", "gw_workers2",
             "gw_scale1", "gw_scale2",
             "jarvis", "token", "issuer", "stream", "gw_stream", "gw_startup")}
         self.issuer = f"http://127.0.0.1:{self.ports['issuer']}"
@@ -656,14 +656,17 @@ class Bench:
                 return p.pid
             return start
 
-        self.add_target("gw_auth", "arp-gateway, auth required (RS256)", ports["gw_auth"],
-                        gateway("gw_auth", self.issuer), duration=d, checks_auth=True)
+        # The headline target runs as operators do, with the production defaults: metrics (on their own
+        # listener) and the access log (to its log file here) on. nginx and HAProxy log nothing per request.
+        self.add_target("gw_auth", "arp-gateway, auth required (RS256), metrics and access log on", ports["gw_auth"],
+                        gateway("gw_auth", self.issuer, metrics=True, access_log=True), duration=d, checks_auth=True)
         self.add_target("gw_noauth", "arp-gateway, auth disabled", ports["gw_noauth"],
                         gateway("gw_noauth", None), duration=d)
         if "metrics" not in skip:
             if metrics_key_exists():
-                self.add_target("gw_metrics", "arp-gateway, auth required, metrics on", ports["gw_metrics"],
-                                gateway("gw_metrics", self.issuer, metrics=True), duration=d, checks_auth=True)
+                self.add_target("gw_nometrics", "arp-gateway, auth required, metrics off (access log on)",
+                                ports["gw_nometrics"], gateway("gw_nometrics", self.issuer, access_log=True),
+                                duration=d, checks_auth=True)
             else:
                 self.note("metrics on/off: this checkout's config has no metrics.enabled key: n/a")
         if "workers" not in skip:
@@ -774,8 +777,8 @@ class Bench:
                        if "steal_pct" in res else "")
                     if "rps" in res else f"error: {res['error']}"), flush=True)
         self.results["sections"]["throughput"] = {t.key: t.summary() for t in self.targets.values()}
-        if "gw_metrics" in self.targets and not self.targets["gw_metrics"].unavailable:
-            port = json.loads((self.workdir / "gw_metrics.yaml").read_text())["metrics"]["port"]
+        if "gw_nometrics" in self.targets and not self.targets["gw_nometrics"].unavailable:
+            port = json.loads((self.workdir / "gw_auth.yaml").read_text())["metrics"]["port"]
             try:
                 status, body = http_call("GET", f"http://127.0.0.1:{port}/metrics", timeout=2)
                 answered = status == 200
@@ -796,7 +799,7 @@ class Bench:
         the machine's state, so the median of the pair ratios is the steadier estimate."""
         section: dict[str, Any] = {}
         for name, a_key, b_key in (("gw_auth_vs_haproxy", "gw_auth", "haproxy"),
-                                   ("metrics_on_vs_off", "gw_metrics", "gw_auth")):
+                                   ("metrics_on_vs_off", "gw_auth", "gw_nometrics")):
             a, b = self.targets.get(a_key), self.targets.get(b_key)
             if a is None or b is None or a.unavailable or b.unavailable:
                 continue
@@ -1109,10 +1112,10 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     line = stream.get("lines", {}).get("gateway", {})
     many = stream.get("many_streams", {})
     pairs = s.get("pairs", {})
-    metrics_ratio = pairs.get("metrics_on_vs_off", {}).get("rps_ratio") or paired_ratio(tp, "gw_metrics", "gw_auth")
+    metrics_ratio = pairs.get("metrics_on_vs_off", {}).get("rps_ratio") or paired_ratio(tp, "gw_auth", "gw_nometrics")
     haproxy_ratio = pairs.get("gw_auth_vs_haproxy", {}).get("rps_ratio") or paired_ratio(tp, "gw_auth", "haproxy")
     metrics_note = None
-    if "gw_metrics" not in tp:
+    if "gw_nometrics" not in tp:
         metrics_note = "n/a: not measured (skipped, or no metrics.enabled key)"
     elif s.get("metrics_listener_answered") is False:
         metrics_note = "n/a: metrics not implemented (no /metrics listener)"
@@ -1407,7 +1410,7 @@ def main(argv: list[str] | None = None) -> int:
         if "fixed-rate" not in args.skip:
             bench.fixed_rate()
         # The load targets are done: stop them so the streaming section has the machine to itself.
-        bench.procs.stop_named({"haproxy", "gw_auth", "gw_noauth", "gw_metrics", "gw_workers2", "jarvis",
+        bench.procs.stop_named({"haproxy", "gw_auth", "gw_noauth", "gw_nometrics", "gw_workers2", "jarvis",
                                 "token-endpoint"})
         if "workers" not in args.skip:
             bench.scaling()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -121,3 +125,105 @@ def test_the_body_decoder_answers_as_json_does(text: str) -> None:
         except (ValueError, RecursionError) as exc:
             return (type(exc).__name__, str(exc))
     assert outcome(validation._decode) == outcome(validation._DECODE)
+
+
+# -- the plain-shape shortcut: it may only say yes where the full schema check does
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+_NAMES = st.sampled_from(["node_type_id", "version", "extensions", "run_id", "input"]) | st.text(max_size=6)
+
+
+@st.composite
+def _near(draw: st.DrawFn, valid: dict[str, st.SearchStrategy]) -> object:
+    """An object with the given keys and valid values, then often one change: a key gone, one
+    more (a known name or any), a value of any JSON type; or not an object at all."""
+    change = draw(st.integers(0, 9))
+    if change == 0:
+        return draw(_JSON)
+    document = {name: draw(values) for name, values in valid.items()}
+    if change == 1:
+        del document[draw(st.sampled_from(sorted(document)))]
+    elif change == 2:
+        document[draw(_NAMES)] = draw(_JSON)
+    elif change == 3:
+        document[draw(st.sampled_from(sorted(document)))] = draw(_JSON)
+    return document
+
+
+_REF = _near({"node_type_id": st.text(max_size=4), "version": st.text(max_size=4)})
+_INPUT = st.dictionaries(st.text(max_size=4), _JSON, max_size=3) | _JSON
+_OPTIONAL = {"run_id": st.text(max_size=6) | _JSON, "run_context": st.just({}) | _JSON,
+             "metadata": st.just({"labels": {}}) | _JSON, "extensions": st.just({"acme.x": 1}) | _JSON,
+             "constraints": st.just({}) | _JSON, "other": _JSON}
+
+
+@st.composite
+def near_plain_documents(draw: st.DrawFn) -> object:
+    """Run starts near the plain shape, so that both verdicts come up often: the two required
+    fields (each valid or near it), sometimes an optional one, sometimes one change at the top."""
+    document = draw(_near({"root_node_type_ref": _REF, "input": _INPUT}))
+    if isinstance(document, dict) and draw(st.integers(0, 3)) == 0:
+        name = draw(st.sampled_from(sorted(_OPTIONAL)))
+        document[name] = draw(_OPTIONAL[name])
+    return document
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_plain_documents())
+def test_the_plain_shape_shortcut_accepts_only_what_the_schema_accepts(document: object) -> None:
+    """A run start body gets exactly the verdict and problems the full check gives, shortcut or not."""
+    full, rules = _checkers()
+    if validation.plainly_valid(document):
+        assert full(document) == []
+    assert rules._problems(json.dumps(document).encode()) == full(json.loads(json.dumps(document)))
+
+
+@pytest.mark.parametrize("document", [
+    {"root_node_type_ref": {"node_type_id": "a", "version": "1"}, "input": {}},
+    {"root_node_type_ref": {"node_type_id": "", "version": ""}, "input": {"x": [1, None]}, "run_id": "r-1"},
+])
+def test_the_plain_shape_takes_the_shortcut(document: dict) -> None:
+    assert validation.plainly_valid(document)
+    assert load_run_start_validator()(document) == []
+
+
+class _Limits:
+    max_body_bytes = 1 << 20
+    body_timeout_s = 5.0
+
+
+@functools.cache
+def _checkers() -> tuple[Callable[[object], list[dict[str, str]]], validation.BodyRules]:
+    return load_run_start_validator(), validation.BodyRules(_Limits())
+
+
+def _mutated(text: str, cut: int, insert: str) -> bytes:
+    at = cut % (len(text) + 1)
+    return (text[:at] + insert + text[at:]).encode("utf-8", "surrogatepass")
+
+
+_INSERTS = st.sampled_from(["", " ", ",", "}", '"', "\\ud800", "\\u00e9", "1e400", "99999999999999999999", "NaN",
+                            "\ufeff", "\x00", "\x0c", '"x":1,', '"input":{},', "\ud800"]) | st.text(max_size=3)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_plain_documents(), st.integers(0, 200), _INSERTS)
+def test_a_body_gets_the_problems_json_alone_gives(document: object, cut: int, insert: str) -> None:
+    """With orjson in front for the plain shape, every body, garbled or not, gets exactly the verdict and
+    problems (messages included) of json's decoder and the full check alone."""
+    _, rules = _checkers()
+    for body in (json.dumps(document).encode(), _mutated(json.dumps(document), cut, insert)):
+        fast = rules._problems(body)
+        saved = validation._loads
+        validation._loads = _refuse  # json alone, as before orjson
+        try:
+            assert fast == rules._problems(body), body
+        finally:
+            validation._loads = saved
+
+
+def _refuse(body: bytes) -> object:
+    raise ValueError("json alone")

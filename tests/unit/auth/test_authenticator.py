@@ -204,3 +204,17 @@ def test_exempt_paths_and_the_exempt_outcome(clock: FakeClock) -> None:
 def test_result_values_are_the_metric_labels() -> None:
     assert [r.value for r in AuthResult] == [
         "allowed", "exempt", "anonymous", "dev", "denied", "unauthenticated", "unavailable"]
+
+
+async def test_a_repeated_header_is_decided_as_if_first_seen(clock: FakeClock) -> None:
+    """The authenticator keeps the last Bearer header it parsed: whatever order headers come in,
+    each gets the outcome a fresh authenticator gives it (empty and non-Bearer ones included)."""
+    good, other = token(clock, sub="alice"), token(clock, sub="bob")
+    headers = [b"", good, good, b"", b"Basic YTpi", good, b"Bearer ", b"Bearer  ", other, good, b"bearer " + good[7:],
+               good + b"x", b"", other, b"Bearer", good]
+    memo = authenticator(clock)
+    for header in headers:
+        seen = await outcome(memo, request("GET", header))
+        fresh = await outcome(authenticator(clock), request("GET", header))
+        assert (seen.result, seen.reason, seen.principal and seen.principal.subject) == \
+            (fresh.result, fresh.reason, fresh.principal and fresh.principal.subject), header

@@ -22,6 +22,7 @@ from proxy.util.clock import FakeClock
 from proxy.settings.config import AuthConfig
 from proxy.auth.jwks_fetch import JwksFetchError
 from proxy.auth.jwks_store import KeysUnavailable
+from proxy.auth.principal import Principal
 from proxy.auth.tokens import (
     AudienceMismatch, BadSignature, Expired, ForbiddenHeader, InvalidClaim, IssuerMismatch,
     MalformedToken, MissingClaim, NotYetValid, TokenError, TokenTooLarge, TokenVerifier,
@@ -46,13 +47,18 @@ async def verifier(jwks_server: JwksServer, verifier_for: VerifierFor) -> TokenV
     return await verifier_for(auth_config(jwks_server))
 
 
+async def settled(decided: Principal | Awaitable[Principal]) -> Principal:
+    """verify's answer, awaited when it is the coroutine that decides (a token not verified before)."""
+    return decided if isinstance(decided, Principal) else await decided
+
+
 def good(jwks_server: JwksServer, clock: FakeClock, tenant: str = "a", **overrides: Any) -> dict[str, Any]:
     return claims_for(jwks_server.issuer(tenant), clock, **overrides)
 
 
 async def rejected(verifier: TokenVerifier, token: str, error: type[TokenError]) -> TokenError:
     with pytest.raises(error) as caught:
-        await verifier.verify(token)
+        await settled(verifier.verify(token))
     assert caught.value.reason == error.reason
     if len(token) >= 8:
         assert token not in caught.value.description and token not in str(caught.value)
@@ -77,7 +83,7 @@ async def test_valid_token_passes(jwks_server: JwksServer, verifier_for: Verifie
     jwks_server.publish("a", key)
     verifier = await verifier_for(auth_config(jwks_server))
     token = key.sign(good(jwks_server, clock))
-    principal = await verifier.verify(token)
+    principal = await settled(verifier.verify(token))
     assert principal.subject == "user-1" and principal.issuer == jwks_server.issuer("a")
     assert principal.scopes == {"runs:read", "runs:write"} and principal.kind == "token"
     assert principal.token == token and principal.expires_at == clock.time() + 300
@@ -87,7 +93,7 @@ async def test_valid_token_passes(jwks_server: JwksServer, verifier_for: Verifie
 async def test_audience_array_containing_ours_passes(jwks_server: JwksServer, verifier: TokenVerifier,
                                                      clock: FakeClock) -> None:
     token = signer("a-rsa").sign(good(jwks_server, clock, aud=["other", "arp-run-gateway"]))
-    assert (await verifier.verify(token)).subject == "user-1"
+    assert (await settled(verifier.verify(token))).subject == "user-1"
 
 
 # --------------------------------------------------------------------------- keys and algorithms
@@ -99,7 +105,7 @@ async def test_key_of_another_issuer_never_verifies(jwks_server: JwksServer, ver
     await rejected(verifier, b_key.sign(good(jwks_server, clock, "a")), UnknownKey)
     # ...not even when the token names one of A's kids.
     await rejected(verifier, b_key.sign(good(jwks_server, clock, "a"), kid="a-rsa"), BadSignature)
-    assert (await verifier.verify(b_key.sign(good(jwks_server, clock, "b")))).issuer == jwks_server.issuer("b")
+    assert (await settled(verifier.verify(b_key.sign(good(jwks_server, clock, "b"))))).issuer == jwks_server.issuer("b")
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE"])
@@ -128,7 +134,7 @@ async def test_hs256_passes_only_on_the_issuer_with_that_secret(
     secret = OctKey.import_key(HMAC_SECRET.encode())
     token = jwt.encode({"alg": "HS256"}, good(jwks_server, clock, "h"), secret, algorithms=["HS256"])
     with_secret = issuer_config(jwks_server, "h", jwks_uri=None, algorithms=("HS256",), hmac_secret=HMAC_SECRET)
-    principal = await (await verifier_for(auth_config(jwks_server, with_secret))).verify(token)
+    principal = await settled((await verifier_for(auth_config(jwks_server, with_secret))).verify(token))
     assert principal.issuer == jwks_server.issuer("h")
     without = issuer_config(jwks_server, "h", algorithms=("RS256",))
     await rejected(await verifier_for(auth_config(jwks_server, without)), token, UnsupportedAlg)
@@ -154,7 +160,7 @@ async def test_rotated_key_is_picked_up_by_the_unknown_kid_refresh(
         jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     jwks_server.publish("a", signer("a-rsa"), signer("a-rsa-next"))
     token = signer("a-rsa-next").sign(good(jwks_server, clock))
-    assert (await verifier.verify(token)).subject == "user-1"
+    assert (await settled(verifier.verify(token))).subject == "user-1"
     assert jwks_server.fetches("a") == 2
 
 
@@ -162,7 +168,7 @@ async def test_thousand_concurrent_tokens_with_a_new_kid_cause_one_fetch(
         jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     jwks_server.publish("a", signer("a-rsa-next"))
     token = signer("a-rsa-next").sign(good(jwks_server, clock))
-    principals = await asyncio.gather(*(verifier.verify(token) for _ in range(1000)))
+    principals = await asyncio.gather(*(settled(verifier.verify(token)) for _ in range(1000)))
     assert jwks_server.fetches("a") == 2
     assert len(principals) == 1000 and all(p.subject == "user-1" for p in principals)
 
@@ -202,7 +208,7 @@ async def test_unknown_non_critical_header_is_ignored(jwks_server: JwksServer, v
     lenient = JWSRegistry(algorithms=["RS256"], strict_check_header=False)
     token = jws.serialize_compact(header, json.dumps(good(jwks_server, clock)), signer("a-rsa").key,
                                   registry=lenient)
-    assert (await verifier.verify(token)).subject == "user-1"
+    assert (await settled(verifier.verify(token))).subject == "user-1"
 
 
 # --------------------------------------------------------------------------- shape
@@ -280,7 +286,7 @@ async def test_expired_beyond_skew_fails(jwks_server: JwksServer, verifier: Toke
 async def test_expired_within_skew_passes(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     now = int(clock.time())
     token = signer("a-rsa").sign(good(jwks_server, clock, iat=now - 400, nbf=now - 400, exp=now - 59))
-    assert (await verifier.verify(token)).expires_at == now - 59
+    assert (await settled(verifier.verify(token))).expires_at == now - 59
 
 
 async def test_exp_missing(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
@@ -314,7 +320,7 @@ async def test_exp_of_the_wrong_type(jwks_server: JwksServer, verifier: TokenVer
 async def test_nbf_in_the_future(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     now = int(clock.time())
     await rejected(verifier, signer("a-rsa").sign(good(jwks_server, clock, nbf=now + 61)), NotYetValid)
-    assert await verifier.verify(signer("a-rsa").sign(good(jwks_server, clock, nbf=now + 59)))
+    assert await settled(verifier.verify(signer("a-rsa").sign(good(jwks_server, clock, nbf=now + 59))))
 
 
 async def test_iat_in_the_future(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
@@ -337,12 +343,12 @@ async def test_cold_start_with_idp_down_is_unavailable_then_recovers(
     verifier = await verifier_for(auth_config(jwks_server))  # registry.start() must not raise
     token = signer("a-rsa").sign(good(jwks_server, clock))
     with pytest.raises(KeysUnavailable) as err:
-        await verifier.verify(token)
+        await settled(verifier.verify(token))
     assert not isinstance(err.value, TokenError) and err.value.retry_after_s >= 1
     jwks_server.mode = "ok"
     clock.advance(30)
     token = signer("a-rsa").sign(good(jwks_server, clock))
-    assert (await verifier.verify(token)).subject == "user-1"
+    assert (await settled(verifier.verify(token))).subject == "user-1"
 
 
 async def test_keys_staler_than_max_stale_are_unavailable(
@@ -351,18 +357,18 @@ async def test_keys_staler_than_max_stale_are_unavailable(
     jwks_server.mode = "503"
     clock.advance(3601)
     with pytest.raises(KeysUnavailable):
-        await verifier.verify(signer("a-rsa").sign(good(jwks_server, clock)))
+        await settled(verifier.verify(signer("a-rsa").sign(good(jwks_server, clock))))
 
 
 async def test_cached_tokens_stop_too_when_keys_pass_max_stale(
         jwks_server: JwksServer, verifier_for: VerifierFor, clock: FakeClock) -> None:
     verifier = await verifier_for(auth_config(jwks_server, jwks_max_stale_s=3600))
     token = signer("a-rsa").sign(good(jwks_server, clock, exp=int(clock.time()) + 7200))
-    await verifier.verify(token)
+    await settled(verifier.verify(token))
     jwks_server.mode = "503"
     clock.advance(3601)
     with pytest.raises(KeysUnavailable):
-        await verifier.verify(token)
+        await settled(verifier.verify(token))
 
 
 async def test_failed_refresh_keeps_verifying_with_last_good_keys(
@@ -375,7 +381,7 @@ async def test_failed_refresh_keeps_verifying_with_last_good_keys(
     assert registry.find_by_issuer(jwks_server.issuer("a")) is not None
     with pytest.raises(JwksFetchError):
         await registry.refresher(jwks_server.issuer("a")).refresh()
-    assert (await verifier.verify(signer("a-rsa").sign(good(jwks_server, clock)))).subject == "user-1"
+    assert (await settled(verifier.verify(signer("a-rsa").sign(good(jwks_server, clock))))).subject == "user-1"
 
 
 # --------------------------------------------------------------------------- verified-token cache
@@ -392,8 +398,8 @@ async def test_cache_hit_skips_signature_verification(
 
     monkeypatch.setattr(proxy.auth.tokens.jws, "validate_compact", counting)
     token = signer("a-rsa").sign(good(jwks_server, clock))
-    first = await verifier.verify(token)
-    second = await verifier.verify(token)
+    first = await settled(verifier.verify(token))
+    second = await settled(verifier.verify(token))
     assert second is first and len(calls) == 1
     assert verifier.cache_hits == 1 and verifier.cache_misses == 1
 
@@ -401,21 +407,21 @@ async def test_cache_hit_skips_signature_verification(
 async def test_cache_entry_is_dropped_when_its_kid_leaves_the_jwks(
         jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     old = signer("a-rsa").sign(good(jwks_server, clock))
-    await verifier.verify(old)
+    await settled(verifier.verify(old))
     jwks_server.publish("a", signer("a-rsa-next"))
-    await verifier.verify(signer("a-rsa-next").sign(good(jwks_server, clock)))  # refresh: a-rsa is gone
+    await settled(verifier.verify(signer("a-rsa-next").sign(good(jwks_server, clock))))  # refresh: a-rsa is gone
     await rejected(verifier, old, UnknownKey)
     assert verifier.cache_hits == 0 and verifier.cache_size == 1
 
 
 async def test_cache_entry_expires_at_exp(jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock) -> None:
     token = signer("a-rsa").sign(good(jwks_server, clock, exp=int(clock.time()) + 100))
-    await verifier.verify(token)
+    await settled(verifier.verify(token))
     clock.advance(99)
-    await verifier.verify(token)
+    await settled(verifier.verify(token))
     assert verifier.cache_hits == 1
     clock.advance(1)
-    await verifier.verify(token)  # inside the skew: verified afresh, but no longer cached
+    await settled(verifier.verify(token))  # inside the skew: verified afresh, but no longer cached
     assert verifier.cache_hits == 1 and verifier.cache_misses == 2 and verifier.cache_size == 0
     clock.advance(60)
     await rejected(verifier, token, Expired)
@@ -425,14 +431,14 @@ async def test_cache_is_bounded_lru(jwks_server: JwksServer, verifier_for: Verif
     verifier = await verifier_for(auth_config(jwks_server, token_cache_size=2))
     key = signer("a-rsa")
     t1, t2, t3 = (key.sign(good(jwks_server, clock, sub=f"user-{n}")) for n in (1, 2, 3))
-    await verifier.verify(t1)
-    await verifier.verify(t2)
-    await verifier.verify(t1)         # t1 now most recent
-    await verifier.verify(t3)         # evicts t2
+    await settled(verifier.verify(t1))
+    await settled(verifier.verify(t2))
+    await settled(verifier.verify(t1))         # t1 now most recent
+    await settled(verifier.verify(t3))         # evicts t2
     assert verifier.cache_size == 2 and verifier.cache_hits == 1
-    await verifier.verify(t1)
+    await settled(verifier.verify(t1))
     assert verifier.cache_hits == 2
-    await verifier.verify(t2)
+    await settled(verifier.verify(t2))
     assert verifier.cache_hits == 2
 
 
@@ -440,8 +446,8 @@ async def test_cache_size_zero_disables_the_cache(jwks_server: JwksServer, verif
                                                   clock: FakeClock) -> None:
     verifier = await verifier_for(auth_config(jwks_server, token_cache_size=0))
     token = signer("a-rsa").sign(good(jwks_server, clock))
-    await verifier.verify(token)
-    await verifier.verify(token)
+    await settled(verifier.verify(token))
+    await settled(verifier.verify(token))
     assert verifier.cache_hits == 0 and verifier.cache_size == 0
 
 
@@ -458,3 +464,24 @@ def test_errors_have_distinct_reasons() -> None:
     assert len({e.reason for e in errors}) == len(errors)
     assert all(issubclass(e, TokenError) for e in errors)
     assert not issubclass(KeysUnavailable, TokenError)
+
+
+async def test_a_repeat_token_is_answered_without_a_coroutine(jwks_server: JwksServer, verifier: TokenVerifier,
+                                                              clock: FakeClock) -> None:
+    """One stage: a token with a standing verdict gets its Principal now; a new one, the coroutine."""
+    token = signer("a-rsa").sign(good(jwks_server, clock))
+    first = verifier.verify(token)
+    assert not isinstance(first, Principal)
+    principal = await first
+    assert verifier.verify(token) is principal and verifier.cache_hits == 1
+
+
+async def test_a_burst_of_one_new_token_checks_its_signature_once(
+        jwks_server: JwksServer, verifier: TokenVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    checks = []
+    check = verifier._check_signature
+    monkeypatch.setattr(verifier, "_check_signature", lambda *args: checks.append(1) or check(*args))
+    token = signer("a-rsa").sign(good(jwks_server, clock))
+    pending = [verifier.verify(token) for _ in range(5)]  # all asked before any is decided
+    principals = await asyncio.gather(*(settled(p) for p in pending))
+    assert len(checks) == 1 and all(p is principals[0] for p in principals)

@@ -7,6 +7,8 @@ import json
 import math
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from proxy.observability import accesslog
 from proxy.observability.accesslog import AccessLog
@@ -55,3 +57,29 @@ def test_each_request_names_its_own_caller() -> None:
     assert list(lines[0]) == ["time", "type", "request_id", "method", "route", "status", "duration_ms", "upstream_ms",
                               "bytes_in", "bytes_out", "auth", "auth_reason", "client", "user_agent", "issuer",
                               "run_id"]
+
+
+@settings(max_examples=300, deadline=None)
+@example(seconds=5e-07, upstream_s=2.5e-06, method="POST", agent=None, issuer=None, subject=None)  # half-µs ties
+@example(seconds=1e9 + 0.0005, upstream_s=0.0, method="GET", agent=b"", issuer="", subject="")
+@given(seconds=st.floats(0, 3600), upstream_s=st.none() | st.floats(0, 3600), method=st.text(max_size=8),
+       agent=st.none() | st.binary(max_size=300), issuer=st.none() | st.text(max_size=20),
+       subject=st.none() | st.text(max_size=20))
+def test_every_line_is_json_with_the_values_given(seconds: float, upstream_s: float | None, method: str,
+                                                 agent: bytes | None, issuer: str | None,
+                                                 subject: str | None) -> None:
+    """Hostile text where the gateway takes it from outside (User-Agent bytes, a subject, an issuer,
+    a method) still makes one valid JSON line, and the durations carry the digits "%.3f" gives."""
+    out = io.StringIO()
+    log = AccessLog(out, log_subject=True)
+    log._lines._handle = object()  # type: ignore[assignment]
+    log.record("r1", method, "/v1/runs", 200, seconds, upstream_s, 1, 2, "allowed", "", subject, "127.0.0.1",
+               agent, issuer, None)
+    log._lines._handle = None
+    log.flush()
+    [text] = out.getvalue().splitlines()
+    line = json.loads(text)
+    assert f'"duration_ms":{"%.3f" % (seconds * 1000)},' in text
+    assert f'"upstream_ms":{"null" if upstream_s is None else "%.3f" % (upstream_s * 1000)},' in text
+    assert line["method"] == method and line["issuer"] == issuer and line.get("subject") == subject
+    assert line["user_agent"] == (None if agent is None else agent[:accesslog.USER_AGENT_CHARS].decode("utf-8", "replace"))

@@ -51,6 +51,7 @@ from ..upstream import Upstream
 from ..upstream.headers import TrustedProxies
 from ..util.clock import Clock
 from .ratelimit import RateLimiter
+from .runaccess import RunGuard
 from .streamlimit import StreamLimiter
 
 log = logging.getLogger("proxy.gateway.pipeline")
@@ -81,7 +82,8 @@ class HealthProbe(Protocol):
 class Exchange:
     """The gateway's state for one request, from `handle` to `observe`."""
 
-    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "at", "_streams", "_observer")
+    __slots__ = ("request", "route", "outcome", "started", "body", "extra", "at", "_streams", "_observer",
+                 "run_id", "decision", "reason", "statement_id")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         self._streams = gateway.streams
@@ -93,6 +95,11 @@ class Exchange:
         self.body: bytes | None = None     # what is forwarded: the checked body, if any
         self.extra = b""                   # identity header lines for the coordinator
         self.at = 0                        # the stage after a PAUSED one: where `proceed` goes on
+        # What a run-route decision was, for the audit record (gateway/runaccess.py sets them).
+        self.run_id: str | None = None
+        self.decision: str | None = None   # "allow" | "deny"
+        self.reason: str | None = None
+        self.statement_id: str | None = None
 
     def done(self, request: Request, failed: int) -> None:
         """The answer is written: observe it, and let the connection go on."""
@@ -146,9 +153,14 @@ class Gateway:
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
-        # The stage order, in its one place.
+        self.runs = RunGuard(cfg, self.upstream, self.metrics, HANDED)
+        # The stage order, in its one place. Binding and run authorization are in it only when
+        # configured: switched off, they cost nothing per request.
+        bind: tuple[Callable[[Exchange], Result], ...] = (self.runs.bind,) if self.runs.binds else ()
+        authorize: tuple[Callable[[Exchange], Result], ...] = (self._authorize,) if self.runs.checks else ()
         self._stages: tuple[Callable[[Exchange], Result], ...] = (
-            self._route, self._authenticate, self._local, self._admit, self._body, self._identity, self._forward)
+            self._route, self._authenticate, self._local, self._admit, self._body, *bind, self._identity,
+            *authorize, self._forward)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -345,6 +357,15 @@ class Gateway:
             return line
         ex.extra += line  # type: ignore[operator]
         return None
+
+    def _authorize(self, ex: Exchange) -> Result:
+        """Who may act on this run (runs.access, authorization.policy_file); a run start allowed
+        here is forwarded with its answer peeked, to learn the new run's id and owner."""
+        result = self.runs.authorize(ex)
+        if result is None and ex.route is START_RUN:
+            self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done, self.runs.peek_start(ex))
+            return HANDED
+        return result
 
     def _forward(self, ex: Exchange) -> Result:
         self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done)

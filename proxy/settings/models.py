@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict,
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs, PydanticCustomError
 
+from ..arp.policy import PolicyFileError, load_policy
 from ..arp.routes import ALL_ROUTES
 from ..util.secretfile import SecretFileError, read_secret
 
@@ -40,6 +41,21 @@ class ForwardToken(StrEnum):
     PASSTHROUGH = "passthrough"   # the caller's verified token
     STRIP = "strip"               # none: identity headers only
     EXCHANGE = "exchange"         # one from the STS (RFC 8693 token exchange)
+
+
+class RunAccess(StrEnum):
+    """`runs.access`: who may get, cancel and stream a run."""
+
+    ANY = "any"         # every authenticated caller (no per-run check)
+    OWNER = "owner"     # the caller whose iss and sub the run's run_context.identity holds
+    TENANT = "tenant"   # callers whose tenant claim equals the run's run_context.tenant_id
+
+
+class OnConflict(StrEnum):
+    """`runs.on_conflict`: a client-sent identity, actor or tenant_id unlike the gateway's."""
+
+    REFUSE = "refuse"
+    OVERWRITE = "overwrite"
 
 
 class EventLoop(StrEnum):
@@ -514,6 +530,54 @@ class LoggingConfig(_Model):
     log_subject: bool = Field(default=False, description="put the caller's subject in access log lines (personal data)")
 
 
+def _policy_file(path: str) -> str:
+    try:
+        load_policy(path)
+    except PolicyFileError as exc:
+        raise problem(str(exc)) from None
+    return path
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class RunsConfig(_Model):
+    """Runs and their callers: the verified caller bound into each run start, and who may act on a run."""
+
+    bind_identity: bool = Field(default=False, description=(
+        "write the verified caller into each run start's run_context (identity, actor, tenant_id, "
+        "trace.request_id) before it is forwarded"))
+    identity_claims: Texts = Field(default=(), description=(
+        "token claims copied into run_context.identity beside iss and sub, when the token has them"))
+    tenant_claim: Text | None = Field(default=None, description=(
+        "the token claim that names the caller's tenant (run_context.tenant_id); a token without it "
+        "may not start runs; unset: no tenant, and a client-sent tenant_id is a conflict"))
+    on_conflict: OnConflict = Field(default=OnConflict.REFUSE, description=(
+        "a client-sent identity, actor or tenant_id unlike the gateway's: refuse (403 "
+        "run_context_mismatch) or overwrite"))
+    access: RunAccess = Field(default=RunAccess.ANY, description=(
+        "who may get, cancel and stream a run: any authenticated caller, its owner (the iss and sub "
+        "bound into it), or its tenant's members; others get the 404 of an unknown run"))
+    admin_scope: Text | None = Field(default=None, description=(
+        "a token with this scope may act on every run, whatever runs.access says"))
+    owner_cache_size: Count = Field(default=100_000, ge=1, description=(
+        "run ids whose owner is remembered (LRU); a run not in it is looked up with one GET to the "
+        "coordinator"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunsConfig:
+        if self.access == RunAccess.TENANT and self.tenant_claim is None:
+            raise problem("required when runs.access is 'tenant'", at="tenant_claim")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class AuthorizationConfig(_Model):
+    """Finer per-run rules: an arp-policy document evaluated on every run route."""
+
+    policy_file: Annotated[Text, AfterValidator(_policy_file)] | None = Field(default=None, description=(
+        "an arp-policy JSON document (actions run:Start, run:Get, run:Cancel, run:ReadEvents); every "
+        "run-route request must also be allowed by it; unset: no policy"))
+
+
 @dataclass(frozen=True, config=_STRICT_KEYS)
 class GatewayConfig(_Model):
     """The ARP Run Gateway's configuration."""
@@ -524,6 +588,10 @@ class GatewayConfig(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="authentication and authorization")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and access log")
+    runs: RunsConfig = Field(default_factory=RunsConfig, description="identity bound into runs, and who may act "
+                                                                     "on a run")
+    authorization: AuthorizationConfig = Field(default_factory=AuthorizationConfig, description=(
+        "per-run rules from an arp-policy document"))
     shutdown_grace_s: Number = Field(default=25.0, ge=0, description="after the listener closes, in-flight requests "
                                                                      "get this long to finish")
     drain_delay_s: Number = Field(default=5.0, ge=0, description="after SIGTERM, /readyz fails this long before the "

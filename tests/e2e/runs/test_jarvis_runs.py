@@ -7,17 +7,31 @@ carol (tenant A) and an admin. What the coordinator stored is read from its Run 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from arp_standard_client.run_gateway import RunGatewayClient
+from arp_standard_model import (
+    NodeTypeRef,
+    RunGatewayCancelRunParams,
+    RunGatewayCancelRunRequest,
+    RunGatewayGetRunParams,
+    RunGatewayGetRunRequest,
+    RunGatewayStartRunRequest,
+    RunStartRequest,
+)
 
 from tests.support.gateway import RUN_START
 from tests.support.jarvis import JarvisStack
 
 AUD = "arp-run-gateway"
 ADMIN_SCOPE = "arp:runs:admin"
+POLICIES = Path(__file__).resolve().parents[3] / "config" / "policies"
 PEOPLE = {"alice": "A", "bob": "B", "carol": "A", "root": "A"}
 
 
@@ -183,3 +197,110 @@ async def test_a_token_without_the_tenant_claim_starts_nothing(gateway, jarvis, 
     token = await idp.token({"sub": "dave", "aud": AUD})
     status, answer = await _start(http, url, token)
     assert status == 403 and answer["error"]["details"]["reason"] == "missing_tenant_claim"
+
+
+# --------------------------------------------------------------------------- arp-policy
+
+
+async def test_a_policy_on_node_types_refuses_other_starts_with_its_statement(gateway, jarvis, idp, tokens, http,
+                                                                           tmp_path):
+    policy = tmp_path / "composites.json"
+    policy.write_text(json.dumps({"Version": "2025-01-01", "Statement": [
+        {"Sid": "CompositesOnly", "Effect": "Allow", "Action": "run:Start", "Resource": "node_type:jarvis.composite.*"},
+        {"Sid": "NoCoreNodes", "Effect": "Deny", "Action": "run:Start", "Resource": "node_type:jarvis.core.*"},
+        {"Sid": "Reads", "Effect": "Allow", "Action": ["run:Get", "run:Cancel", "run:ReadEvents"], "Resource": "run:*"},
+    ]}))
+    url = await gateway(jarvis.url, auth=_auth(idp), runs={"bind_identity": True},
+                        authorization={"policy_file": str(policy)}, metrics={"enabled": True, "port": 0})
+    status, run = await _start(http, url, tokens["alice"])
+    assert status == 200, run
+    core = {**RUN_START, "root_node_type_ref": {"node_type_id": "jarvis.core.uuid", "version": "0.3.3"}}
+    status, answer = await _start(http, url, tokens["alice"], core)
+    assert status == 403
+    assert answer["error"]["code"] == "forbidden"
+    assert answer["error"]["details"]["reason"] == "policy_denied"
+    assert answer["error"]["details"]["statement_id"] == "NoCoreNodes"
+    other = {**RUN_START, "root_node_type_ref": {"node_type_id": "acme.tool", "version": "1"}}
+    status, answer = await _start(http, url, tokens["alice"], other)
+    assert status == 403 and "statement_id" not in answer["error"]["details"]   # the default deny
+    async with http.get(f"{url}/metrics") as r:
+        assert 'arp_gateway_run_access_denied_total{action="start"} 2.0' in await r.text()
+
+
+async def test_the_owners_only_example_policy_alone_hides_other_callers_runs(gateway, jarvis, idp, tokens, http):
+    url = await gateway(jarvis.url, auth=_auth(idp), runs={"bind_identity": True},
+                        authorization={"policy_file": str(POLICIES / "owners-only.json")})
+    _, run = await _start(http, url, tokens["alice"])
+    assert await _acts(http, url, tokens["bob"], run["run_id"]) == {"get": 404, "events": 404, "cancel": 404}
+    assert (await jarvis.stored_run(run["run_id"]))["state"] == "running"
+    assert await _acts(http, url, tokens["alice"], run["run_id"]) == {"get": 200, "events": 200, "cancel": 200}
+
+
+async def test_the_tenant_example_policy_admits_members_and_admins(gateway, jarvis, idp, tokens, http):
+    url = await gateway(jarvis.url, auth=_auth(idp), runs={"bind_identity": True, "tenant_claim": "tenant"},
+                        authorization={"policy_file": str(POLICIES / "tenant-members-and-admins.json")})
+    _, run = await _start(http, url, tokens["alice"])
+    run_id = run["run_id"]
+    async with http.get(f"{url}/v1/runs/{run_id}", headers=_bearer(tokens["bob"])) as r:
+        assert r.status == 404
+    async with http.get(f"{url}/v1/runs/{run_id}", headers=_bearer(tokens["carol"])) as r:
+        assert r.status == 200
+    admin = await idp.token({"sub": "ops", "aud": AUD, "tenant": "Z", "scope": "arp:runs:admin"})
+    async with http.post(f"{url}/v1/runs/{run_id}:cancel", headers=_bearer(admin)) as r:
+        assert r.status == 200
+
+
+# --------------------------------------------------------------------------- real clients, as owners
+
+
+def _python_client_round_trip(url: str, token: str) -> tuple[str, str, str]:
+    client = RunGatewayClient(url, bearer_token=token)
+    body = RunStartRequest(root_node_type_ref=NodeTypeRef(node_type_id="jarvis.composite.planner.general",
+                                                          version="0.3.3"), input={"goal": "x"})
+    started = client.start_run(RunGatewayStartRunRequest(body=body))
+    fetched = client.get_run(RunGatewayGetRunRequest(params=RunGatewayGetRunParams(run_id=started.run_id)))
+    canceled = client.cancel_run(RunGatewayCancelRunRequest(params=RunGatewayCancelRunParams(run_id=started.run_id)))
+    return started.run_id, fetched.run_id, canceled.state.value
+
+
+async def test_the_arp_python_client_works_as_an_owner(gateway, jarvis, idp, tokens):
+    url = await gateway(jarvis.url, auth=_auth(idp), runs={"bind_identity": True, "access": "owner"})
+    started, fetched, state = await asyncio.to_thread(_python_client_round_trip, url, tokens["alice"])
+    assert started == fetched and state == "canceled"
+
+
+# The arp-jarvis CLI gets its token by device login into a keyring; here it is handed the test IdP's
+# token instead, and everything else (its requests, their parsing) is the CLI's own.
+_CLI = """
+import sys
+import arp_jarvis.cli as cli
+cli._maybe_token = lambda config, output, audience=None: (sys.argv[1], "test")
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+async def _cli(url: str, token: str, *args: str) -> tuple[int, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CLI, token, "--json", "--gateway-url", url, "runs", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        # An empty stack root: the CLI reads its compose files from there, and needs none here.
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "ARP_JARVIS_STACK_ROOT": "/nonexistent"})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    try:
+        return proc.returncode or 0, json.loads(text)
+    except ValueError:
+        return proc.returncode or 0, text + err.decode()
+
+
+async def test_the_arp_jarvis_cli_works_as_an_owner(gateway, jarvis, idp, tokens):
+    url = await gateway(jarvis.url, auth=_auth(idp), runs={"bind_identity": True, "access": "owner"})
+    rc, started = await _cli(url, tokens["alice"], "start", "--goal", "hello", "--node-version", "0.3.3")
+    assert rc == 0, started
+    run_id = started["run_id"] if "run_id" in started else started["run"]["run_id"]
+    rc, got = await _cli(url, tokens["alice"], "get", run_id)
+    assert rc == 0 and json.dumps(got).count(run_id), got
+    rc, other = await _cli(url, tokens["bob"], "get", run_id)
+    assert rc != 0 and "run_not_found" in json.dumps(other), other
+    rc, canceled = await _cli(url, tokens["alice"], "cancel", run_id)
+    assert rc == 0 and "canceled" in json.dumps(canceled), canceled

@@ -172,3 +172,25 @@ def test_null_means_the_default_but_an_unknown_key_set_to_null_is_still_unknown(
     cfg = build_config({"auth": {"mode": "disabled", "realm": None}, "listen": {"port": None}})
     assert (cfg.auth.realm, cfg.listen.port) == ("arp-run-gateway", 8080)
     assert problems({"auth": {"mode": "disabled"}, "listen": {"colour": None}}) == ["listen.colour: unknown key"]
+
+
+# --------------------------------------------------------------------------- runs and authorization (issue 18)
+
+
+def test_tenant_access_needs_the_tenant_claim():
+    assert problems({"auth": {"mode": "disabled"}, "runs": {"access": "tenant"}}) == [
+        "runs.tenant_claim: required when runs.access is 'tenant'"]
+
+
+def test_a_policy_that_fails_to_parse_fails_start_up_naming_the_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"Statement": [{"Effect": "Allow", "Action": "run:Get"}]}')
+    found = problems({"auth": {"mode": "disabled"}, "authorization": {"policy_file": str(path)}})
+    assert len(found) == 1 and found[0].startswith(f"authorization.policy_file: {path}: ")
+    assert "Resource" in found[0]
+
+
+def test_the_shipped_policies_load():
+    for path in sorted((ROOT / "config" / "policies").glob("*.json")):
+        cfg = build_config({"auth": {"mode": "disabled"}, "authorization": {"policy_file": str(path)}})
+        assert cfg.authorization.policy_file == str(path)

@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
-from typing import Any
+from typing import Any, NamedTuple
 
 _MEMBER = "run_context"
+_MEMBER_BYTES = b"run_context"
+_BACKSLASH = 0x5C  # an int: `int in bytes` is a memchr, quicker than a search for a bytes needle
+# Built once: json.dumps with any keyword argument builds a new encoder per call.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_STR: Callable[[str], str] = json.encoder.encode_basestring  # a JSON string, in C
 _WS = re.compile(r"[ \t\n\r]*")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(?:-.*)?")
 _DECODER = json.JSONDecoder()
@@ -45,9 +50,9 @@ class BindRefusal:
     member: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class RunOwner:
-    """Who a run belongs to, from its `run_context`: nobody when no identity was bound into it."""
+class RunOwner(NamedTuple):
+    """Who a run belongs to, from its `run_context`: nobody when no identity was bound into it.
+    A tuple: one is made for every run the gateway looks up."""
 
     issuer: str | None
     subject: str | None
@@ -56,16 +61,33 @@ class RunOwner:
     @classmethod
     def of(cls, run: Any) -> RunOwner:
         """The owner of a Run document (or a RunStartRequest: both carry `run_context`)."""
-        context = run.get(_MEMBER) if isinstance(run, dict) else None
-        if not isinstance(context, dict):
+        context = run.get(_MEMBER) if run.__class__ is dict else None
+        if context.__class__ is not dict:
             return NOBODY
         identity = context.get("identity")
         iss = sub = None
-        if isinstance(identity, dict):
+        if identity.__class__ is dict:
             iss, sub = identity.get("iss"), identity.get("sub")
         tenant = context.get("tenant_id")
-        return cls(iss if isinstance(iss, str) else None, sub if isinstance(sub, str) else None,
-                   tenant if isinstance(tenant, str) else None)
+        return cls(iss if iss.__class__ is str else None, sub if sub.__class__ is str else None,
+                   tenant if tenant.__class__ is str else None)
+
+
+def read_json(body: bytes) -> Any:
+    """A coordinator answer's JSON document (a Run); None when it is not JSON. The scanner is
+    called directly for a document that fills the body, as json.loads adds two regex matches and
+    two Python frames to each."""
+    try:
+        text = body.decode("utf-8")
+        try:
+            document, end = _SCAN(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            document = json.loads(text)  # whitespace around it is fine; anything else raises
+    except (ValueError, RecursionError):
+        return None
+    return document
 
 
 NOBODY = RunOwner(None, None, None)
@@ -86,6 +108,16 @@ def trace_ids(traceparent: str | None) -> tuple[str, str] | None:
     return trace_id, span_id
 
 
+@dataclass(frozen=True, slots=True)
+class BoundCaller:
+    """What the gateway writes into the runs one verified caller starts: the same for each of its
+    run starts, so it is made once per caller and reused."""
+
+    owner: RunOwner              # iss, sub and tenant, as a run will say them
+    context: dict[str, Any]      # the run_context members the gateway decides: identity, actor, tenant_id
+    members: bytes               # the same members as JSON text, without the braces
+
+
 class RunBinder:
     def __init__(self, *, identity_claims: tuple[str, ...] = (), tenant_claim: str | None = None,
                  overwrite: bool = False) -> None:
@@ -100,49 +132,65 @@ class RunBinder:
         value = claims.get(self._tenant_claim)
         return value if isinstance(value, str) and value else None
 
-    def bind(self, body: bytes, issuer: str, subject: str, claims: Mapping[str, Any], request_id: str,
-             traceparent: str | None) -> bytes | BindRefusal:
-        """The body to forward, with the caller bound into its run_context; or why not. `body` is a
-        RunStartRequest the edge has already validated."""
+    def caller(self, issuer: str, subject: str, claims: Mapping[str, Any]) -> BoundCaller | BindRefusal:
+        """What is bound for this caller; or why it may not start runs."""
         tenant = self.tenant_of(claims)
         if self._tenant_claim is not None and tenant is None:
             return BindRefusal("missing_tenant_claim", "tenant_id")
-        text = body.decode("utf-8")
-        span = _member_span(text, _MEMBER)
-        if isinstance(span, BindRefusal):
-            return span
-        sent: dict[str, Any] = {}
-        if span is not None:
-            sent = _SCAN(text, span[0])[0]
         identity: dict[str, Any] = {"iss": issuer, "sub": subject}
         for name in self._claims:
             if name in claims and name not in identity:
                 identity[name] = claims[name]
-        wanted: dict[str, Any] = {"identity": identity, "actor": {"type": "principal", "id": subject}}
+        context: dict[str, Any] = {"identity": identity, "actor": {"type": "principal", "id": subject}}
         if tenant is not None:
-            wanted["tenant_id"] = tenant
+            context["tenant_id"] = tenant
+        try:
+            members = _ENCODE(context)[1:-1].encode()
+        except ValueError:
+            return BindRefusal("invalid_number")  # a NaN claim: not JSON
+        return BoundCaller(RunOwner(issuer, subject, tenant), context, members)
+
+    def bind(self, body: bytes, caller: BoundCaller, request_id: str, traceparent: str | None) -> bytes | BindRefusal:
+        """The body to forward, with the caller bound into its run_context; or why not. `body` is a
+        RunStartRequest the edge has already validated."""
+        ids = trace_ids(traceparent) if traceparent is not None else None
+        if _BACKSLASH not in body and body.find(_MEMBER_BYTES) < 0:
+            # No run_context (nor a backslash, so no key spelt with escapes): it goes after the last
+            # member, and the body needs no walk. The object is never empty: root_node_type_ref and
+            # input are required.
+            trace = _STR(request_id) if ids is None else \
+                f'{_STR(request_id)},"trace_id":{_STR(ids[0])},"span_id":{_STR(ids[1])}'
+            end = body.rstrip().rindex(b"}")
+            return b"".join((body[:end], b',"run_context":{', caller.members, b',"trace":{"request_id":',
+                             trace.encode(), b"}}", body[end:]))
+        context: dict[str, Any] = {"request_id": request_id}
+        if ids is not None:
+            context["trace_id"], context["span_id"] = ids
+        return self._merged(body.decode("utf-8"), caller.context, context)
+
+    def _merged(self, text: str, wanted: dict[str, Any], trace: dict[str, Any]) -> bytes | BindRefusal:
+        """The client sent a run_context: the gateway's members checked against it and merged in."""
+        span = _member_span(text, _MEMBER)
+        if isinstance(span, BindRefusal):
+            return span
+        sent: dict[str, Any] = _SCAN(text, span[0])[0] if span is not None else {}
         context = dict(sent)
         for member, value in wanted.items():
             if member in sent and sent[member] != value and not self._overwrite:
                 return BindRefusal("run_context_mismatch", member)
             context[member] = value
-        if tenant is None and "tenant_id" in sent:
+        if "tenant_id" not in wanted and "tenant_id" in sent:
             # No tenant claim configured: nothing vouches for a client-sent tenant, and the PDP would trust it.
             if not self._overwrite:
                 return BindRefusal("run_context_mismatch", "tenant_id")
             del context["tenant_id"]
-        trace = dict(sent["trace"]) if isinstance(sent.get("trace"), dict) else {}
-        trace["request_id"] = request_id
-        ids = trace_ids(traceparent)
-        if ids is not None:
-            trace["trace_id"], trace["span_id"] = ids
-        context["trace"] = trace
+        sent_trace = sent.get("trace")
+        context["trace"] = {**sent_trace, **trace} if sent_trace.__class__ is dict else trace
         try:
-            encoded = json.dumps(context, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            encoded = _ENCODE(context)
         except ValueError:
             return BindRefusal("invalid_number")  # 1e400 in a client member: not representable as JSON again
         if span is None:
-            # After the last member: the object is never empty (root_node_type_ref and input are required).
             end = text.rstrip().rindex("}")
             return (text[:end] + ',"' + _MEMBER + '":' + encoded + text[end:]).encode()
         return (text[:span[0]] + encoded + text[span[1]:]).encode()

@@ -153,7 +153,7 @@ class Gateway:
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
-        self.runs = RunGuard(cfg, self.upstream, self.metrics, HANDED)
+        self.runs = RunGuard(cfg, self.upstream, self.metrics, handed=HANDED, paused=PAUSED, proceed=self.proceed)
         # The stage order, in its one place. Binding and run authorization are in it only when
         # configured: switched off, they cost nothing per request.
         bind: tuple[Callable[[Exchange], Result], ...] = (self.runs.bind,) if self.runs.binds else ()

@@ -28,7 +28,7 @@ from urllib.parse import unquote
 from ..arp.answers import Answer, error_answer
 from ..arp.policy import RunPolicy, load_policy
 from ..arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, START_RUN, Route
-from ..arp.runcontext import NOBODY, BindRefusal, RunBinder, RunOwner
+from ..arp.runcontext import NOBODY, BindRefusal, BoundCaller, RunBinder, RunOwner, read_json
 from ..auth.principal import Principal, PrincipalKind
 from ..observability.metrics import GatewayMetrics
 from ..settings.config import GatewayConfig
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from .pipeline import Exchange
 
 log = logging.getLogger("proxy.gateway.runaccess")
+_TOKEN = PrincipalKind.TOKEN
+CALLERS = 10_000  # principals whose bound run_context is remembered, as many as the token cache holds
 
 _ACTIONS: dict[Route, tuple[str, str]] = {   # route -> (metrics/audit action, policy action)
     START_RUN: ("start", "run:Start"),
@@ -49,6 +51,7 @@ _ACTIONS: dict[Route, tuple[str, str]] = {   # route -> (metrics/audit action, p
     RUN_EVENTS: ("events", "run:ReadEvents"),
 }
 _RUNS_PREFIX = len("/v1/runs/")
+_CANCEL = len(":cancel")
 _BIND_STATUS = {"missing_tenant_claim": 403, "run_context_mismatch": 403}
 _BIND_MESSAGES = {
     "missing_tenant_claim": "The token carries no tenant claim; this gateway starts runs only for a tenant",
@@ -59,26 +62,17 @@ _BIND_MESSAGES = {
 }
 
 
-def run_id_of(route: Route, path: str) -> str:
-    """The raw (still percent-encoded) run id of a get, cancel or events path."""
-    rest = path[_RUNS_PREFIX:]
-    if route is CANCEL_RUN:
-        return rest[: -len(":cancel")]
-    if route is RUN_EVENTS:
-        return rest.partition("/")[0]
-    return rest
-
-
 def _is_caller(principal: Principal | None) -> bool:
     """A verified token: the anonymous and dev principals name nobody that could own a run."""
     return principal is not None and principal.kind is PrincipalKind.TOKEN
 
 
 class RunGuard:
-    def __init__(self, cfg: GatewayConfig, upstream: Upstream, metrics: GatewayMetrics | None,
-                 handed: Answer) -> None:
+    def __init__(self, cfg: GatewayConfig, upstream: Upstream, metrics: GatewayMetrics | None, *,
+                 handed: Answer, paused: Answer, proceed: Callable[[Exchange, Answer | None], None]) -> None:
         runs = cfg.runs
-        self._handed = handed  # the pipeline's "answered by the stage itself"
+        # The pipeline's driver: its sentinels, and how a stage that paused it continues it.
+        self._handed, self._paused, self._proceed = handed, paused, proceed
         self.upstream = upstream
         self.metrics = metrics
         self.binder = RunBinder(identity_claims=runs.identity_claims, tenant_claim=runs.tenant_claim,
@@ -92,21 +86,33 @@ class RunGuard:
             log.info("run policy loaded", extra={"event": "policy_loaded", "policy_file": path,
                                                  "policy_hash": self.policy.policy_hash})
         self.checks = self.access != RunAccess.ANY or self.policy is not None
+        self._owner_only = self.access == RunAccess.OWNER and self.policy is None
         self.owners: BoundedCache[str, RunOwner] = BoundedCache(runs.owner_cache_size)
+        # id(principal) -> (principal, what is bound for it); the principal is kept so an id reused
+        # after it is gone can never match.
+        self._callers: BoundedCache[int, tuple[Principal, BoundCaller | BindRefusal]] = BoundedCache(CALLERS)
 
     # ------------------------------------------------------------------ binding
 
     def bind(self, ex: Exchange) -> Answer | None:
-        if ex.route is not START_RUN or ex.body is None:
+        body = ex.body
+        if ex.route is not START_RUN or body is None:
             return None
         outcome = ex.outcome
         principal = outcome.principal if outcome is not None else None
-        if not _is_caller(principal):
-            return None
-        assert principal is not None and principal.issuer is not None
+        if principal is None or principal.kind is not _TOKEN:
+            return None  # the anonymous and dev principals are nobody to bind
+        caller = self._caller(principal)
         request = ex.request
-        bound = self.binder.bind(ex.body, principal.issuer, principal.subject, principal.claims,
-                                 request.request_id, _header(request.headers, b"traceparent"))
+        if caller.__class__ is BindRefusal:
+            bound: bytes | BindRefusal = caller
+        else:
+            traceparent = None
+            for name, value in request.headers:
+                if len(name) == 11 and name.lower() == b"traceparent":
+                    traceparent = value.decode("latin-1")
+                    break
+            bound = self.binder.bind(body, caller, request.request_id, traceparent)  # type: ignore[arg-type]
         if bound.__class__ is not BindRefusal:
             ex.body = bound  # type: ignore[assignment]
             return None
@@ -120,36 +126,67 @@ class RunGuard:
         return error_answer(status, "forbidden" if status == 403 else "invalid_request",
                             _BIND_MESSAGES[refusal.reason], request_id=request.request_id, details=details)
 
+    def _caller(self, principal: Principal) -> BoundCaller | BindRefusal:
+        """What is bound for this principal, made once: the token cache hands back the same
+        Principal for each request with the same token, so it is found by identity."""
+        key = id(principal)
+        found = self._callers.get(key)
+        if found is not None and found[0] is principal:
+            return found[1]
+        caller = self.binder.caller(principal.issuer or "", principal.subject, principal.claims)
+        self._callers.put(key, (principal, caller))
+        return caller
+
     # ------------------------------------------------------------------ authorization
 
-    def authorize(self, ex: Exchange) -> Any:
-        """None to go on, an Answer (HANDED once answered here), or a coroutine when the owner must
-        be looked up."""
+    def authorize(self, ex: Exchange) -> Answer | None:
+        """None to go on, or an Answer: a refusal, or PAUSED while the run is looked up (the
+        lookup's answer then continues the driver, or HANDED for a GET answered from it)."""
         route = ex.route
         if route is START_RUN:
             return self._start(ex)
-        if route not in _ACTIONS:
-            return None  # a CORS preflight forwarded unauthenticated never reaches here; nothing else does
-        ex.run_id = run_id = run_id_of(route, ex.request.path)
+        path = ex.request.path
         if route is GET_RUN:
-            return self._get(ex, run_id)
-        owner = self.owners.get(run_id)
-        if owner is None:
-            return self._looked_up(ex, run_id)
-        return self._decide(ex, owner)
+            run_id = path[_RUNS_PREFIX:]
+        else:
+            if route is CANCEL_RUN:
+                run_id = path[_RUNS_PREFIX:-_CANCEL]
+            elif route is RUN_EVENTS:
+                run_id = path[_RUNS_PREFIX:].partition("/")[0]
+            else:
+                return None  # only the four run routes get here (a bypassed CORS preflight never does)
+            owner = self.owners.get(run_id)
+            if owner is not None:
+                ex.run_id = run_id
+                return self._decide(ex, owner)
+        ex.run_id = run_id
+        self.upstream.lookup(ex.request, route, run_id.encode(), ex.extra, ex.done,
+                             lambda answer: self._looked_up(ex, answer))
+        return self._paused
 
     def peek_start(self, ex: Exchange) -> Callable[[int, bytes], None]:
-        """What learns a started run's id and owner from the coordinator's answer."""
+        """What learns a started run's id, and its owner, from the coordinator's answer. A bound run's
+        owner is the caller bound into it; otherwise the answer's run_context says, and an answer
+        without one teaches nothing (a coordinator need not echo run_context: the owner is then
+        looked up when needed, never cached as nobody)."""
+        outcome = ex.outcome
+        principal = outcome.principal if outcome is not None else None
+        bound = None
+        if self.binds and principal is not None and principal.kind is _TOKEN:
+            caller = self._caller(principal)
+            bound = caller.owner if caller.__class__ is BoundCaller else None
+
         def peek(status: int, body: bytes) -> None:
             if not 200 <= status < 300:
                 return
-            try:
-                run = json.loads(body)
-            except (ValueError, RecursionError):
+            run = read_json(body)
+            run_id = run.get("run_id") if run.__class__ is dict else None
+            if run_id.__class__ is not str or not run_id:
                 return
-            run_id = run.get("run_id") if isinstance(run, dict) else None
-            if isinstance(run_id, str) and run_id:
-                ex.run_id = run_id
+            ex.run_id = run_id
+            if bound is not None:
+                self.owners.put(run_id, bound)
+            elif "run_context" in run:
                 self.owners.put(run_id, RunOwner.of(run))
         return peek
 
@@ -179,48 +216,41 @@ class RunGuard:
         return error_answer(403, "forbidden", "The authorization policy does not allow this run start",
                             request_id=ex.request.request_id, details=details)
 
-    async def _get(self, ex: Exchange, run_id: str) -> Answer | None:
-        fetched = await self.upstream.lookup(ex.request, GET_RUN, run_id.encode(), ex.extra)
-        if fetched.__class__ is not Fetched:
-            return fetched  # type: ignore[return-value]
-        answer: Fetched = fetched
+    def _looked_up(self, ex: Exchange, looked: Fetched | Answer) -> None:
+        """The coordinator's answer about the run: decide, then answer from it (a GET) or go on to
+        forward (cancel, events). A run it does not know gets the gateway's own 404, the same as a
+        refusal; any other answer (an error) is relayed as it came, since it names no owner."""
+        if looked.__class__ is not Fetched:
+            self._proceed(ex, looked)  # type: ignore[arg-type]
+            return
+        answer: Fetched = looked
+        run_id = ex.run_id or ""
         if answer.status == 404:
-            return self._not_found(ex, run_id)
-        if answer.status != 200:
-            return self._relay(ex, answer)
-        owner = self._learn(run_id, answer)
-        refusal = self._decide(ex, owner)
-        if refusal is not None:
-            return refusal
-        return self._relay(ex, answer)
-
-    async def _looked_up(self, ex: Exchange, run_id: str) -> Answer | None:
-        fetched = await self.upstream.lookup(ex.request, ex.route, run_id.encode(), ex.extra)
-        if fetched.__class__ is not Fetched:
-            return fetched  # type: ignore[return-value]
-        answer: Fetched = fetched
-        if answer.status == 404:
-            return self._not_found(ex, run_id)
-        if answer.status != 200:
-            # The coordinator could not say whose run it is: its answer (an error) is the client's.
-            return self._relay(ex, answer)
-        return self._decide(ex, self._learn(run_id, answer))
+            self._proceed(ex, self._not_found(ex, run_id))
+        elif answer.status != 200:
+            self.upstream.relay_fetched(ex.request, ex.route, answer, ex.done)
+        else:
+            refusal = self._decide(ex, self._learn(run_id, answer))
+            if refusal is None and ex.route is GET_RUN:
+                self.upstream.relay_fetched(ex.request, ex.route, answer, ex.done)
+            else:
+                self._proceed(ex, refusal)
 
     def _learn(self, run_id: str, answer: Fetched) -> RunOwner:
-        try:
-            owner = RunOwner.of(json.loads(answer.body))
-        except (ValueError, RecursionError):
+        run = read_json(answer.body)
+        if run.__class__ is not dict:
             return NOBODY  # not a Run: nobody's, so only the admin scope reaches it
+        owner = RunOwner.of(run)
         self.owners.put(run_id, owner)
         return owner
-
-    def _relay(self, ex: Exchange, answer: Fetched) -> Answer:
-        self.upstream.relay_fetched(ex.request, ex.route, answer, ex.done)
-        return self._handed
 
     def _decide(self, ex: Exchange, owner: RunOwner) -> Answer | None:
         outcome = ex.outcome
         principal = outcome.principal if outcome is not None else None
+        if self._owner_only and principal is not None and owner.subject == principal.subject \
+                and owner.issuer == principal.issuer and principal.kind is _TOKEN and owner.subject is not None:
+            ex.decision, ex.reason = "allow", "owner"  # the usual case, in one test
+            return None
         route = ex.route
         action, policy_action = _ACTIONS[route]
         admin = self.admin_scope is not None and principal is not None and self.admin_scope in principal.scopes
@@ -277,9 +307,3 @@ class RunGuard:
         log.info("run access denied", extra={"event": "run_access_denied", "action": action, "reason": reason,
                                              "request_id": ex.request.request_id})
 
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..arp.answers import Answer, error_answer
@@ -30,6 +30,9 @@ from .retry import RetryPolicy
 from .sink import UpstreamMetrics
 
 log = logging.getLogger("proxy.upstream")
+
+# What a lookup ends in: the coordinator's answer, read whole, or the ErrorEnvelope when none came.
+Looked = Callable[[Fetched | Answer], None]
 
 @dataclass(frozen=True, slots=True)
 class UpstreamFailure:
@@ -182,41 +185,93 @@ class Upstream:
         if pending is not None:
             await pending
 
-    async def lookup(self, request: Request, route: Route, run_id: bytes, extra: bytes) -> Fetched | Answer:
+    def lookup(self, request: Request, route: Route, run_id: bytes, extra: bytes, done: Done,
+               then: Looked) -> None:
         """`GET /v1/runs/{run_id}` on the gateway's own behalf (the same pool, the same identity
         header lines as the request it serves), read whole so the gateway can decide on it before
-        any byte reaches the client; with the retries a GET has. The ErrorEnvelope when no answer came."""
+        any byte reaches the client, with the retries a GET has; `then` gets the answer, or the
+        ErrorEnvelope when none came. Like `forward`, the usual lookup (an idle connection, an
+        answer that arrives whole) runs on callbacks alone; anything else continues in a task.
+        `done(request, 499)` when the client leaves while it waits."""
         pool = self.pool
         if pool is None:
-            return error_answer(503, "run_coordinator_missing",
-                                "No Run Coordinator is configured: set upstream.url or JARVIS_RUN_COORDINATOR_URL",
-                                request_id=request.request_id, retryable=False)
+            then(error_answer(503, "run_coordinator_missing",
+                              "No Run Coordinator is configured: set upstream.url or JARVIS_RUN_COORDINATOR_URL",
+                              request_id=request.request_id, retryable=False))
+            return
         head = b"".join((b"GET ", pool.base_path, b"/v1/runs/", run_id, b" HTTP/1.1\r\nHost: ", pool.host_header,
                          b"\r\nAccept: application/json\r\nX-Request-ID: ", request.request_id.encode(), b"\r\n",
                          extra, b"\r\n"))
         deadline = self._loop.time() + self.cfg.request_timeout_s
         request.upstream_start = time.perf_counter()
-        policy, attempt = self._retry, 1
+        conn = pool.idle_connection(deadline)
+        if conn is None:
+            request.spawn(self._lookup(request, route, head, deadline, then, 1))
+            return
+
+        def on_headers(response: PoolResponse | None, error: UpstreamError | TimeoutError | None) -> None:
+            request.aborter = None
+            if response is None:
+                conn.finish(reusable=False)
+                assert error is not None
+                if self._retry.after_error("GET", error, 1):
+                    request.spawn(self._lookup(request, route, head, deadline, then, 2))
+                else:
+                    then(self._failure(request, error))
+            elif self._retry.after_status("GET", response.status, 1):
+                response.release()
+                request.spawn(self._lookup(request, route, head, deadline, then, 2))
+            else:
+                whole = response.body_if_complete()
+                if whole is None:
+                    request.spawn(self._lookup_body(request, response, then))
+                else:
+                    response.release()
+                    then(Fetched(response.status, response.headers, whole))
+
+        def abandon() -> None:  # the client left first
+            conn.finish(reusable=False)
+            done(request, 499)
+
+        request.aborter = abandon
+        conn.start(head, None, deadline, on_headers)
+
+    async def _lookup(self, request: Request, route: Route, head: bytes, deadline: float, then: Looked,
+                      attempt: int) -> None:
+        """The lookup, from attempt number `attempt` on, when it has to wait."""
+        pool = self.pool
+        assert pool is not None
+        policy = self._retry
         while True:
             if attempt > 1:
                 if self.metrics is not None:
                     self.metrics.retried(route.template)
                 pause = policy.pause(attempt - 1)
                 if self._loop.time() + pause >= deadline:
-                    return self._failure(request, TimeoutError())
+                    then(self._failure(request, TimeoutError()))
+                    return
                 await asyncio.sleep(pause)
             try:
                 response = await pool.request(head, None, deadline=deadline)
-                if policy.after_status("GET", response.status, attempt):
-                    response.release()
-                    attempt += 1
-                    continue
-                return await _read_whole(response, self.cfg.request_timeout_s)
             except (UpstreamError, TimeoutError) as exc:
                 if policy.after_error("GET", exc, attempt):
                     attempt += 1
                     continue
-                return self._failure(request, exc)
+                then(self._failure(request, exc))
+                return
+            if not policy.after_status("GET", response.status, attempt):
+                break
+            response.release()
+            attempt += 1
+        await self._lookup_body(request, response, then)
+
+    async def _lookup_body(self, request: Request, response: PoolResponse, then: Looked) -> None:
+        try:
+            fetched = await _read_whole(response, self.cfg.request_timeout_s)
+        except (UpstreamError, TimeoutError) as exc:
+            then(self._failure(request, exc))
+            return
+        then(fetched)
 
     def relay_fetched(self, request: Request, route: Route, answer: Fetched, done: Done) -> None:
         self._relay.fetched(request, route, answer, done)

@@ -38,7 +38,7 @@ Peek = Callable[[int, bytes], None]
 PEEK_LIMIT = 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a setattr call per field
 class Fetched:
     """A coordinator answer read whole by the gateway itself (a run looked up before it is relayed)."""
 

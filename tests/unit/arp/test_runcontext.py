@@ -18,7 +18,10 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 def bind(body: bytes, binder: RunBinder | None = None, claims: dict | None = None, traceparent: str | None = None):
     binder = binder or RunBinder(tenant_claim="tenant")
-    return binder.bind(body, ISS, SUB, CLAIMS if claims is None else claims, "req-1", traceparent)
+    caller = binder.caller(ISS, SUB, CLAIMS if claims is None else claims)
+    if isinstance(caller, BindRefusal):
+        return caller
+    return binder.bind(body, caller, "req-1", traceparent)
 
 
 def test_the_caller_is_written_into_run_context():
@@ -133,3 +136,17 @@ def test_only_run_context_changes(members, context, at, indent):
             assert bound[name] == value                            # and the rest of run_context too
     assert bound["identity"] == {"iss": ISS, "sub": SUB} and bound["tenant_id"] == "A"
     assert bound["trace"]["request_id"] == "req-1"
+
+
+def test_an_escaped_run_context_key_is_still_the_run_context():
+    body = b'{"input":{},"run\\u005fcontext":{"actor":{"type":"principal","id":"mallory"}},"root_node_type_ref":{}}'
+    assert bind(body) == BindRefusal("run_context_mismatch", "actor")
+
+
+@pytest.mark.parametrize("traceparent", [None, TRACEPARENT])
+def test_the_quick_and_the_merging_paths_write_the_same_run_context(traceparent):
+    binder = RunBinder(identity_claims=("email", "groups", "sub"), tenant_claim="tenant")
+    quick = json.loads(bind(b'{"input":{},"root_node_type_ref":{}}', binder, traceparent=traceparent))
+    # A backslash anywhere in the body sends it down the merging path.
+    merged = json.loads(bind(b'{"input":{"x":"\\u0041"},"root_node_type_ref":{}}', binder, traceparent=traceparent))
+    assert json.dumps(quick["run_context"]) == json.dumps(merged["run_context"])   # members and their order

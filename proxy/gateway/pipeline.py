@@ -44,6 +44,7 @@ from ..auth import (
 from ..edge.errors import BodyIncomplete, BodyTimeout, BodyTooLarge, ClientGone, Overloaded, TrailerTooLarge
 from ..edge.request import Request, broken_error
 from ..observability.accesslog import AccessLog
+from ..observability.audit import AuditTrail
 from ..observability.metrics import AuthStateCollector, GatewayMetrics
 from ..observability.observer import RequestObserver
 from ..settings.config import GatewayConfig
@@ -128,6 +129,8 @@ class Gateway:
         self.access_log = AccessLog(sys.stdout, log_subject=cfg.logging.log_subject) \
             if cfg.logging.access_log else None
         self.observer = RequestObserver(self.metrics, self.access_log)
+        # None with audit.sink off: no trail, no cost per request.
+        self.audit = AuditTrail(cfg.audit, clock, self.metrics) if cfg.audit.sink != "off" else None
         # None without trusted proxies: the client is then always the peer, at no cost per request.
         self.trusted_proxies = TrustedProxies(cfg.listen.trusted_proxies) if cfg.listen.trusted_proxies else None
         self.upstream = Upstream(cfg.upstream, self.metrics, strip_prefix=cfg.auth.identity_header_prefix,
@@ -168,6 +171,8 @@ class Gateway:
         """Opens the coordinator pool and control-plane session, fetches keys; never fails on a down IdP."""
         await self.upstream.start()
         self.probe.start()
+        if self.audit is not None:
+            self.audit.start()
         if self.metrics is not None:
             self.metrics.pool = self.upstream.pool
         self.control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.auth.jwks_fetch_timeout_s))
@@ -180,6 +185,8 @@ class Gateway:
     async def close(self) -> None:
         if self.access_log is not None:
             self.access_log.flush()
+        if self.audit is not None:
+            await self.audit.close()   # after the listener's drain: the records of in-flight requests are queued
         if self.registry is not None:
             await self.registry.close()
         if self.control is not None:

@@ -1,8 +1,9 @@
 """The access log: one JSON line per request on stdout.
 
 Lines are buffered and written in batches (at most every 0.2 s, or sooner
-when many pile up): a write and flush per request would cost more than
-everything else the gateway does for it. Logged are values the gateway itself
+when many pile up) through the stream's shared `LineOut` (lines.py), which
+the audit trail's stdout sink writes through too: a write and flush per
+request would cost more than everything else the gateway does for it. Logged are values the gateway itself
 produced or checked (ids, route templates, sizes, auth reasons, the client
 address, a configured issuer, the routed run id) and one header, the
 User-Agent, cut to USER_AGENT_CHARS and JSON-escaped; never a token. The
@@ -17,21 +18,18 @@ never answered (unreachable, timed out, garbled), else the time to its headers.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import time
 from typing import TextIO
 
 from ..util.boundedcache import BoundedCache
+from ..util.clock import rfc3339_millis
+from .lines import FLUSH_INTERVAL_S, FLUSH_LINES, shared
 
-log = logging.getLogger("proxy.observability.accesslog")
+__all__ = ["FLUSH_INTERVAL_S", "FLUSH_LINES", "AccessLog"]
 
-FLUSH_INTERVAL_S = 0.2
-FLUSH_LINES = 256
 USER_AGENT_CHARS = 256
 RUN_ID_CHARS = 256
-ERROR_LOG_INTERVAL_S = 10.0
 # A client repeats who it is request after request (its auth result, address, User-Agent, issuer):
 # each distinct combination is rendered into its part of the line once.
 CALLER_CACHE = 1024
@@ -39,16 +37,14 @@ CALLER_CACHE = 1024
 
 class AccessLog:
     def __init__(self, out: TextIO, *, log_subject: bool) -> None:
-        self._out = out
+        self._lines = shared(out)
+        self._add = self._lines.add
         self._log_subject = log_subject
-        self._pending: list[str] = []
-        self._handle: asyncio.TimerHandle | None = None
         self._callers: BoundedCache[tuple[str, str, str, bytes | None, str | None], str] = \
             BoundedCache(CALLER_CACHE)
         self._caller = self._callers.getter(touch=False)
         self._issuers: dict[str, str] = {}   # only configured issuers reach here: a bounded set
         self._methods: dict[str, str] = {}   # llhttp parses only the methods it knows: a bounded set
-        self._last_error: float | None = None
 
     def record(self, request_id: str, method: str, route: str, status: int, seconds: float,
                upstream_s: float | None, bytes_in: int, bytes_out: int, auth_result: str,
@@ -77,11 +73,10 @@ class AccessLog:
                         "null" if run_id is None else '"' + run_id[:RUN_ID_CHARS] + '"')
         if self._log_subject and subject is not None:
             line = line[:-1] + ',"subject":' + _dumps(subject) + "}"
-        self._pending.append(line)
-        if len(self._pending) >= FLUSH_LINES:
-            self.flush()
-        elif self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self.flush)
+        self._add(line)
+
+    def flush(self) -> None:
+        self._lines.flush()
 
     def _issuer(self, issuer: str) -> str:
         escaped = self._issuers.get(issuer)
@@ -89,41 +84,13 @@ class AccessLog:
             escaped = self._issuers[issuer] = _dumps(issuer)
         return escaped
 
-    def flush(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if self._pending:
-            lines = "\n".join(self._pending) + "\n"
-            self._pending.clear()
-            try:
-                self._out.write(lines)
-                self._out.flush()
-            except (OSError, ValueError):
-                pass  # a closed or broken stdout must never fail a request; the lines are lost
-            except Exception:
-                # Anything else is a bug in the stream, not in the request that happened to fill the
-                # batch: it must neither fail that request nor stop later flushes. Said once per interval.
-                now = time.monotonic()
-                if self._last_error is None or now - self._last_error >= ERROR_LOG_INTERVAL_S:
-                    self._last_error = now
-                    log.exception("access log write failed; %d lines lost", len(lines.splitlines()))
-
 
 _LINE = ('{"time":"%s","type":"access","request_id":"%s","method":%s,"route":"%s","status":%d,'
          '"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,"bytes_out":%d,%s,"run_id":%s}')
 _CALLER = '"auth":"%s","auth_reason":"%s","client":"%s","user_agent":%s,"issuer":%s'
 
 _dumps = json.JSONEncoder(ensure_ascii=True).encode
-_second: list = [-1, ""]
-# Each millisecond's tail made once: formatting "%03d" per request costs more than an index. The
-# fraction is exact and below 1, and below 1 times 1000 stays below 1000 in binary floating point.
-_MILLIS = tuple(".%03dZ" % ms for ms in range(1000))
 
 
 def _timestamp() -> str:
-    now = time.time()
-    whole = int(now)
-    if whole != _second[0]:  # strftime once a second, not once a request
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return _second[1] + _MILLIS[int((now - whole) * 1000)]
+    return rfc3339_millis(time.time())

@@ -50,6 +50,9 @@ CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit", "buf
                      "connections_closed": ("reclaimed", "header_timeout", "body_timeout", "keepalive_timeout",
                                             "send_timeout")}
 NO_ISSUER = "none"
+# The audit trail's label values (observability/audit.py); anything else is counted as "other".
+AUDIT_EVENTS = ("run.start", "run.get", "run.cancel", "run.events")
+AUDIT_DECISIONS = ("allow", "deny")
 _TEMPLATES = frozenset(r.template for r in ALL_ROUTES)
 _FORWARDED = tuple(r.template for r in ALL_ROUTES if r.forward)
 
@@ -97,6 +100,9 @@ class GatewayMetrics:
         self.open_connections: Callable[[], int] = lambda: 0
         self.buffered_bytes: Callable[[], int] = lambda: 0  # the listener's budget in use, read at scrape time
         self._overloaded = {"head": 0, "body": 0}
+        self._audit_records = {(event, decision): 0 for event in (*AUDIT_EVENTS, "other")
+                               for decision in (*AUDIT_DECISIONS, "other")}
+        self.audit_dropped_records = 0
         self._jwks_duration = Histogram(PREFIX + "jwks_fetch_duration_seconds", "JWKS (and discovery) fetch "
                                         "time", ("issuer",), registry=self.registry)
         for issuer in self.issuers:
@@ -150,6 +156,14 @@ class GatewayMetrics:
 
     def overloaded(self, waiting_for: str) -> None:
         self._overloaded[waiting_for] += 1
+
+    def audit_recorded(self, event: object, decision: object) -> None:
+        """One audit record made (the audit trail counts; labels only from fixed sets)."""
+        key = (event if event in AUDIT_EVENTS else "other", decision if decision in AUDIT_DECISIONS else "other")
+        self._audit_records[key] += 1
+
+    def audit_dropped(self, count: int) -> None:
+        self.audit_dropped_records += count
 
     # -- control plane
 
@@ -250,6 +264,14 @@ class _HotPathCollector:
         yield CounterMetricFamily(PREFIX + "stream_bytes", "Bytes relayed on event streams", value=m.stream_bytes)
         yield CounterMetricFamily(PREFIX + "streams_refused", "Event streams answered 429 too_many_streams: "
                                   "over limits.max_streams_per_principal", value=m.streams_refused)
+        audit = CounterMetricFamily(PREFIX + "audit_records", "Audit records made, by event and decision "
+                                    "(audit.sink not off)", labels=("event", "decision"))
+        for pair, count in m._audit_records.items():
+            if count or "other" not in pair:
+                audit.add_metric(pair, count)
+        yield audit
+        yield CounterMetricFamily(PREFIX + "audit_dropped", "Audit records lost: the queue was full or the sink "
+                                  "could not be written (audit.on_full: drop)", value=m.audit_dropped_records)
         yield GaugeMetricFamily(PREFIX + "upstream_stream_connections", "Coordinator connections held by event "
                                 "streams now (at most upstream.stream_share of max_connections)",
                                 value=pool.streams if pool else 0)

@@ -4,6 +4,7 @@ On SIGTERM or SIGINT readiness turns false at once, the gateway keeps serving
 for `drain_delay_s` so endpoints stop routing to it, then stops accepting,
 lets in-flight requests and open streams finish for up to `shutdown_grace_s`,
 closes what remains and returns. A second signal skips the drain delay.
+SIGHUP runs the reload hooks (`GatewayServer.reload`): the audit file is reopened.
 
     asyncio.run(run_gateway(cfg))
 """
@@ -48,6 +49,25 @@ def edge_limits(cfg: GatewayConfig) -> EdgeLimits:
                                                                               cfg.limits.max_buffered_bytes))
 
 
+class ReloadHooks:
+    """What SIGHUP reloads, each part adding its own hook: one that fails is logged and the
+    others still run, and the process goes on serving."""
+
+    def __init__(self) -> None:
+        self._hooks: list[tuple[str, Callable[[], None]]] = []
+
+    def add(self, name: str, hook: Callable[[], None]) -> None:
+        self._hooks.append((name, hook))
+
+    def run(self) -> None:
+        log.info("reloading", extra={"event": "reload", "hooks": [name for name, _ in self._hooks]})
+        for name, hook in self._hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("reload of %s failed", name, extra={"event": "reload_failed", "hook": name})
+
+
 class GatewayServer:
     """A started gateway: the public listener, the optional ops listener, and their shutdown."""
 
@@ -55,6 +75,9 @@ class GatewayServer:
         self.gateway = gateway
         self.listener = listener
         self._ops = ops
+        self.reload = ReloadHooks()
+        if gateway.audit is not None:
+            self.reload.add("audit", gateway.audit.reopen)
 
     async def cleanup(self) -> None:
         """Stops accepting, lets in-flight work finish (shutdown_grace_s), then closes everything."""
@@ -99,7 +122,16 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     signals = asyncio.Queue[int]()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
+    # Handled from the start: SIGHUP's default action would end the process.
+    started: list[GatewayServer] = []
+
+    def reload() -> None:
+        for server in started:
+            server.reload.run()
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     runner, url = await start_gateway(cfg, worker=worker)
+    started.append(runner)
     gateway = runner.gateway
     log.info("gateway listening", extra={"event": "start", "url": url, "metrics_url": gateway.ops_url,
                                          "pid": os.getpid(), "config": redacted(cfg)})
@@ -117,7 +149,7 @@ async def run_gateway(cfg: GatewayConfig, *, on_ready: Callable[[str], None] | N
     finally:
         log.info("stopping", extra={"event": "stop", "grace_s": cfg.shutdown_grace_s})
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped", extra={"event": "stopped"})
 
@@ -164,6 +196,7 @@ def serve(cfg: GatewayConfig) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -63,6 +64,21 @@ class EventLoop(StrEnum):
 
     UVLOOP = "uvloop"
     ASYNCIO = "asyncio"
+
+
+class AuditSink(StrEnum):
+    """`audit.sink`: where audit records go."""
+
+    OFF = "off"         # no audit trail at all
+    STDOUT = "stdout"   # the process's stdout, beside the access log
+    FILE = "file"       # audit.path, appended to; reopened when rotated
+
+
+class AuditOnFull(StrEnum):
+    """`audit.on_full`: what happens when records cannot be kept."""
+
+    DROP = "drop"       # count and lose them; requests go on
+    REFUSE = "refuse"   # refuse run starts and cancels (503 audit_unavailable) until records are written again
 
 
 AUTH_MODES = tuple(m.value for m in AuthMode)
@@ -578,6 +594,39 @@ class AuthorizationConfig(_Model):
         "run-route request must also be allowed by it; unset: no policy"))
 
 
+def _yaml_off(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false.
+    return "off" if value is False else value
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class AuditConfig(_Model):
+    """The audit trail: one JSON record per decision on a run route, written off the request path."""
+
+    sink: Annotated[AuditSink, BeforeValidator(_yaml_off)] = Field(default=AuditSink.OFF, description=(
+        "off (no audit trail, no cost), stdout (beside the access log) or file (audit.path)"))
+    path: Text | None = Field(default=None, description=(
+        "the audit file, appended to (created 0640); required with sink: file, its directory must exist. "
+        "Reopened when its inode changes (logrotate's rename and create) and on SIGHUP"))
+    on_full: AuditOnFull = Field(default=AuditOnFull.DROP, description=(
+        "when the queue is full or the sink cannot be written: drop (count arp_gateway_audit_dropped_total, "
+        "warn) or refuse (run starts and cancels get 503 audit_unavailable until a write succeeds)"))
+    queue_size: Count = Field(default=10000, ge=1, description="records held for the writer; beyond it on_full "
+                                                               "applies")
+
+    @model_validator(mode="after")
+    def _where(self) -> AuditConfig:
+        if self.sink == AuditSink.FILE:
+            if self.path is None:
+                raise problem("required when audit.sink is 'file'", at="path")
+            directory = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(directory):
+                raise problem(f"its directory {shown(directory)} does not exist", at="path")
+            if os.path.isdir(self.path):
+                raise problem(f"{shown(self.path)} is a directory; name a file in it", at="path")
+        return self
+
+
 @dataclass(frozen=True, config=_STRICT_KEYS)
 class GatewayConfig(_Model):
     """The ARP Run Gateway's configuration."""
@@ -592,6 +641,7 @@ class GatewayConfig(_Model):
                                                                      "on a run")
     authorization: AuthorizationConfig = Field(default_factory=AuthorizationConfig, description=(
         "per-run rules from an arp-policy document"))
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit trail of run-route decisions")
     shutdown_grace_s: Number = Field(default=25.0, ge=0, description="after the listener closes, in-flight requests "
                                                                      "get this long to finish")
     drain_delay_s: Number = Field(default=5.0, ge=0, description="after SIGTERM, /readyz fails this long before the "

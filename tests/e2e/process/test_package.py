@@ -131,6 +131,7 @@ def test_wheel_ships_every_file_the_program_reads(installed):
 def test_installed_check_config_prints_the_shipped_examples_and_they_validate(installed, tmp_path):
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     assert {"proxy/data/gateway.example.yaml", "proxy/data/local-port-forward.yaml"} <= names
+    assert "proxy/data/audit-record.schema.json" in names   # the audit trail reads it at start
     gateway = installed.bin / "arp-gateway"
     for flags, source in ((["--example"], "gateway.example.yaml"),
                           (["--example", "local-port-forward"], "local-port-forward.yaml")):

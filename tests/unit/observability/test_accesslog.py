@@ -23,10 +23,10 @@ def test_time_is_utc_to_the_millisecond(now: float, stamp: str, monkeypatch: pyt
     monkeypatch.setattr(accesslog.time, "time", lambda: now)
     out = io.StringIO()
     log = AccessLog(out, log_subject=False)
-    log._handle = object()  # type: ignore[assignment]  # no loop here: flushed by hand
+    log._lines._handle = object()  # type: ignore[assignment]  # no loop here: flushed by hand
     log.record("r1", "POST", "/v1/runs", 200, 0.0012345, None, 2, 3, "allowed", "", None, "127.0.0.1",
                None, None, None)
-    log._handle = None
+    log._lines._handle = None
     log.flush()
     line = json.loads(out.getvalue())
     assert line["time"] == stamp
@@ -38,14 +38,14 @@ def test_each_request_names_its_own_caller() -> None:
     User-Agent, issuer or auth outcome."""
     out = io.StringIO()
     log = AccessLog(out, log_subject=False)
-    log._handle = object()  # type: ignore[assignment]
+    log._lines._handle = object()  # type: ignore[assignment]
     callers = [("allowed", "", "10.0.0.1", b"curl/8", "https://a"), ("allowed", "", "10.0.0.2", b"curl/8", "https://a"),
                ("denied", "scope", "10.0.0.1", b"curl/8", "https://a"), ("allowed", "", "10.0.0.1", None, None),
                ("allowed", "", "10.0.0.1", b'say "hi"\x01', "https://b")]
     for auth, reason, client, agent, issuer in callers * 2:
         log.record("r1", "GET", "/v1/runs/{run_id}", 200, 0.001, 0.001, 0, 10, auth, reason, None, client,
                    agent, issuer, "run-1")
-    log._handle = None
+    log._lines._handle = None
     log.flush()
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     seen = [(line["auth"], line["auth_reason"], line["client"], line["user_agent"], line["issuer"]) for line in lines]

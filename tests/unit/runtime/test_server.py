@@ -1,0 +1,64 @@
+"""SIGHUP: the reload hooks run in turn, one failing does not stop the others, and a gateway
+with an audit file reopens it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from proxy.runtime.server import ReloadHooks, start_gateway
+from tests.support.gateway import gateway_config
+
+
+def test_a_failing_hook_is_logged_and_the_next_still_runs(caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[str] = []
+    hooks = ReloadHooks()
+
+    def broken() -> None:
+        ran.append("broken")
+        raise OSError("cannot reload")
+
+    hooks.add("broken", broken)
+    hooks.add("audit", lambda: ran.append("audit"))
+    with caplog.at_level(logging.INFO, logger="proxy.runtime.server"):
+        hooks.run()
+        hooks.run()
+    assert ran == ["broken", "audit"] * 2
+    assert sum("reload of broken failed" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_gateway_with_an_audit_file_reopens_it_from_its_reload_hooks(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    server, _ = await start_gateway(gateway_config(None, audit={"sink": "file", "path": str(path)}))
+    trail = server.gateway.audit
+    assert trail is not None
+    try:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, server.reload.run)   # as run_gateway installs it
+        trail.record({"event": "run.get", "decision": "allow", "status": 200})
+        await trail.flushed()
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(100):            # the signal arrives through the loop's wakeup: a few iterations
+            await asyncio.sleep(0)
+            if trail._sink._reopen:
+                break
+        trail.record({"event": "run.get", "decision": "deny", "status": 404})
+        await trail.flushed()
+        assert trail._sink.opens == 2
+    finally:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await server.cleanup()
+    assert len(path.read_text().splitlines()) == 2
+
+
+async def test_audit_off_builds_no_trail() -> None:
+    server, _ = await start_gateway(gateway_config(None))
+    try:
+        assert server.gateway.audit is None
+    finally:
+        await server.cleanup()

@@ -53,6 +53,7 @@ from ..upstream.headers import TrustedProxies
 from ..util.clock import Clock
 from .ratelimit import RateLimiter
 from .runaccess import RunGuard
+from .runaudit import RunAudit
 from .streamlimit import StreamLimiter
 
 log = logging.getLogger("proxy.gateway.pipeline")
@@ -120,6 +121,29 @@ class Exchange:
         self._observer.end(request, self.route, self.outcome, self.started, status)
 
 
+class AuditedExchange(Exchange):
+    """An Exchange whose end is recorded in the audit trail: made only when audit.sink is on."""
+
+    __slots__ = ("_audit", "_recorded")
+
+    def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
+        super().__init__(gateway, request, started)
+        self._audit: RunAudit = gateway.run_audit  # type: ignore[assignment]
+        self._recorded = False
+
+    def done(self, request: Request, failed: int) -> None:
+        if not self._recorded and not request.finished:
+            self._recorded = True
+            self._audit.record(self, failed or request.status or 500)
+        super().done(request, failed)
+
+    def abandoned(self, status: int) -> None:
+        if not self._recorded:
+            self._recorded = True
+            self._audit.record(self, status)
+        super().abandoned(status)
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig, clock: Clock, probe: HealthProbe, version: dict[str, Any]) -> None:
         self.cfg = cfg
@@ -157,12 +181,18 @@ class Gateway:
             if rate is not None else None
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
         self.runs = RunGuard(cfg, self.upstream, self.metrics, handed=HANDED, paused=PAUSED, proceed=self.proceed)
-        # The stage order, in its one place. Binding and run authorization are in it only when
-        # configured: switched off, they cost nothing per request.
-        bind: tuple[Callable[[Exchange], Result], ...] = (self.runs.bind,) if self.runs.binds else ()
-        authorize: tuple[Callable[[Exchange], Result], ...] = (self._authorize,) if self.runs.checks else ()
-        self._stages: tuple[Callable[[Exchange], Result], ...] = (
-            self._route, self._authenticate, self._local, self._admit, self._body, *bind, self._identity,
+        self.run_audit = RunAudit(self.audit, self.runs) if self.audit is not None else None
+        self._exchange: type[Exchange] = AuditedExchange if self.run_audit is not None else Exchange
+        # The stage order, in its one place. Binding, run authorization and the audit gate are in it
+        # only when configured: switched off, they cost nothing per request. With an audit trail the
+        # authorize stage also learns each started run's id for its record.
+        Stages = tuple[Callable[[Exchange], Result], ...]
+        bind: Stages = (self.runs.bind,) if self.runs.binds else ()
+        authorize: Stages = (self._authorize,) if self.runs.checks or self.run_audit is not None else ()
+        gate: Stages = (self.run_audit.gate,) if self.run_audit is not None and cfg.audit.on_full == "refuse" \
+            else ()
+        self._stages: Stages = (
+            self._route, self._authenticate, self._local, self._admit, *gate, self._body, *bind, self._identity,
             *authorize, self._forward)
 
     # ------------------------------------------------------------------ lifecycle
@@ -210,7 +240,7 @@ class Gateway:
 
     def handle(self, request: Request) -> None:
         """The driver: the stages in order, inline, until one answers or has to wait."""
-        ex = request.exchange = Exchange(self, request, self.observer.begin())
+        ex = request.exchange = self._exchange(self, request, self.observer.begin())
         self._drive(ex, 0)
 
     def _drive(self, ex: Exchange, i: int) -> None:

@@ -124,12 +124,13 @@ class Exchange:
 class AuditedExchange(Exchange):
     """An Exchange whose end is recorded in the audit trail: made only when audit.sink is on."""
 
-    __slots__ = ("_audit", "_recorded")
+    __slots__ = ("_audit", "_recorded", "start")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         super().__init__(gateway, request, started)
         self._audit: RunAudit = gateway.run_audit  # type: ignore[assignment]
         self._recorded = False
+        self.start: Any = None   # a run start's body as the edge decoded it, for the record's node type
 
     def done(self, request: Request, failed: int) -> None:
         if not self._recorded and not request.finished:
@@ -162,7 +163,7 @@ class Gateway:
                                  trusted=self.trusted_proxies)
         self.probe = probe
         self._version = json_answer(200, version)
-        self.bodies = BodyRules(cfg.limits)
+        self.bodies = BodyRules(cfg.limits, keep_documents=cfg.audit.sink != "off")
         self.state = "starting"
         self.ops_url: str | None = None
         self.control: aiohttp.ClientSession | None = None
@@ -183,6 +184,8 @@ class Gateway:
         self.runs = RunGuard(cfg, self.upstream, self.metrics, handed=HANDED, paused=PAUSED, proceed=self.proceed)
         self.run_audit = RunAudit(self.audit, self.runs) if self.audit is not None else None
         self._exchange: type[Exchange] = AuditedExchange if self.run_audit is not None else Exchange
+        if self.run_audit is not None:
+            self._checked = self._checked_kept  # type: ignore[method-assign]
         # The stage order, in its one place. Binding, run authorization and the audit gate are in it
         # only when configured: switched off, they cost nothing per request. With an audit trail the
         # authorize stage also learns each started run's id for its record.
@@ -358,6 +361,13 @@ class Gateway:
             return body
         ex.body = body  # type: ignore[assignment]
         return None
+
+    def _checked_kept(self, ex: Exchange, raw: bytes) -> Outcome:
+        """_checked, keeping a run start's decoded body on the (audited) exchange."""
+        outcome = Gateway._checked(self, ex, raw)
+        if ex.route is START_RUN:
+            ex.start = self.bodies.document  # type: ignore[attr-defined]
+        return outcome
 
     def _body_refusal(self, request: Request, exc: BaseException) -> Answer:
         """413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full that

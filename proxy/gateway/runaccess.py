@@ -195,10 +195,12 @@ class RunGuard:
     def _start(self, ex: Exchange) -> Answer | None:
         if self.policy is None:
             return None
-        try:
-            doc = json.loads(ex.body or b"{}")
-        except ValueError:  # the edge validated it; only a bound body could be new, and it is JSON
-            doc = {}
+        doc = getattr(ex, "start", None)  # decoded by the edge when an audit trail keeps it
+        if doc is None:
+            try:
+                doc = json.loads(ex.body or b"{}")
+            except ValueError:  # the edge validated it; only a bound body could be new, and it is JSON
+                doc = {}
         ref = doc.get("root_node_type_ref") if isinstance(doc, dict) else None
         ref = ref if isinstance(ref, dict) else {}
         node_type, version = ref.get("node_type_id"), ref.get("version")

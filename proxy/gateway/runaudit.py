@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..arp.answers import Answer, error_answer
 from ..arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, START_RUN, Route
-from ..arp.runcontext import read_json, trace_ids
+from ..arp.runcontext import trace_ids
 from ..auth.principal import Principal
 from ..observability.audit import AuditTrail
 from ..util.boundedcache import BoundedCache
@@ -84,8 +84,8 @@ class RunAudit:
                 if ids is not None:
                     fields["trace_id"] = ids[0]
                 break
-        if route is START_RUN and ex.body is not None:
-            start = read_json(ex.body)
+        if route is START_RUN:
+            start = getattr(ex, "start", None)   # the body the client sent, as the edge decoded it
             ref = start.get("root_node_type_ref") if start.__class__ is dict else None
             if ref.__class__ is dict:
                 node_id, version = ref.get("node_type_id"), ref.get("version")

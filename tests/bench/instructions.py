@@ -55,6 +55,7 @@ from bench import (  # noqa: E402  (the bench's own helpers: same fixtures, same
 
 
 RUN_ID = "run_bench"
+RUNS_LABEL = "with runs owned (binding, owner access, audit sink %s)"
 
 
 def send(port: int, token: str, count: int, route: str = "start") -> None:
@@ -86,11 +87,12 @@ def upstream_conf(workdir: Path, port: int, issuer: str, subject: str) -> str:
                         + anchor, 1)
 
 
-def runs_config(workdir: Path, cfg: dict) -> dict:
-    """`cfg` with runs belonging to their callers: binding, owner access, and the audit file."""
+def runs_config(workdir: Path, cfg: dict, audit: str = "file") -> dict:
+    """`cfg` with runs belonging to their callers: binding, owner access, and the audit trail
+    (`audit`: file, stdout or off)."""
     cfg = {**cfg, "runs": {"bind_identity": True, "access": "owner"}}
-    if "audit" in _config_sections():
-        cfg["audit"] = {"sink": "file", "path": str(workdir / "audit.log")}
+    if audit != "off" and "audit" in _config_sections():
+        cfg["audit"] = {"sink": audit, "path": str(workdir / "audit.log") if audit == "file" else None}
     return cfg
 
 
@@ -105,7 +107,7 @@ def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstrea
     port = free_port()
     cfg = gateway_config(port, upstream, issuer, metrics=args.metrics, access_log=args.access_log)
     if runs:
-        cfg = runs_config(workdir, cfg)
+        cfg = runs_config(workdir, cfg, args.audit)
     path = workdir / f"{label}.yaml"
     path.write_text(json.dumps(cfg))
     # -P: the working directory (this checkout) must not shadow PYTHONPATH's package.
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="count POST /v1/runs (default) or GET /v1/runs/{id}")
     p.add_argument("--runs", action="store_true", help="also count with runs belonging to their callers "
                    "(binding, owner access, audit file), side by side")
+    p.add_argument("--audit", choices=("file", "stdout", "off"), default="file",
+                   help="with --runs: the audit sink (default file)")
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             counts[str(args.baseline)] = count(procs, workdir, "baseline", args.baseline.resolve(), upstream,
                                                issuer, token, args)
         if args.runs:
-            counts["with runs owned (binding, owner access, audit file)"] = count(
+            counts[RUNS_LABEL % args.audit] = count(
                 procs, workdir, "runs", None, upstream, issuer, token, args, runs=True)
     except BenchError as exc:
         print(f"instructions.py: {exc}", file=sys.stderr)
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         current, baseline = counts["this checkout"], counts[str(args.baseline)]
         print(f"  this checkout / baseline: {current / baseline:.3f}")
     if args.runs:
-        current, owned = counts["this checkout"], counts["with runs owned (binding, owner access, audit file)"]
+        current, owned = counts["this checkout"], counts[RUNS_LABEL % args.audit]
         print(f"  with runs owned / as configured: {owned / current:.3f}")
     return 0
 

@@ -292,7 +292,8 @@ class RunGuard:
                             request_id=ex.request.request_id, details={"run_id": unquote(run_id)})
 
     def _context(self, ex: Exchange) -> dict[str, Any]:
-        """The policy's view of the caller; keys whose value is unknown are left out."""
+        """The policy's view of the caller; a key whose value is unknown is None, which no
+        condition matches."""
         outcome = ex.outcome
         principal = outcome.principal if outcome is not None else None
         context: dict[str, Any] = {"request_id": ex.request.request_id}

@@ -222,10 +222,15 @@ class BodyHead(Protocol):
 
 
 class BodyRules:
-    def __init__(self, limits: BodyLimits) -> None:
+    def __init__(self, limits: BodyLimits, *, keep_documents: bool = False) -> None:
         self._limit = limits.max_body_bytes
         self.body_timeout_s = limits.body_timeout_s
         self._validate = load_run_start_validator()
+        # keep_documents: the last run start checked stays decoded here (None when it was not JSON),
+        # for whoever reads it next (the audit record's node type) instead of decoding it again.
+        self.document: Any = None
+        if keep_documents:
+            self._problems = self._problems_kept  # type: ignore[method-assign]
 
     def before(self, request: BodyHead, route: Route) -> Answer | None:
         """What refuses a request before its body is read: a body where none belongs, a run start
@@ -274,6 +279,15 @@ class BodyRules:
             if isinstance(exc, json.JSONDecodeError):
                 problem["message"] = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             return [problem]
+        return self._validate(document)
+
+    def _problems_kept(self, body: bytes) -> list[Problem]:
+        self.document = None
+        try:
+            document = _decode(body.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return BodyRules._problems(self, body)  # for its message
+        self.document = document
         return self._validate(document)
 
     def too_large(self, rid: str) -> Answer:

@@ -54,6 +54,8 @@ from ..upstream.headers import TrustedProxies
 from ..util.clock import Clock
 from .ratelimit import RateLimiter, retry_after_s
 from .redislimit import RedisStore, SharedRateLimiter, Unavailable
+from .runaccess import RunGuard
+from .runaudit import RunAudit
 from .streamlimit import StreamLimiter
 
 log = logging.getLogger("proxy.gateway.pipeline")
@@ -85,7 +87,7 @@ class Exchange:
     """The gateway's state for one request, from `handle` to `observe`."""
 
     __slots__ = ("request", "route", "outcome", "started", "body", "extra", "reply", "at", "_streams",
-                 "_observer")
+                 "_observer", "run_id", "decision", "reason", "statement_id")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         self._streams = gateway.streams
@@ -98,6 +100,11 @@ class Exchange:
         self.extra = b""                   # identity header lines for the coordinator
         self.reply = b""                   # header lines added to the coordinator's answer (RateLimit)
         self.at = 0                        # the stage after a PAUSED one: where `proceed` goes on
+        # What a run-route decision was, for the audit record (gateway/runaccess.py sets them).
+        self.run_id: str | None = None
+        self.decision: str | None = None   # "allow" | "deny"
+        self.reason: str | None = None
+        self.statement_id: str | None = None
 
     def done(self, request: Request, failed: int) -> None:
         """The answer is written: observe it, and let the connection go on."""
@@ -115,6 +122,30 @@ class Exchange:
         if self._streams.holding:
             self._streams.leave(request)
         self._observer.end(request, self.route, self.outcome, self.started, status)
+
+
+class AuditedExchange(Exchange):
+    """An Exchange whose end is recorded in the audit trail: made only when audit.sink is on."""
+
+    __slots__ = ("_audit", "_recorded", "start")
+
+    def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
+        super().__init__(gateway, request, started)
+        self._audit: RunAudit = gateway.run_audit  # type: ignore[assignment]
+        self._recorded = False
+        self.start: Any = None   # a run start's body as the edge decoded it, for the record's node type
+
+    def done(self, request: Request, failed: int) -> None:
+        if not self._recorded and not request.finished:
+            self._recorded = True
+            self._audit.record(self, failed or request.status or 500)
+        super().done(request, failed)
+
+    def abandoned(self, status: int) -> None:
+        if not self._recorded:
+            self._recorded = True
+            self._audit.record(self, status)
+        super().abandoned(status)
 
 
 class Gateway:
@@ -135,7 +166,7 @@ class Gateway:
                                  trusted=self.trusted_proxies)
         self.probe = probe
         self._version = json_answer(200, version)
-        self.bodies = BodyRules(cfg.limits)
+        self.bodies = BodyRules(cfg.limits, keep_documents=cfg.audit.sink != "off")
         self.state = "starting"
         self.ops_url: str | None = None
         self.control: aiohttp.ClientSession | None = None
@@ -154,7 +185,7 @@ class Gateway:
         rate = cfg.limits.run_start_rate
         self.run_start_limiter = RateLimiter(per_second=rate.per_second, burst=rate.burst, clock=clock) \
             if rate is not None else None
-        self._rate_key = _rate_key_function(rate)
+        self._rate_key = _rate_key_function(rate, cfg.runs.tenant_claim)
         # backend: redis only: the fleet-wide limit, with this process's limiter as its fallback.
         self.redis: RedisStore | None = None
         self.shared_limiter: SharedRateLimiter | None = None
@@ -164,11 +195,25 @@ class Gateway:
             if self.metrics is not None:
                 self.metrics.redis_up = lambda: store.up
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
-        # The stage order, in its one place. With client certificates asked for, the identity stage
-        # also passes the certificate on; without, requests never look for one.
+        self.runs = RunGuard(cfg, self.upstream, self.metrics, handed=HANDED, paused=PAUSED, proceed=self.proceed)
+        self.run_audit = RunAudit(self.audit, self.runs) if self.audit is not None else None
+        self._exchange: type[Exchange] = AuditedExchange if self.run_audit is not None else Exchange
+        if self.run_audit is not None:
+            self._checked = self._checked_kept  # type: ignore[method-assign]
+        # The stage order, in its one place. Binding, run authorization and the audit gate are in it
+        # only when configured: switched off, they cost nothing per request. With an audit trail the
+        # authorize stage also learns each started run's id for its record. With client certificates
+        # asked for, the identity stage also passes the certificate on; without, requests never look
+        # for one.
+        Stages = tuple[Callable[[Exchange], Result], ...]
+        bind: Stages = (self.runs.bind,) if self.runs.binds else ()
+        authorize: Stages = (self._authorize,) if self.runs.checks or self.run_audit is not None else ()
+        gate: Stages = (self.run_audit.gate,) if self.run_audit is not None and cfg.audit.on_full == "refuse" \
+            else ()
         identity = self._identity_and_certificate if self.client_certificates else self._identity
-        self._stages: tuple[Callable[[Exchange], Result], ...] = (
-            self._route, self._authenticate, self._local, self._admit, self._body, identity, self._forward)
+        self._stages: Stages = (
+            self._route, self._authenticate, self._local, self._admit, *gate, self._body, *bind, identity,
+            *authorize, self._forward)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,7 +264,7 @@ class Gateway:
 
     def handle(self, request: Request) -> None:
         """The driver: the stages in order, inline, until one answers or has to wait."""
-        ex = request.exchange = Exchange(self, request, self.observer.begin())
+        ex = request.exchange = self._exchange(self, request, self.observer.begin())
         self._drive(ex, 0)
 
     def _drive(self, ex: Exchange, i: int) -> None:
@@ -323,11 +368,7 @@ class Gateway:
                 raw = request.body_now()
             except BodyTooLarge as exc:
                 return self._body_refusal(request, exc)
-            body = self.bodies.checked(request, ex.route, raw)
-            if body.__class__ is Answer:
-                return body
-            ex.body = body  # type: ignore[assignment]
-            return None
+            return self._checked(ex, raw)
         if request.broken:
             return self._body_refusal(request, broken_error(request.broken))
         # False: the client is gone, and its connection reports the request as abandoned.
@@ -339,6 +380,20 @@ class Gateway:
             return  # the client left: its connection has reported it (499)
         # With no error the body is whole (or past the limit), so _body takes it now.
         self.proceed(ex, self._body(ex) if error is None else self._body_refusal(request, error))  # type: ignore[arg-type]
+
+    def _checked(self, ex: Exchange, raw: bytes) -> Outcome:
+        body = self.bodies.checked(ex.request, ex.route, raw)
+        if body.__class__ is Answer:
+            return body
+        ex.body = body  # type: ignore[assignment]
+        return None
+
+    def _checked_kept(self, ex: Exchange, raw: bytes) -> Outcome:
+        """_checked, keeping a run start's decoded body on the (audited) exchange."""
+        outcome = Gateway._checked(self, ex, raw)
+        if ex.route is START_RUN:
+            ex.start = self.bodies.document  # type: ignore[attr-defined]
+        return outcome
 
     def _body_refusal(self, request: Request, exc: BaseException) -> Answer:
         """413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full that
@@ -389,6 +444,16 @@ class Gateway:
             return line
         ex.extra += line  # type: ignore[operator]
         return None
+
+    def _authorize(self, ex: Exchange) -> Result:
+        """Who may act on this run (runs.access, authorization.policy_file); a run start allowed
+        here is forwarded with its answer peeked, to learn the new run's id and owner."""
+        result = self.runs.authorize(ex)
+        if result is None and ex.route is START_RUN:
+            self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done, ex.reply,
+                                  self.runs.peek_start(ex))
+            return HANDED
+        return result
 
     def _forward(self, ex: Exchange) -> Result:
         self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done, ex.reply)
@@ -503,12 +568,13 @@ class Gateway:
 _PROBES = (LIVEZ, READYZ, METRICS)
 
 
-def _rate_key_function(rate: RateConfig | None) -> Callable[[Request, AuthOutcome], str]:
-    """Whom the run-start limit counts against: limits.run_start_rate.key."""
+def _rate_key_function(rate: RateConfig | None, runs_tenant_claim: str | None) -> Callable[[Request, AuthOutcome], str]:
+    """Whom the run-start limit counts against: limits.run_start_rate.key; a tenant is named by the
+    limit's own tenant_claim, else by the one runs bind into each run."""
     if rate is None or rate.key == RateKey.SUBJECT:
         return _principal_key
     # A claim read from a verified token; only a non-empty string or a number names a group.
-    claims = (rate.tenant_claim,) if rate.key == RateKey.TENANT else ("client_id", "azp")
+    claims = (rate.tenant_claim or runs_tenant_claim,) if rate.key == RateKey.TENANT else ("client_id", "azp")
     label = "tenant\x00" if rate.key == RateKey.TENANT else "client\x00"
 
     def key(request: Request, outcome: AuthOutcome) -> str:

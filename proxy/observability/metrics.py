@@ -45,6 +45,7 @@ PREFIX = "arp_gateway_"
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
+RUN_ACTIONS = ("start", "get", "cancel", "events")
 # Why the listener turned a connection away, or closed one that was not done with.
 CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit", "buffer_budget"),
                      "connections_closed": ("reclaimed", "header_timeout", "body_timeout", "keepalive_timeout",
@@ -91,6 +92,8 @@ class GatewayMetrics:
         self.rate_decisions: dict[tuple[str, str], int] = {}
         self.redis_errors: dict[str, int] = {}
         self.redis_up: Callable[[], bool] | None = None
+        # Run-route requests refused by runs.access or the policy, by action (start, get, cancel, events).
+        self.run_access_denied = dict.fromkeys(RUN_ACTIONS, 0)
         self.pool: UpstreamPool | None = None  # the coordinator pool, read at scrape time for its queue counters
         self._requests: dict[tuple[str, str, int], list[int]] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
@@ -267,6 +270,12 @@ class _HotPathCollector:
         yield overloaded
         yield GaugeMetricFamily(PREFIX + "buffered_bytes", "Request head and body bytes held in memory now, "
                                 "counted against limits.max_buffered_bytes", value=m.buffered_bytes())
+        denied = CounterMetricFamily(PREFIX + "run_access_denied", "Run-route requests refused by runs.access "
+                                     "or authorization.policy_file (get, cancel and events answered as an "
+                                     "unknown run)", labels=("action",))
+        for action, count in m.run_access_denied.items():
+            denied.add_metric((action,), count)
+        yield denied
         limited = CounterMetricFamily(PREFIX + "rate_limited", "Requests refused with 429 by the run-start rate "
                                       "limit", labels=("route",))
         for route, count in sorted(m.rate_limited.items()):

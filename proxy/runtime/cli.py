@@ -71,6 +71,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                    help=f"port of the dev token issuer on 127.0.0.1 (default {ISSUER_PORT}; 0: any free port); "
                    f"`arp-gateway token --issuer http://127.0.0.1:PORT` mints from it")
     d.add_argument("--step-delay", type=float, default=0.5, help="seconds between a dev run's events")
+    d.add_argument("--runs", choices=("any", "owner"), default="any",
+                   help="runs.access: any (default: every caller acts on every run), or owner (each run is "
+                   "bound to the token that started it, and another subject's get, cancel and events are 404)")
     d.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
 
     t = sub.add_parser(
@@ -188,6 +191,8 @@ def _dev(args: argparse.Namespace) -> int:
         flags = {"listen.host": "127.0.0.1", "listen.port": args.port, "upstream.url": coordinator_url,
                  "metrics.host": "127.0.0.1", "metrics.port": args.metrics_port, "auth.mode": args.auth,
                  "auth.issuers": [{"issuer": issuer.url, "audiences": [ISSUER_AUDIENCE]}]}
+        if args.runs == "owner":
+            flags.update({"runs.bind_identity": True, "runs.access": "owner"})
         cfg = _config(DEV_CONFIG, flags)
         if cfg is None:
             await issuer_runner.cleanup()
@@ -232,8 +237,19 @@ With a token:
   curl -sS -X POST {url}/v1/runs -H 'Content-Type: application/json' -H "Authorization: Bearer $TOKEN" -d '{body}'
 Stream its events:
   curl -sS -N {url}/v1/runs/<run_id>/events
-
+{_owner_demo(url, body) if args.runs == "owner" else ""}
 Ctrl-C to stop.
+"""
+
+
+def _owner_demo(url: str, body: str) -> str:
+    return f"""
+Runs belong to their callers (--runs owner): two subjects, and the second one's 404 on the first one's run:
+  ALICE="$(arp-gateway token --sub alice)"; BOB="$(arp-gateway token --sub bob)"
+  RUN=$(curl -sS -X POST {url}/v1/runs -H 'Content-Type: application/json' -H "Authorization: Bearer $ALICE" \\
+        -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
+  curl -sS {url}/v1/runs/$RUN -H "Authorization: Bearer $ALICE"    # 200: alice's run, run_context names her
+  curl -sS {url}/v1/runs/$RUN -H "Authorization: Bearer $BOB"      # 404 run_not_found, as for no run at all
 """
 
 

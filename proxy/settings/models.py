@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict,
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs, PydanticCustomError
 
+from ..arp.policy import PolicyFileError, load_policy
 from ..arp.routes import ALL_ROUTES
 from ..util.certificates import CertificateProblem, TlsFiles, build_context
 from ..util.secretfile import SecretFileError, read_secret
@@ -50,6 +51,21 @@ class ClientAuth(StrEnum):
     NONE = "none"           # not asked for
     OPTIONAL = "optional"   # asked for; one that is sent must verify against client_ca_file
     REQUIRED = "required"   # a handshake without a valid one fails
+
+
+class RunAccess(StrEnum):
+    """`runs.access`: who may get, cancel and stream a run."""
+
+    ANY = "any"         # every authenticated caller (no per-run check)
+    OWNER = "owner"     # the caller whose iss and sub the run's run_context.identity holds
+    TENANT = "tenant"   # callers whose tenant claim equals the run's run_context.tenant_id
+
+
+class OnConflict(StrEnum):
+    """`runs.on_conflict`: a client-sent identity, actor or tenant_id unlike the gateway's."""
+
+    REFUSE = "refuse"
+    OVERWRITE = "overwrite"
 
 
 class EventLoop(StrEnum):
@@ -479,17 +495,12 @@ class RateConfig(_Model):
         "without it counts by subject) or client_id (the `client_id` claim, else `azp`, else the subject). "
         "Anonymous callers always count by client address"))
     tenant_claim: Text | None = Field(default=None, description="the claim naming a caller's tenant, for "
-                                                                "key: tenant (e.g. tenant_id)")
+                                                                "key: tenant (e.g. tenant_id); runs.tenant_claim "
+                                                                "when unset")
     on_backend_error: BackendError = Field(default=BackendError.LOCAL, description=(
         "backend: redis, when Redis fails or is slower than redis.timeout_ms: local (this process's own "
         "bucket decides, so one replica still limits), open (allow) or closed (503 rate_limiter_unavailable, "
         "retryable)"))
-
-    @model_validator(mode="after")
-    def _tenant_named(self) -> RateConfig:
-        if self.key == RateKey.TENANT and not self.tenant_claim:
-            raise problem("key: tenant needs the claim that names the tenant", at="tenant_claim")
-        return self
 
 
 def _redis_url(value: str) -> str:
@@ -733,6 +744,54 @@ class LoggingConfig(_Model):
     log_subject: bool = Field(default=False, description="put the caller's subject in access log lines (personal data)")
 
 
+def _policy_file(path: str) -> str:
+    try:
+        load_policy(path)
+    except PolicyFileError as exc:
+        raise problem(str(exc)) from None
+    return path
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class RunsConfig(_Model):
+    """Runs and their callers: the verified caller bound into each run start, and who may act on a run."""
+
+    bind_identity: bool = Field(default=False, description=(
+        "write the verified caller into each run start's run_context (identity, actor, tenant_id, "
+        "trace.request_id) before it is forwarded"))
+    identity_claims: Texts = Field(default=(), description=(
+        "token claims copied into run_context.identity beside iss and sub, when the token has them"))
+    tenant_claim: Text | None = Field(default=None, description=(
+        "the token claim that names the caller's tenant (run_context.tenant_id); a token without it "
+        "may not start runs; unset: no tenant, and a client-sent tenant_id is a conflict"))
+    on_conflict: OnConflict = Field(default=OnConflict.REFUSE, description=(
+        "a client-sent identity, actor or tenant_id unlike the gateway's: refuse (403 "
+        "run_context_mismatch) or overwrite"))
+    access: RunAccess = Field(default=RunAccess.ANY, description=(
+        "who may get, cancel and stream a run: any authenticated caller, its owner (the iss and sub "
+        "bound into it), or its tenant's members; others get the 404 of an unknown run"))
+    admin_scope: Text | None = Field(default=None, description=(
+        "a token with this scope may act on every run, whatever runs.access says"))
+    owner_cache_size: Count = Field(default=100_000, ge=1, description=(
+        "run ids whose owner is remembered (LRU); a run not in it is looked up with one GET to the "
+        "coordinator"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunsConfig:
+        if self.access == RunAccess.TENANT and self.tenant_claim is None:
+            raise problem("required when runs.access is 'tenant'", at="tenant_claim")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class AuthorizationConfig(_Model):
+    """Finer per-run rules: an arp-policy document evaluated on every run route."""
+
+    policy_file: Annotated[Text, AfterValidator(_policy_file)] | None = Field(default=None, description=(
+        "an arp-policy JSON document (actions run:Start, run:Get, run:Cancel, run:ReadEvents); every "
+        "run-route request must also be allowed by it; unset: no policy"))
+
+
 def _yaml_off(value: Any) -> Any:
     # YAML 1.1 reads a bare `off` as false.
     return "off" if value is False else value
@@ -776,6 +835,10 @@ class GatewayConfig(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="authentication and authorization")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and access log")
+    runs: RunsConfig = Field(default_factory=RunsConfig, description="identity bound into runs, and who may act "
+                                                                     "on a run")
+    authorization: AuthorizationConfig = Field(default_factory=AuthorizationConfig, description=(
+        "per-run rules from an arp-policy document"))
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit trail of run-route decisions")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="the Redis holding fleet-wide state")
     shutdown_grace_s: Number = Field(default=25.0, ge=0, description="after the listener closes, in-flight requests "
@@ -803,6 +866,9 @@ class GatewayConfig(_Model):
         rate = self.limits.run_start_rate
         if rate is not None and rate.backend == RateBackend.REDIS and self.redis.url is None:
             found.append(("redis.url", "limits.run_start_rate.backend is 'redis' but no Redis is configured"))
+        if rate is not None and rate.key == RateKey.TENANT and not (rate.tenant_claim or self.runs.tenant_claim):
+            found.append(("limits.run_start_rate.tenant_claim", "key: tenant needs the claim that names the tenant "
+                                                                "(here or in runs.tenant_claim)"))
         if found:
             raise problems(found)
         return self

@@ -557,7 +557,7 @@ class Bench:
         self.results: dict[str, Any] = {"sections": {}, "notes": []}
         self.targets: dict[str, Target] = {}
         self.ports = {name: free_port() for name in (
-            "upstream", "nginx", "haproxy", "gw_auth", "gw_noauth", "gw_nometrics", "gw_workers2",
+            "upstream", "nginx", "haproxy", "gw_auth", "gw_noauth", "gw_nometrics", "gw_runs", "gw_workers2",
             "gw_scale1", "gw_scale2",
             "jarvis", "token", "issuer", "stream", "gw_stream", "gw_startup")}
         self.issuer = f"http://127.0.0.1:{self.ports['issuer']}"
@@ -669,6 +669,26 @@ class Bench:
                                 duration=d, checks_auth=True)
             else:
                 self.note("metrics on/off: this checkout's config has no metrics.enabled key: n/a")
+        if "runs" not in skip:
+            if "runs" in _config_keys()[""]:
+                # Runs owned by their callers (issue 18): the caller bound into each start, owner
+                # access, and an audit file when this checkout has one.
+                def owned(**kw: Any) -> dict[str, Any]:
+                    cfg = gateway_config(ports["gw_runs"], upstream_url, self.issuer, **kw)
+                    cfg["runs"] = {"bind_identity": True, "access": "owner"}
+                    if "audit" in _config_keys()[""]:
+                        cfg["audit"] = {"sink": "file", "path": str(self.workdir / "audit.log")}
+                    return cfg
+
+                def runs_start() -> int:
+                    p = self.start_gateway("gw_runs", owned(metrics=True, access_log=True), TARGET_CPU)
+                    self.wait_gateway_ready("gw_runs", ports["gw_runs"], p)
+                    return p.pid
+
+                self.add_target("gw_runs", "arp-gateway, auth required, runs owned (binding, owner, audit file)",
+                                ports["gw_runs"], runs_start, duration=d, checks_auth=True)
+            else:
+                self.note("runs owned: this checkout's config has no runs section: n/a")
         if "workers" not in skip:
             self.add_target("gw_workers2", "arp-gateway, auth required, 2 workers (cores 0+1)",
                             ports["gw_workers2"], gateway("gw_workers2", self.issuer, cpus=BOTH_CPUS, workers=2),
@@ -799,7 +819,8 @@ class Bench:
         the machine's state, so the median of the pair ratios is the steadier estimate."""
         section: dict[str, Any] = {}
         for name, a_key, b_key in (("gw_auth_vs_haproxy", "gw_auth", "haproxy"),
-                                   ("metrics_on_vs_off", "gw_auth", "gw_nometrics")):
+                                   ("metrics_on_vs_off", "gw_auth", "gw_nometrics"),
+                                   ("runs_owned_vs_off", "gw_runs", "gw_auth")):
             a, b = self.targets.get(a_key), self.targets.get(b_key)
             if a is None or b is None or a.unavailable or b.unavailable:
                 continue
@@ -1244,7 +1265,8 @@ def render(results: dict[str, Any]) -> str:
     if su:
         lines += ["", f"Start-up to /readyz 200 (JWKS fetched): {su['samples_s']} s"]
     pr = results["sections"].get("pairs", {})
-    for name, title in (("gw_auth_vs_haproxy", "gateway-auth / HAProxy-jwt"), ("metrics_on_vs_off", "metrics on / off")):
+    for name, title in (("gw_auth_vs_haproxy", "gateway-auth / HAProxy-jwt"), ("metrics_on_vs_off", "metrics on / off"),
+                        ("runs_owned_vs_off", "runs owned / off")):
         if name in pr:
             x = pr[name]
             lines += ["", f"## {title}: {len(x['pairs'])} back-to-back pairs of {pr['seconds']} s rounds", "",
@@ -1343,7 +1365,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-samples", type=int, help="gateway start-ups to time (default 3, quick 1)")
     p.add_argument("--stream-timeout", type=int, default=300, help="bound on one bulk stream, seconds")
     p.add_argument("--skip", nargs="*", default=[], choices=["haproxy", "jarvis", "metrics", "workers", "profile",
-                                                             "fixed-rate", "startup", "streaming"])
+                                                             "fixed-rate", "startup", "streaming", "runs"])
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the 1 s warm-up per target")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (printed path)")
     p.add_argument("--gateway-src", type=Path, help="directory holding another `proxy` package to benchmark, "
@@ -1410,7 +1432,7 @@ def main(argv: list[str] | None = None) -> int:
         if "fixed-rate" not in args.skip:
             bench.fixed_rate()
         # The load targets are done: stop them so the streaming section has the machine to itself.
-        bench.procs.stop_named({"haproxy", "gw_auth", "gw_noauth", "gw_nometrics", "gw_workers2", "jarvis",
+        bench.procs.stop_named({"haproxy", "gw_auth", "gw_noauth", "gw_nometrics", "gw_runs", "gw_workers2", "jarvis",
                                 "token-endpoint"})
         if "workers" not in args.skip:
             bench.scaling()

@@ -3,6 +3,8 @@
     .venv/bin/python tests/bench/instructions.py                          # this checkout
     .venv/bin/python tests/bench/instructions.py --baseline DIR           # and another `proxy` package
     .venv/bin/python tests/bench/instructions.py --requests 2000 --no-access-log
+    .venv/bin/python tests/bench/instructions.py --route get --runs     # GET /v1/runs/{id}, and with
+                                                                        # ownership on, side by side
 
 Timing on a shared 2-core machine moves tens of percent between rounds; an
 instruction count does not (about 1-2% between runs here), so it settles
@@ -15,6 +17,11 @@ required and the production defaults, metrics and the access log on (`--no-metri
 `--no-access-log` count what each costs); a keep-alive client sends `--warmup` run starts (caches, pooled
 connections), the counters are zeroed, `--requests` more are sent, and the
 counters are dumped. Everything listens on 127.0.0.1; every wait is bounded.
+`--route get` counts `GET /v1/runs/{id}` instead (the stand-in coordinator answers
+a Run bound to the bench token's subject). `--runs` counts this checkout twice,
+side by side: as configured, then with runs belonging to their callers (the
+caller bound into each start, `runs.access: owner`, and an audit file when the
+configuration has an `audit` section), and prints the ratio.
 Needs valgrind (Debian package valgrind) and nginx (tests/bench/run.sh installs it).
 """
 
@@ -47,26 +54,60 @@ from bench import (  # noqa: E402  (the bench's own helpers: same fixtures, same
 )
 
 
-def send(port: int, token: str, count: int) -> None:
-    """`count` run starts on one keep-alive connection; each must start a run."""
+RUN_ID = "run_bench"
+RUNS_LABEL = "with runs owned (binding, owner access, audit sink %s)"
+
+
+def send(port: int, token: str, count: int, route: str = "start") -> None:
+    """`count` run starts (or gets of one run) on one keep-alive connection; each must succeed."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     try:
         for _ in range(count):
-            conn.request("POST", "/v1/runs", RUN_START_BODY, headers)
+            if route == "get":
+                conn.request("GET", f"/v1/runs/{RUN_ID}", headers={"Authorization": f"Bearer {token}"})
+            else:
+                conn.request("POST", "/v1/runs", RUN_START_BODY, headers)
             response = conn.getresponse()
             body = response.read()
             if response.status != 200:
-                raise BenchError(f"a run start answered {response.status}: {body[:200]!r}")
+                raise BenchError(f"a {route} answered {response.status}: {body[:200]!r}")
     finally:
         conn.close()
 
 
+def upstream_conf(workdir: Path, port: int, issuer: str, subject: str) -> str:
+    """The bench's nginx stand-in, which also answers GET /v1/runs/{id} with a Run bound to `subject`."""
+    run = json.dumps({"run_id": RUN_ID, "root_node_run_id": "nr_bench", "state": "running",
+                      "run_context": {"identity": {"iss": issuer, "sub": subject},
+                                      "actor": {"type": "principal", "id": subject}}}, separators=(",", ":"))
+    conf = nginx_upstream_conf(workdir, port)
+    anchor = "    location = /v1/health"
+    return conf.replace(anchor, f"    location /v1/runs/ {{ default_type application/json; return 200 '{run}'; }}\n"
+                        + anchor, 1)
+
+
+def runs_config(workdir: Path, cfg: dict, audit: str = "file") -> dict:
+    """`cfg` with runs belonging to their callers: binding, owner access, and the audit trail
+    (`audit`: file, stdout or off)."""
+    cfg = {**cfg, "runs": {"bind_identity": True, "access": "owner"}}
+    if audit != "off" and "audit" in _config_sections():
+        cfg["audit"] = {"sink": audit, "path": str(workdir / "audit.log") if audit == "file" else None}
+    return cfg
+
+
+def _config_sections() -> set[str]:
+    from proxy.settings.models import GatewayConfig
+    return set(GatewayConfig.__dataclass_fields__)
+
+
 def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstream: str, issuer: str,
-          token: str, args: argparse.Namespace) -> int:
+          token: str, args: argparse.Namespace, runs: bool = False) -> int:
     """Instructions per request for the `proxy` package in `src` (None: this checkout)."""
     port = free_port()
     cfg = gateway_config(port, upstream, issuer, metrics=args.metrics, access_log=args.access_log)
+    if runs:
+        cfg = runs_config(workdir, cfg, args.audit)
     path = workdir / f"{label}.yaml"
     path.write_text(json.dumps(cfg))
     # -P: the working directory (this checkout) must not shadow PYTHONPATH's package.
@@ -79,9 +120,9 @@ def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstrea
                                "--config", str(path)], TARGET_CPU, env=env)
     try:
         wait_until(f"{label} under callgrind", lambda: port_open(port), 240, proc, procs, label, interval=0.5)
-        send(port, token, args.warmup)
+        send(port, token, args.warmup, args.route)
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True, timeout=60)
-        send(port, token, args.requests)
+        send(port, token, args.requests, args.route)
         subprocess.run(["callgrind_control", "--dump=measured", str(proc.pid)], check=True, capture_output=True,
                        timeout=60)
         dump = Path(f"{out}.1")
@@ -105,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, help="copy each callgrind dump here (read it with callgrind_annotate)")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", help="with metrics disabled")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="with the access log off")
+    p.add_argument("--route", choices=("start", "get"), default="start",
+                   help="count POST /v1/runs (default) or GET /v1/runs/{id}")
+    p.add_argument("--runs", action="store_true", help="also count with runs belonging to their callers "
+                   "(binding, owner access, audit file), side by side")
+    p.add_argument("--audit", choices=("file", "stdout", "off"), default="file",
+                   help="with --runs: the audit sink (default file)")
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -120,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_until("issuer", lambda: (workdir / "token.txt").exists() and port_open(issuer_port), 20, proc, procs,
                    "issuer")
         conf = workdir / "upstream.conf"
-        conf.write_text(nginx_upstream_conf(workdir, upstream_port))
+        conf.write_text(upstream_conf(workdir, upstream_port, issuer, "bench"))
         proc = procs.start("upstream", ["nginx", "-c", str(conf), "-p", str(workdir), "-e",
                                         str(workdir / "upstream" / "error.log")], LOAD_CPU)
         wait_until("nginx upstream", lambda: port_open(upstream_port), 10, proc, procs, "upstream")
@@ -131,20 +178,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline is not None:
             counts[str(args.baseline)] = count(procs, workdir, "baseline", args.baseline.resolve(), upstream,
                                                issuer, token, args)
+        if args.runs:
+            counts[RUNS_LABEL % args.audit] = count(
+                procs, workdir, "runs", None, upstream, issuer, token, args, runs=True)
     except BenchError as exc:
         print(f"instructions.py: {exc}", file=sys.stderr)
         return 1
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"user-space instructions per authenticated POST /v1/runs ({args.requests} counted, "
+    what = "GET /v1/runs/{id}" if args.route == "get" else "POST /v1/runs"
+    print(f"user-space instructions per authenticated {what} ({args.requests} counted, "
           f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}; "
           f"{time.monotonic() - started:.0f} s):")
     for label, n in counts.items():
         print(f"  {label}: {n:,}")
-    if len(counts) == 2:
-        current, baseline = counts.values()
+    if args.baseline is not None:
+        current, baseline = counts["this checkout"], counts[str(args.baseline)]
         print(f"  this checkout / baseline: {current / baseline:.3f}")
+    if args.runs:
+        current, owned = counts["this checkout"], counts[RUNS_LABEL % args.audit]
+        print(f"  with runs owned / as configured: {owned / current:.3f}")
     return 0
 
 

@@ -298,6 +298,13 @@ def test_overlays_differ_where_they_should(rendered):
         str(gateway_config(dev)["metrics"]["port"])
 
 
+def test_production_binds_the_caller_into_every_run(rendered):
+    # The production overlay and the shipped example both write the verified caller into run_context.
+    assert gateway_config(rendered["production"])["runs"]["bind_identity"] is True
+    example = yaml.safe_load((ROOT / "config" / "gateway.example.yaml").read_text())
+    assert example["runs"]["bind_identity"] is True
+
+
 def test_production_replicas_spread_over_nodes_and_zones(rendered):
     docs = rendered["production"]
     labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]

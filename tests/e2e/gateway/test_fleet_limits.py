@@ -266,9 +266,12 @@ async def test_a_redis_with_requirepass_and_the_password_file_and_a_wrong_passwo
 # --------------------------------------------------------------------------- keys and headers
 
 
-async def test_key_tenant_limits_a_tenants_members_together(gateway, redis_server, recorder, issuer):
-    url = await gateway(recorder.url, auth=auth_with(issuer), redis={"url": redis_server.url},
-                        limits=redis_rate(burst=2, key="tenant", tenant_claim="tenant_id"))
+@pytest.mark.parametrize("named_in", ["limit", "runs"])
+async def test_key_tenant_limits_a_tenants_members_together(gateway, redis_server, recorder, issuer, named_in):
+    """The tenant claim is the limit's own, or else the one runs bind into each run (runs.tenant_claim)."""
+    sections: dict[str, Any] = {"limits": redis_rate(burst=2, key="tenant", tenant_claim="tenant_id")} \
+        if named_in == "limit" else {"limits": redis_rate(burst=2, key="tenant"), "runs": {"tenant_claim": "tenant_id"}}
+    url = await gateway(recorder.url, auth=auth_with(issuer), redis={"url": redis_server.url}, **sections)
     alice = issuer.mint(sub="alice", aud=AUD, extra={"tenant_id": "acme"})
     bob = issuer.mint(sub="bob", aud=AUD, extra={"tenant_id": "acme"})
     carol = issuer.mint(sub="carol", aud=AUD, extra={"tenant_id": "globex"})

@@ -83,6 +83,37 @@ async def test_dev_auth_required_refuses_the_no_token_curl(http):
         assert await stop(proc) == 0
 
 
+async def test_dev_runs_owner_shows_the_second_subjects_404_on_the_first_ones_run(http):
+    proc = await spawn("dev", "--port", "0", "--issuer-port", "0", "--metrics-port", "0", "--runs", "owner")
+    try:
+        _, banner = await read_until(proc.stderr, r"Ctrl-C to stop")
+        gateway = re.search(r"ARP Run Gateway \(dev\)\s+(http://127\.0\.0\.1:\d+)", banner).group(1)
+        issuer = re.search(r"Dev token issuer\s+(http://127\.0\.0\.1:\d+)", banner).group(1)
+        assert 'arp-gateway token --sub alice' in banner and 'arp-gateway token --sub bob' in banner
+
+        async def token(sub: str) -> str:
+            minted = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "token", "--sub", sub, "--issuer", issuer, cwd=ROOT, env=ENV,
+                stdout=asyncio.subprocess.PIPE)
+            return (await minted.communicate())[0].decode().strip()
+
+        alice, bob = {"Authorization": f"Bearer {await token('alice')}"}, {"Authorization": f"Bearer {await token('bob')}"}
+        async with http.post(gateway + "/v1/runs", json=RUN_START, headers=alice) as resp:
+            assert resp.status == 200
+            run = await resp.json()
+        # The dev coordinator keeps run_context as a real one does: the run names alice.
+        assert run["run_context"]["identity"]["sub"] == "alice"
+        assert run["run_context"]["actor"] == {"type": "principal", "id": "alice"}
+        async with http.get(f"{gateway}/v1/runs/{run['run_id']}", headers=alice) as resp:
+            assert resp.status == 200 and (await resp.json())["run_context"]["identity"]["sub"] == "alice"
+        async with http.get(f"{gateway}/v1/runs/{run['run_id']}", headers=bob) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "run_not_found"
+        async with http.post(f"{gateway}/v1/runs/{run['run_id']}:cancel", headers=bob) as resp:
+            assert resp.status == 404
+    finally:
+        assert await stop(proc) == 0
+
+
 async def test_sigterm_drains_readiness_then_lets_streams_finish(tmp_path, http):
     runner, coordinator = await devcoordinator.start(step_delay_s=0.5)   # a run lasts ~2.5 s
     config = tmp_path / "g.yaml"

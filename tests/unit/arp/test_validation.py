@@ -227,3 +227,24 @@ def test_a_body_gets_the_problems_json_alone_gives(document: object, cut: int, i
 
 def _refuse(body: bytes) -> object:
     raise ValueError("json alone")
+
+
+def test_kept_documents_are_the_run_starts_as_decoded():
+    from types import SimpleNamespace
+
+    from proxy.arp.routes import START_RUN
+    from proxy.arp.validation import BodyRules
+
+    limits = SimpleNamespace(max_body_bytes=1024, body_timeout_s=1.0)
+    head = SimpleNamespace(method="POST", request_id="r", content_type=b"application/json",
+                           content_encoding=None, content_length=None)
+    body = json.dumps({"root_node_type_ref": {"node_type_id": "n", "version": "1"}, "input": {}}).encode()
+    kept = BodyRules(limits, keep_documents=True)
+    assert kept.checked(head, START_RUN, body) == body
+    assert kept.document["root_node_type_ref"] == {"node_type_id": "n", "version": "1"}
+    refused = kept.checked(head, START_RUN, b"{not json")
+    assert refused.status == 400 and kept.document is None   # and the message is the usual one
+    assert "not valid JSON" in json.loads(refused.body)["error"]["details"]["errors"][0]["message"]
+    plain = BodyRules(limits)
+    plain.checked(head, START_RUN, body)
+    assert plain.document is None

@@ -266,3 +266,34 @@ async def test_a_local_run_start_limit_stays_inline_and_a_redis_one_waits_in_a_t
         await local.cleanup()
         await shared.cleanup()
         await coordinator.close()
+
+
+# --------------------------------------------------------------------------- runs and the audit trail (issue 18)
+
+
+def _stage_names(tmp_path: Path, **sections: Any) -> list[str]:
+    from proxy.gateway.pipeline import Gateway
+    from proxy.util.clock import SystemClock
+
+    class Probe:
+        def start(self) -> None: ...
+        async def close(self) -> None: ...
+        async def health(self) -> dict[str, Any]: return {}
+        async def ready(self) -> tuple[bool, dict[str, Any]]: return True, {}
+
+    gateway = Gateway(gateway_config("http://127.0.0.1:9", **sections), SystemClock(), Probe(), {})
+    return [getattr(stage, "__name__", "?") for stage in gateway._stages]
+
+
+def test_runs_stages_are_in_the_pipeline_only_when_configured(tmp_path: Path) -> None:
+    plain = ["_route", "_authenticate", "_local", "_admit", "_body", "_identity", "_forward"]
+    assert _stage_names(tmp_path) == plain    # access any, no binding, no policy, no trail: nothing per request
+    assert _stage_names(tmp_path, runs={"bind_identity": True}) == \
+        ["_route", "_authenticate", "_local", "_admit", "_body", "bind", "_identity", "_forward"]
+    assert _stage_names(tmp_path, runs={"access": "owner"}) == plain[:-1] + ["_authorize", "_forward"]
+    policy = Path(__file__).resolve().parents[3] / "config" / "policies" / "owners-only.json"
+    assert "_authorize" in _stage_names(tmp_path, authorization={"policy_file": str(policy)})
+    audit = {"sink": "file", "path": str(tmp_path / "audit.log")}
+    assert _stage_names(tmp_path, audit=audit) == plain[:-1] + ["_authorize", "_forward"]   # learns run ids
+    assert _stage_names(tmp_path, audit={**audit, "on_full": "refuse"}) == \
+        ["_route", "_authenticate", "_local", "_admit", "gate", "_body", "_identity", "_authorize", "_forward"]

@@ -178,7 +178,8 @@ def test_null_means_the_default_but_an_unknown_key_set_to_null_is_still_unknown(
     ({"limits": {"run_start_rate": {"per_second": 1, "burst": 2, "backend": "redis"}}},
      "redis.url: limits.run_start_rate.backend is 'redis' but no Redis is configured"),
     ({"limits": {"run_start_rate": {"per_second": 1, "burst": 2, "key": "tenant"}}},
-     "limits.run_start_rate.tenant_claim: key: tenant needs the claim that names the tenant"),
+     "limits.run_start_rate.tenant_claim: key: tenant needs the claim that names the tenant (here or in "
+     "runs.tenant_claim)"),
     ({"redis": {"url": "http://cache:6379"}}, "redis.url: not a redis:// or rediss:// URL: 'http://cache:6379'"),
     ({"redis": {"url": "redis://:hunter2@cache:6379"}},
      "redis.url: a password in the URL would be shown by check-config; use redis.password_file"),
@@ -192,3 +193,25 @@ def test_redis_and_rate_problems_name_their_key(raw, line):
     assert len(found) == 1 and "hunter2" not in found[0]
     key = next(iter(raw))
     assert found[0] == line if line else found[0].startswith(f"{key}.")
+
+
+# --------------------------------------------------------------------------- runs and authorization (issue 18)
+
+
+def test_tenant_access_needs_the_tenant_claim():
+    assert problems({"auth": {"mode": "disabled"}, "runs": {"access": "tenant"}}) == [
+        "runs.tenant_claim: required when runs.access is 'tenant'"]
+
+
+def test_a_policy_that_fails_to_parse_fails_start_up_naming_the_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"Statement": [{"Effect": "Allow", "Action": "run:Get"}]}')
+    found = problems({"auth": {"mode": "disabled"}, "authorization": {"policy_file": str(path)}})
+    assert len(found) == 1 and found[0].startswith(f"authorization.policy_file: {path}: ")
+    assert "Resource" in found[0]
+
+
+def test_the_shipped_policies_load():
+    for path in sorted((ROOT / "config" / "policies").glob("*.json")):
+        cfg = build_config({"auth": {"mode": "disabled"}, "authorization": {"policy_file": str(path)}})
+        assert cfg.authorization.policy_file == str(path)

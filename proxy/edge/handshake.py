@@ -32,7 +32,7 @@ def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     """The loop's own TLS protocol: uvloop's compiled one under uvloop, asyncio's otherwise."""
     if type(loop).__module__.startswith("uvloop"):
         import uvloop.loop
-        return uvloop.loop.SSLProtocol
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]  # not in its stubs
     import asyncio.sslproto
     return asyncio.sslproto.SSLProtocol
 
@@ -80,7 +80,7 @@ class TlsHandshake(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         if not self.started:
             return False
-        return self.inner.eof_received()  # type: ignore[no-any-return]
+        return self.inner.eof_received()
 
     def pause_writing(self) -> None:
         if self.started:

@@ -8,10 +8,11 @@ The edge in modules, one job each:
 - `flow.py`: reading paused and resumed, write pause and drain, the send deadline;
 - `budget.py`: the process-wide buffered-bytes budget (`limits.max_buffered_bytes`);
 - `sweep.py`: the periodic deadline sweep, shared with the coordinator pool;
+- `handshake.py`: a TLS connection before its handshake is done, holding its slot;
 - here: the connection cap (idle connections are reclaimed, oldest first, before a
-  new client is turned away; a connection counts against the cap until its socket
-  is gone), the file-descriptor limit, the budget's hold on every connection, the
-  sweep of every connection's deadlines, and shutdown.
+  new client is turned away; a connection counts against the cap from accept, through
+  its TLS handshake, until its socket is gone), the file-descriptor limit, the budget's
+  hold on every connection, the sweep of every connection's deadlines, and shutdown.
 
     listener = Listener(gateway, limits, metrics)
     url = await listener.start("127.0.0.1", 8080)
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .budget import Budget
+from .handshake import TlsHandshake, ssl_protocol_class
 from .protocol import ClientConnection, Phase
 from .request import Request
 from .sweep import DeadlineSweep
@@ -146,11 +148,13 @@ class Listener:
                                                     reuse_port=reuse_port or None, backlog=backlog)
         else:
             # The handshake counts against the header timeout: a client that stalls it is cut like one
-            # that stalls its head.
+            # that stalls its head, by the same sweep.
+            # A plain server: each accepted socket takes its slot under the cap before its handshake
+            # (edge/handshake.py), which asyncio's `ssl=` would hide until the handshake is done.
             self.client_certificates = tls.context.verify_mode != ssl.CERT_NONE
-            self._server = await loop.create_server(self.connection, host, port, reuse_port=reuse_port or None,
-                                                    backlog=backlog, ssl=tls.context,
-                                                    ssl_handshake_timeout=self.limits.header_timeout_s)
+            ssl_protocol = ssl_protocol_class(loop)
+            self._server = await loop.create_server(lambda: TlsHandshake(self, tls, ssl_protocol), host, port,
+                                                    reuse_port=reuse_port or None, backlog=backlog)
         self._watch_accept_errors()
         # libuv meets EMFILE on accept() by accepting and closing the connection itself, unseen by
         # the exception handler: under uvloop each sweep pass probes for a full descriptor table.

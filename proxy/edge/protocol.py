@@ -41,6 +41,7 @@ from .flow import FlowControl
 from .request import Request, new_request_id
 
 if TYPE_CHECKING:
+    from .handshake import TlsHandshake
     from .listener import Listener
 
 # The name operators already filter on: the connection's log lines were the listener's before the split.
@@ -104,6 +105,7 @@ class ClientConnection(FlowControl, asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.peer = ""
         self.peer_certificate: PeerCertificate | None = None  # the client's, with client certificates asked for
+        self.handshake: TlsHandshake | None = None  # over TLS: holds this connection's slot until connection_made
         self._parser = httptools.HttpRequestParser(self)
         self.phase = Phase.HEAD
         self.deadline = 0.0
@@ -150,6 +152,8 @@ class ClientConnection(FlowControl, asyncio.Protocol):
         if self.listener.client_certificates:
             self.peer_certificate = peer_certificate(transport.get_extra_info("ssl_object"))
         self.deadline = self._clock() + self._limits.header_timeout_s
+        if self.handshake is not None:
+            self.handshake.completed(self)
         self.listener.admit(self)
 
     def data_received(self, data: bytes) -> None:

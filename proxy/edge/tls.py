@@ -14,7 +14,7 @@ and key); connections already open keep theirs. Handshakes that fail never reach
 
     files = CertificateFiles("listen", TlsFiles(cert, key, ca), build, reload_interval_s=10, on_reload=...)
     tls = ServerTls(files, on_failure=metrics.tls_handshake_failed)
-    server = await loop.create_server(factory, host, port, ssl=tls.context, ssl_handshake_timeout=10)
+    url = await listener.start(host, port, tls=tls)   # each accept: an edge/handshake.py TlsHandshake
     files.watch(loop)
 """
 
@@ -43,7 +43,10 @@ HANDSHAKE_REASONS = {
     "HTTP_REQUEST": "plain_http",
     "HTTPS_PROXY_REQUEST": "plain_http",
 }
-HANDSHAKE_FAILURE_REASONS = (*sorted(set(HANDSHAKE_REASONS.values())), "client_alert", "other")
+# `timeout` and `client_closed`: handshakes that never finished, cut at limits.header_timeout_s or
+# left by the client (edge/handshake.py).
+HANDSHAKE_FAILURE_REASONS = (*sorted(set(HANDSHAKE_REASONS.values())), "client_alert", "timeout", "client_closed",
+                             "other")
 
 
 def handshake_reason(exc: ssl.SSLError) -> str:
@@ -162,7 +165,13 @@ class ServerTls:
         return CountedSSLObject
 
     def failed(self, exc: ssl.SSLError) -> None:
-        reason = handshake_reason(exc)
+        self._count(handshake_reason(exc), exc.reason or type(exc).__name__)
+
+    def abandoned(self, reason: str) -> None:
+        """A handshake that never finished: `timeout` or `client_closed`."""
+        self._count(reason, reason)
+
+    def _count(self, reason: str, detail: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
         if self.on_failure is not None:
             self.on_failure(reason)
@@ -172,6 +181,6 @@ class ServerTls:
             return
         self._last_logged = now
         log.warning("TLS handshake failed", extra={
-            "event": "tls_handshake_failed", "reason": reason, "detail": exc.reason or type(exc).__name__,
+            "event": "tls_handshake_failed", "reason": reason, "detail": detail,
             "suppressed": self._unlogged})
         self._unlogged = 0

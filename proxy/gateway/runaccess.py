@@ -297,6 +297,12 @@ class RunGuard:
         outcome = ex.outcome
         principal = outcome.principal if outcome is not None else None
         context: dict[str, Any] = {"request_id": ex.request.request_id}
+        # The connection's verified client certificate (listen.tls with client_auth): None unless asked for.
+        certificate = ex.request.client_certificate
+        if certificate is not None:
+            context["client_cert.subject"] = certificate.subject
+            context["client_cert.uris"] = list(certificate.uris)  # arp-policy: a condition matches any of them
+            context["client_cert.uri"] = certificate.uris[0] if certificate.uris else None
         if principal is None:
             return context
         claims = principal.claims

@@ -182,3 +182,37 @@ async def test_upstream_client_certificate_is_reloaded(tmp_path: Path, certs: Ce
     finally:
         await server.cleanup()
         await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- the certificate in the policy's context
+
+
+async def test_a_policy_admits_run_starts_from_one_spiffe_id(tmp_path: Path, certs: Certs) -> None:
+    coordinator = Upstream()
+    coordinator.route("POST", "/v1/runs", lambda _r: _answer())
+    await coordinator.start()
+    policy = tmp_path / "spiffe.json"
+    policy.write_text(json.dumps({"Version": "2025-01-01", "Statement": [
+        {"Sid": "agent-a-starts", "Effect": "Allow", "Action": "run:Start", "Resource": "node_type:*",
+         "Condition": {"StringLike": {"client_cert.uri": "spiffe://arp.test/agent-a"}}}]}))
+    live = tmp_path / "live"
+    install(certs.server1, live)
+    cfg = gateway_config(
+        coordinator.url,
+        listen=tls_section(live, client_ca_file=str(certs.ca.cert), client_auth="optional"),
+        authorization={"policy_file": str(policy)})
+    server, url = await start_gateway(cfg)
+    port = int(url.rsplit(":", 1)[1])
+    start = (b"POST /v1/runs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\n\r\n" % len(json.dumps(RUN_START)) + json.dumps(RUN_START).encode())
+    try:
+        status, _ = envelope(await exchange(port, client_context(certs, certs.client_a), start))
+        assert status == 201
+        for refused in (client_context(certs, certs.client_b), client_context(certs)):
+            status, body = envelope(await exchange(port, refused, start))
+            assert (status, body["error"]["code"], body["error"]["details"]["reason"]) == (
+                403, "forbidden", "policy_denied")
+        assert len(coordinator.requests) == 1   # nothing refused was forwarded
+    finally:
+        await server.cleanup()
+        await coordinator.close()

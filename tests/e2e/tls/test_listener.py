@@ -335,3 +335,64 @@ async def test_refusals_over_tls_are_enveloped_like_over_plain_http(live: Path, 
         assert coordinator.requests == []
     finally:
         await server.cleanup()
+
+
+# --------------------------------------------------------------------------- handshakes under the cap
+
+
+async def test_stalled_handshakes_hold_the_cap_until_the_header_timeout(live: Path, certs: Certs,
+                                                                        coordinator: Upstream) -> None:
+    cfg = gateway_config(coordinator.url, metrics={"enabled": True, "port": 0},
+                         listen={**tls_section(live), "max_connections": 2}, limits={"header_timeout_s": 1.0})
+    server, url = await start_gateway(cfg)
+    gw = Running(server, url)
+    refused = 'arp_gateway_connections_refused_total{reason="max_connections"}'
+    timeouts = 'arp_gateway_tls_handshake_failures_total{reason="timeout"}'
+    context = client_context(certs)
+    stalled = []
+    try:
+        for _ in range(2):   # TCP open, the start of a ClientHello, and then nothing
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"\x16\x03\x01")
+            stalled.append((reader, writer))
+        await asyncio.sleep(0.1)
+        # A third client is turned away at accept (no answer: its handshake fails), and counted.
+        assert await exchange(gw.port, context) == b""
+        assert gw.counter(refused) == 1
+        assert gw.counter(timeouts) == 0
+        # The header timeout cuts the stalled handshakes, counted as such; then a client gets in.
+        async with asyncio.timeout(10):
+            for reader, _ in stalled:
+                assert await reader.read() == b""
+        assert gw.counter(timeouts) == 2
+        answer = await exchange(gw.port, context)
+        assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
+    finally:
+        for _, writer in stalled:
+            writer.close()
+        await server.cleanup()
+
+
+async def test_handshake_abandoned_by_the_client_is_counted(live: Path, certs: Certs, coordinator: Upstream,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    cfg = gateway_config(coordinator.url, metrics={"enabled": True, "port": 0}, listen=tls_section(live))
+    server, url = await start_gateway(cfg)
+    gw = Running(server, url)
+    closed = 'arp_gateway_tls_handshake_failures_total{reason="client_closed"}'
+    try:
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"\x16\x03\x01")
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+        async with asyncio.timeout(5):
+            while gw.counter(closed) < 3:
+                await asyncio.sleep(0.02)
+        assert gw.counter(closed) == 3
+        assert len(server.listener.connections) == 0   # their slots are free again
+        lines = [r for r in caplog.records if getattr(r, "event", None) == "tls_handshake_failed"]
+        assert len(lines) == 1 and lines[0].reason == "client_closed"   # rate-limited
+        assert not any(r.exc_info for r in caplog.records)
+    finally:
+        await server.cleanup()

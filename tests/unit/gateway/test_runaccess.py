@@ -16,6 +16,7 @@ from proxy.arp.routes import CANCEL_RUN
 from proxy.arp.runcontext import NOBODY, RunOwner
 from proxy.auth.principal import Principal, PrincipalKind
 from proxy.gateway.runaccess import RunGuard
+from proxy.util.certificates import PeerCertificate
 from tests.support.gateway import gateway_config
 
 POLICIES = Path(__file__).resolve().parents[3] / "config" / "policies"
@@ -28,8 +29,8 @@ def guard(**runs: Any) -> RunGuard:
     return RunGuard(cfg, None, None, handed=HANDED, paused=PAUSED, proceed=lambda ex, answer: None)  # type: ignore[arg-type]
 
 
-def exchange(principal: Principal | None) -> Any:
-    request = SimpleNamespace(request_id="rid", path="/v1/runs/run_1:cancel")
+def exchange(principal: Principal | None, certificate: PeerCertificate | None = None) -> Any:
+    request = SimpleNamespace(request_id="rid", path="/v1/runs/run_1:cancel", client_certificate=certificate)
     return SimpleNamespace(route=CANCEL_RUN, outcome=SimpleNamespace(principal=principal), request=request,
                            run_id="run_1", decision=None, reason=None, statement_id=None)
 
@@ -78,3 +79,25 @@ def test_the_policy_hash_is_logged_at_start(caplog):
                  handed=HANDED, paused=PAUSED, proceed=lambda ex, answer: None)
     [loaded] = [r for r in caplog.records if getattr(r, "event", None) == "policy_loaded"]
     assert loaded.policy_hash == Policy.load(path).policy_hash
+
+
+AGENT = PeerCertificate("x5t", "O=ARP Test,CN=agent", ("spiffe://arp.test/ns/a/agent", "spiffe://arp.test/ops"))
+
+
+@pytest.mark.parametrize("condition, certificate, allowed", [
+    ({"StringLike": {"client_cert.uri": "spiffe://arp.test/ns/a/*"}}, AGENT, True),
+    ({"StringLike": {"client_cert.uri": "spiffe://arp.test/ops"}}, AGENT, False),   # uri: the first SAN URI only
+    ({"StringEquals": {"client_cert.uris": "spiffe://arp.test/ops"}}, AGENT, True),  # uris: any of them
+    ({"StringEquals": {"client_cert.subject": "O=ARP Test,CN=agent"}}, AGENT, True),
+    ({"StringLike": {"client_cert.subject": "*"}}, None, False),     # no certificate: the keys are absent
+    ({"StringLike": {"client_cert.uri": "*"}}, PeerCertificate("x5t", "CN=plain", ()), False),
+])
+def test_the_client_certificate_in_the_policy_context(tmp_path, condition, certificate, allowed):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"Version": "2025-01-01", "Statement": [
+        {"Effect": "Allow", "Action": "run:Cancel", "Resource": "run:*", "Condition": condition}]}))
+    cfg = gateway_config("http://127.0.0.1:9", runs={"access": "any"}, authorization={"policy_file": str(path)})
+    g = RunGuard(cfg, None, None, handed=HANDED, paused=PAUSED, proceed=lambda ex, answer: None)  # type: ignore[arg-type]
+    ex = exchange(person("alice"), certificate)
+    assert (g._decide(ex, ALICES_RUN) is None) is allowed
+    assert ex.reason == ("policy_allowed" if allowed else "policy_denied")

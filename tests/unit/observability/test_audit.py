@@ -157,6 +157,34 @@ async def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     await trail.close()
 
 
+async def test_records_that_come_one_at_a_time_share_a_batch_and_its_one_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    real_write = os.write
+    calls: list[int] = []
+
+    def counted(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(audit.os, "write", counted)
+    monkeypatch.setattr(audit, "FLUSH_INTERVAL_S", 0.05)
+    trail = trail_for(tmp_path / "audit.log")
+    trail.start()
+    for n in range(10):           # as requests come, each in loop iterations of its own
+        trail.record(full_record(n))
+        for _ in range(5):
+            await asyncio.sleep(0)
+    for _ in range(200):          # bounded: the batch's wake-up is due after FLUSH_INTERVAL_S
+        if trail.written == 10:
+            break
+        await asyncio.sleep(0.01)
+    assert calls and len(calls) == 1
+    assert [r["request_id"] for r in lines_of(tmp_path / "audit.log")] == [f"req-{n}" for n in range(10)]
+    await trail.close()
+
+
 async def test_stdout_batches_go_through_the_access_logs_line_batches_whole(capsys: pytest.CaptureFixture) -> None:
     import sys
 
@@ -450,4 +478,4 @@ def test_stdout_sink_write_failures_are_sink_failures() -> None:
     out.close()
     sink = audit._StdoutSink(out)
     with pytest.raises(audit.WriteFailed):
-        sink.write("{}\n")
+        sink.write(b"{}\n")

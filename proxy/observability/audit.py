@@ -36,9 +36,12 @@ import asyncio
 import errno
 import json
 import logging
+import operator
 import os
 import sys
 from collections.abc import Iterable
+from functools import partial
+from itertools import compress
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -78,6 +81,8 @@ def schema() -> dict[str, Any]:
 # infinities as null, which _finite refuses first, as json's allow_nan=False would.
 _dumps = orjson.dumps
 _FLAT = frozenset((str, int, bool, type(None)))
+_FLAT_OR_DICT = _FLAT | {dict}
+_IS_DICT = partial(operator.is_, dict)
 
 
 def _finite(values: Iterable[Any], depth: int = 0) -> None:
@@ -408,7 +413,13 @@ class AuditTrail:
                 del item["time"]   # the trail stamps every record itself
             values = item.values()
             if not _FLAT.issuperset(map(type, values)):
-                _finite(values)
+                # The principal and node_type objects of a usual record hold flat values: checked
+                # in C too, and only anything else is walked in Python.
+                for nested in compress(values, map(_IS_DICT, map(type, values))):
+                    if not _FLAT.issuperset(map(type, nested.values())):
+                        _finite(nested.values(), 1)
+                if not _FLAT_OR_DICT.issuperset(map(type, values)):
+                    _finite(values)
             body = _dumps(item)
             head = b'{"time":"' + rfc3339_millis(stamp).encode()
             return head + (b'",' + body[1:] if len(body) > 2 else b'"}') + b"\n"

@@ -450,9 +450,11 @@ async def test_a_record_that_cannot_be_serialized_is_dropped_alone(tmp_path: Pat
     trail.start()
     trail.record({**full_record(0), "run_id": object()})
     trail.record({**full_record(1), "status": float("nan")})
+    trail.record({**full_record(3), "node_type": {"id": "n", "version": float("inf")}})
+    trail.record({**full_record(4), "principal": {"sub": "alice", "tenant": [1, float("-inf")]}})
     trail.record(full_record(2))
     await trail.close()
-    assert trail.dropped == 2
+    assert trail.dropped == 4
     assert [r["request_id"] for r in lines_of(tmp_path / "audit.log")] == ["req-2"]
 
 

@@ -101,7 +101,7 @@ class RunAudit:
                 node_id, version = ref.get("node_type_id"), ref.get("version")
                 if node_id.__class__ is str:
                     fields["node_type"] = {"id": node_id, "version": version if version.__class__ is str else None}
-        self.trail.record(fields)
+        self.trail.record(fields, typed=True)
 
     def _identity(self, principal: Principal) -> tuple[dict[str, Any], str | None]:
         """The record's principal member and token id, made once per principal (the token cache

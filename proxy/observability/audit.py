@@ -213,7 +213,8 @@ class AuditTrail:
         found = schema()["properties"]
         self._members = frozenset(found)
         self._principal = frozenset(found["principal"]["properties"])
-        self._queue: list[tuple[float, dict[str, Any]]] = []   # (time, fields), serialized by the writer
+        self._queue: list[tuple[float, dict[str, Any], bool]] = []   # (time, fields, typed), serialized by the writer
+        self._clean: Any = None           # the typed principal object last found to hold schema members only
         self._unwritten: list[bytes] = []  # refuse: lines of batches that failed, written before newer ones
         self._failing = False
         self._closing = False
@@ -235,8 +236,11 @@ class AuditTrail:
 
     # ------------------------------------------------------------------ the request side
 
-    def record(self, fields: dict[str, Any]) -> None:
-        """Queues one record; never blocks, never raises. The trail owns `fields` from here on."""
+    def record(self, fields: dict[str, Any], *, typed: bool = False) -> None:
+        """Queues one record; never blocks, never raises. The trail owns `fields` from here on.
+        `typed`: the caller built every value as a string, an integer, None, or an object of those
+        whose identity it keeps unchanged (gateway/runaudit.py), so the writer need not walk the
+        values for a number JSON cannot carry; its members are checked against the schema all the same."""
         try:
             if self._metrics is not None:
                 self._metrics.audit_recorded(fields.get("event"), fields.get("decision"))
@@ -244,7 +248,7 @@ class AuditTrail:
             if self._closed or len(queue) + len(self._unwritten) >= self._size:
                 self._drop(1, "the audit trail is closed" if self._closed else "the audit queue is full")
                 return
-            queue.append((self._clock.time(), fields))
+            queue.append((self._clock.time(), fields, typed))
             self._recorded += 1
             if len(queue) >= self._soon:
                 self._wake.set()
@@ -352,8 +356,8 @@ class AuditTrail:
         self._attempted += len(batch)
         lines, self._unwritten = self._unwritten, []
         line = self._line
-        for stamp, fields in batch:
-            text = line(stamp, fields)
+        for stamp, fields, typed in batch:
+            text = line(stamp, fields, typed)
             if text is not None:
                 lines.append(text)
         if not lines:
@@ -396,23 +400,25 @@ class AuditTrail:
         else:
             self._drop(len(kept), f"audit sink {self._sink.where} cannot be written ({reason})")
 
-    def _line(self, stamp: float, item: dict[str, Any]) -> bytes | None:
+    def _line(self, stamp: float, item: dict[str, Any], typed: bool = False) -> bytes | None:
         """One record's line: `time` first, then the schema's members the caller gave."""
         try:
             # The usual record holds schema members only, checked in C; the loops are for the rest.
             if not item.keys() <= self._members:
                 self._strip(item, [key for key in item if key not in self._members])
             principal = item.get("principal")
-            if principal is not None:
+            if principal is not None and principal is not self._clean:
                 if principal.__class__ is not dict:
                     self._strip(item, ["principal"])
                 elif not principal.keys() <= self._principal:
                     # A new dict: the caller may share its principal between records.
                     item["principal"] = {k: v for k, v in principal.items() if k in self._principal}
+                elif typed:
+                    self._clean = principal   # the same caller's next records: not checked again
             if "time" in item:
                 del item["time"]   # the trail stamps every record itself
             values = item.values()
-            if not _FLAT.issuperset(map(type, values)):
+            if not typed and not _FLAT.issuperset(map(type, values)):
                 # The principal and node_type objects of a usual record hold flat values: checked
                 # in C too, and only anything else is walked in Python.
                 for nested in compress(values, map(_IS_DICT, map(type, values))):

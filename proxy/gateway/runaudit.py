@@ -79,6 +79,7 @@ class RunAudit:
             else:
                 who, token_id = self._identity(principal)
         fields: dict[str, Any] = {
+            "time": None,   # first, stamped by the trail
             "event": event, "decision": decision, "reason": reason, "status": status,
             "request_id": request.request_id, "run_id": run_id,
             "client_address": request.client or request.conn.peer, "principal": who, "token_id": token_id,

@@ -141,15 +141,17 @@ async def test_typed_records_still_lose_every_member_outside_the_schema(tmp_path
     trail = trail_for(tmp_path / "audit.log")
     trail.start()
     who = {"iss": "https://idp.example", "sub": "alice", "tenant": "A", "client_id": "cli"}
-    trail.record({**full_record(0), "principal": who}, typed=True)
-    trail.record({**full_record(1), "principal": who, "token": TOKEN}, typed=True)
-    trail.record({**full_record(2), "principal": {**who, "authorization": "Bearer " + TOKEN}}, typed=True)
+    trail.record({"time": None, **full_record(0), "principal": who}, typed=True)
+    trail.record({"time": None, **full_record(1), "principal": who, "token": TOKEN}, typed=True)
+    trail.record({"time": None, **full_record(2), "principal": {**who, "authorization": "Bearer " + TOKEN}},
+                 typed=True)
     await trail.close()
     assert TOKEN not in (tmp_path / "audit.log").read_text()
     written = lines_of(tmp_path / "audit.log")
     for record in written:
         VALIDATOR.validate(record)
     assert [r["principal"] for r in written] == [who] * 3
+    assert [list(r)[0] for r in written] == ["time"] * 3 and written[0]["time"] == "2027-01-15T08:00:00.000Z"
 
 
 async def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

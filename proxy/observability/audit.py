@@ -225,8 +225,7 @@ class AuditTrail:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None   # the pending batch's wake-up
-        self._recorded = 0                # records put on the queue
-        self._attempted = 0               # of those, taken into a batch the writer tried
+        self._attempted = 0               # records taken into a batch the writer tried
         self._warned: dict[str, float] = {}
         self._lost = 0                    # dropped since the last warning
         # For tests and diagnosis.
@@ -251,7 +250,6 @@ class AuditTrail:
                 self._drop(1, "the audit trail is closed" if self._closed else "the audit queue is full")
                 return
             queue.append((self._clock.time(), fields, typed))
-            self._recorded += 1
             if len(queue) >= self._soon:
                 self._wake.set()
             elif self._timer is None and self._loop is not None:
@@ -293,7 +291,7 @@ class AuditTrail:
     async def flushed(self) -> None:
         """Returns once the writer has tried every record queued before the call (without waiting
         for the batch's wake-up)."""
-        target = self._recorded
+        target = self._attempted + len(self._queue)
         while self._attempted < target and self._task is not None and not self._task.done():
             self._progress.clear()
             self._wake.set()

@@ -282,7 +282,17 @@ class BodyRules:
         return self._validate(document)
 
     def _problems_kept(self, body: bytes) -> list[Problem]:
+        # The plain shape is kept as orjson read it: the one member read from it (the node type
+        # reference) is objects and strings, which both parsers read alike.
         self.document = None
+        try:
+            document = _loads(body)
+        except ValueError:
+            pass
+        else:
+            if plainly_valid(document):
+                self.document = document
+                return []
         try:
             document = _decode(body.decode("utf-8"))
         except (ValueError, RecursionError):

@@ -91,6 +91,8 @@ class RunGuard:
         # id(principal) -> (principal, what is bound for it); the principal is kept so an id reused
         # after it is gone can never match.
         self._callers: BoundedCache[int, tuple[Principal, BoundCaller | BindRefusal]] = BoundedCache(CALLERS)
+        # Looked up inline twice per run start (bind, peek): no recency kept, the oldest-made goes first.
+        self._callers_get = self._callers.getter(touch=False)
 
     # ------------------------------------------------------------------ binding
 
@@ -102,7 +104,8 @@ class RunGuard:
         principal = outcome.principal if outcome is not None else None
         if principal is None or principal.kind is not _TOKEN:
             return None  # the anonymous and dev principals are nobody to bind
-        caller = self._caller(principal)
+        found = self._callers_get(id(principal))
+        caller = found[1] if found is not None and found[0] is principal else self._caller(principal)
         request = ex.request
         if caller.__class__ is BindRefusal:
             bound: bytes | BindRefusal = caller
@@ -127,12 +130,10 @@ class RunGuard:
                             _BIND_MESSAGES[refusal.reason], request_id=request.request_id, details=details)
 
     def _caller(self, principal: Principal) -> BoundCaller | BindRefusal:
-        """What is bound for this principal, made once: the token cache hands back the same
-        Principal for each request with the same token, so it is found by identity."""
+        """What is bound for this principal, made once (the callers look it up in `_callers` first):
+        the token cache hands back the same Principal for each request with the same token, so it
+        is found by identity."""
         key = id(principal)
-        found = self._callers.get(key)
-        if found is not None and found[0] is principal:
-            return found[1]
         caller = self.binder.caller(principal.issuer or "", principal.subject, principal.claims)
         self._callers.put(key, (principal, caller))
         return caller
@@ -144,7 +145,7 @@ class RunGuard:
         lookup's answer then continues the driver, or HANDED for a GET answered from it)."""
         route = ex.route
         if route is START_RUN:
-            return self._start(ex)
+            return self._start(ex) if self.policy is not None else None
         if not self.checks:
             return None  # here only to learn started runs' ids for the audit trail
         path = ex.request.path
@@ -175,7 +176,8 @@ class RunGuard:
         principal = outcome.principal if outcome is not None else None
         bound = None
         if self.binds and principal is not None and principal.kind is _TOKEN:
-            caller = self._caller(principal)
+            found = self._callers_get(id(principal))
+            caller = found[1] if found is not None and found[0] is principal else self._caller(principal)
             bound = caller.owner if caller.__class__ is BoundCaller else None
 
         def peek(status: int, body: bytes) -> None:

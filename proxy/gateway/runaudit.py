@@ -41,6 +41,8 @@ class RunAudit:
         self._policy_hash = guard.policy.policy_hash if guard.policy is not None else None
         # id(principal) -> (principal, its record member, its token id), as runaccess keeps callers.
         self._who: BoundedCache[int, tuple[Principal, dict[str, Any], str | None]] = BoundedCache(CALLERS)
+        # Looked up on every record, inline: no recency kept, so the oldest-made entry goes first.
+        self._who_get = self._who.getter(touch=False)
 
     def gate(self, ex: Exchange) -> Answer | None:
         """`audit.on_full: refuse`: no run start or cancel while its record could not be kept."""
@@ -67,17 +69,26 @@ class RunAudit:
         run_id = ex.run_id
         if run_id is None and route is not START_RUN:
             run_id = request.path[_RUNS_PREFIX:len(request.path) - _RUN_ID_TAIL[route]]
+        principal = outcome.principal
+        if principal is None:
+            who = token_id = None
+        else:
+            found = self._who_get(id(principal))
+            if found is not None and found[0] is principal:
+                _, who, token_id = found
+            else:
+                who, token_id = self._identity(principal)
         fields: dict[str, Any] = {
+            "time": None,   # first, stamped by the trail
             "event": event, "decision": decision, "reason": reason, "status": status,
             "request_id": request.request_id, "run_id": run_id,
-            "client_address": request.client or request.conn.peer,
+            "client_address": request.client or request.conn.peer, "principal": who, "token_id": token_id,
         }
+        if who is None:
+            del fields["principal"], fields["token_id"]   # nobody was verified (a 401): no such members
         if ex.statement_id is not None or reason in _POLICY_REASONS:
             fields["statement_id"] = ex.statement_id
             fields["policy_hash"] = self._policy_hash
-        principal = outcome.principal
-        if principal is not None:
-            fields["principal"], fields["token_id"] = self._identity(principal)
         for name, value in request.headers:
             if len(name) == 11 and name.lower() == b"traceparent":
                 ids = trace_ids(value.decode("latin-1"))
@@ -91,13 +102,12 @@ class RunAudit:
                 node_id, version = ref.get("node_type_id"), ref.get("version")
                 if node_id.__class__ is str:
                     fields["node_type"] = {"id": node_id, "version": version if version.__class__ is str else None}
-        self.trail.record(fields)
+        self.trail.record(fields, typed=True)
 
     def _identity(self, principal: Principal) -> tuple[dict[str, Any], str | None]:
+        """The record's principal member and token id, made once per principal (the token cache
+        hands back the same Principal for each request with the same token)."""
         key = id(principal)
-        found = self._who.get(key)
-        if found is not None and found[0] is principal:
-            return found[1], found[2]
         claims = principal.claims
         client = claims.get("azp", claims.get("client_id"))
         who = {"iss": principal.issuer, "sub": principal.subject,

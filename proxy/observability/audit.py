@@ -1,12 +1,15 @@
 """The audit trail: one JSON line per decision on a run route, written off the request path.
 
-`record` never blocks and never raises: it stamps the record (`time`, from the injected clock),
-counts it and puts it on a bounded queue. One writer task drains the queue and writes each batch
-with one write: to the process's stdout through the LineOut the access log shares (lines.py), so
-neither cuts the other's lines, or appended to `audit.path` (in a thread: a slow disk must not
-stall the event loop). Only members of the record schema (proxy/data/audit-record.schema.json)
-are written; anything else a caller put in a record is removed first, so a token or a run's
-input cannot reach the trail by mistake.
+`record` never blocks and never raises: it notes the time (from the injected clock), counts the
+record and appends it to a bounded queue; nothing is serialized on the request path. One writer
+task drains the queue by time, as lines.py's LineOut does: the first record of a batch schedules
+one wake-up FLUSH_INTERVAL_S later (or at once when FLUSH_LINES are queued), so requests that come
+one at a time still share a batch, and its wake-up, its serialization and its one write. A batch
+goes to the process's stdout through the LineOut the access log shares (lines.py), so neither
+cuts the other's lines, or is appended to `audit.path` in a thread (one hop per batch: a slow disk
+must not stall the event loop). Only members of the record schema
+(proxy/data/audit-record.schema.json) are written; anything else a caller put in a record is
+removed first, so a token or a run's input cannot reach the trail by mistake.
 
 When records cannot be kept (the queue is full, the sink cannot be written: disk full, an
 unwritable file, a deleted directory) `on_full` decides. `drop`: each lost record is counted
@@ -33,14 +36,20 @@ import asyncio
 import errno
 import json
 import logging
+import operator
 import os
 import sys
+from collections.abc import Iterable
+from functools import partial
+from itertools import compress
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import orjson
+
 from ..settings.models import AuditConfig, AuditOnFull, AuditSink
 from ..util.clock import Clock, rfc3339_millis
-from .lines import shared
+from .lines import FLUSH_INTERVAL_S, FLUSH_LINES, shared
 
 log = logging.getLogger("proxy.observability.audit")
 
@@ -68,6 +77,30 @@ def schema() -> dict[str, Any]:
     return loaded
 
 
+# orjson serializes a record in a fraction of json's instructions; unlike json it writes NaN and the
+# infinities as null, which _finite refuses first, as json's allow_nan=False would.
+_dumps = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
+_FLAT = frozenset((str, int, bool, type(None)))
+_FLAT_OR_DICT = _FLAT | {dict}
+_IS_DICT = partial(operator.is_, dict)
+
+
+def _finite(values: Iterable[Any], depth: int = 0) -> None:
+    """Raises ValueError for a float that JSON cannot carry, at any depth of a record's values."""
+    if depth > 32:
+        raise RecursionError("audit record nested too deeply")
+    for value in values:
+        kind = value.__class__
+        if kind is float:
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("a NaN or infinite number")
+        elif kind is dict:
+            _finite(value.values(), depth + 1)
+        elif kind is list or kind is tuple:
+            _finite(value, depth + 1)
+
+
 class WriteFailed(Exception):
     """A batch did not get out whole: `written` of its bytes did."""
 
@@ -91,9 +124,9 @@ class _StdoutSink:
     def reopen(self) -> None:
         pass
 
-    def write(self, text: str) -> None:
+    def write(self, data: bytes) -> None:
         try:
-            self._lines.write(text)
+            self._lines.write(data.decode())
         except (OSError, ValueError) as exc:
             raise WriteFailed(0, exc) from None
 
@@ -138,11 +171,11 @@ class _FileSink:
         self.opens += 1
         return fd
 
-    def write(self, text: str) -> None:
+    def write(self, batch: bytes) -> None:
         # One write of the whole batch, O_APPEND: several workers appending to one file do not
         # interleave inside a batch. A short write is only continued, never repeated.
-        data = memoryview((b"\n" if self._torn else b"") + text.encode())
-        lead = len(data) - len(text)
+        data = memoryview((b"\n" + batch) if self._torn else batch)
+        lead = len(data) - len(batch)
         done = 0
         try:
             fd = self.open()
@@ -174,22 +207,25 @@ class AuditTrail:
         self._clock = clock
         self._metrics = metrics
         self._size = cfg.queue_size
+        self._soon = min(FLUSH_LINES, cfg.queue_size)   # queued records that wake the writer at once
         self._refuse = cfg.on_full == AuditOnFull.REFUSE
         self._sink: _FileSink | _StdoutSink = _FileSink(cfg.path) if cfg.sink == AuditSink.FILE and cfg.path \
             else _StdoutSink(sys.stdout)
         found = schema()["properties"]
         self._members = frozenset(found)
         self._principal = frozenset(found["principal"]["properties"])
-        self._queue: list[dict[str, Any]] = []
-        self._unwritten: list[str] = []   # refuse: lines of batches that failed, written before newer ones
+        self._queue: list[tuple[float, dict[str, Any], bool]] = []   # (time, fields, typed), serialized by the writer
+        self._clean: Any = None           # the typed principal object last found to hold schema members only
+        self._unwritten: list[bytes] = []  # refuse: lines of batches that failed, written before newer ones
         self._failing = False
         self._closing = False
         self._closed = False
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._recorded = 0                # records put on the queue
-        self._attempted = 0               # of those, taken into a batch the writer tried
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None   # the pending batch's wake-up
+        self._attempted = 0               # records taken into a batch the writer tried
         self._warned: dict[str, float] = {}
         self._lost = 0                    # dropped since the last warning
         # For tests and diagnosis.
@@ -200,22 +236,24 @@ class AuditTrail:
 
     # ------------------------------------------------------------------ the request side
 
-    def record(self, fields: dict[str, Any]) -> None:
-        """Queues one record; never blocks, never raises. The trail owns `fields` from here on."""
+    def record(self, fields: dict[str, Any], *, typed: bool = False) -> None:
+        """Queues one record; never blocks, never raises. The trail owns `fields` from here on.
+        `typed`: the caller built every value as a string, an integer, None, or an object of those
+        whose identity it keeps unchanged, with `time` as the first member (gateway/runaudit.py), so
+        the writer need not walk the values for a number JSON cannot carry and stamps `time` in
+        place; its members are checked against the schema all the same."""
         try:
-            stamp = rfc3339_millis(self._clock.time())
-            item = {"time": stamp}
-            item.update(fields)
-            item["time"] = stamp
             if self._metrics is not None:
                 self._metrics.audit_recorded(fields.get("event"), fields.get("decision"))
-            if self._closed or len(self._queue) + len(self._unwritten) >= self._size:
+            queue = self._queue
+            if self._closed or len(queue) + len(self._unwritten) >= self._size:
                 self._drop(1, "the audit trail is closed" if self._closed else "the audit queue is full")
                 return
-            self._queue.append(item)
-            self._recorded += 1
-            if len(self._queue) == 1:
+            queue.append((self._clock.time(), fields, typed))
+            if len(queue) >= self._soon:
                 self._wake.set()
+            elif self._timer is None and self._loop is not None:
+                self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._wake.set)
         except Exception:
             self._complain("record", "audit record failed", exc_info=True)
 
@@ -240,7 +278,10 @@ class AuditTrail:
             self._failing = True
             log.warning("audit.path: cannot open %s: %s", self._sink.where, exc.strerror or exc,
                         extra={"event": "audit_unwritable"})
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+        self._loop = asyncio.get_running_loop()
+        if self._queue:
+            self._wake.set()   # recorded before start
+        self._task = self._loop.create_task(self._run(), name="audit-writer")
 
     def reopen(self) -> None:
         """Opens the file again before the next batch (SIGHUP: the operator moved it)."""
@@ -248,10 +289,12 @@ class AuditTrail:
         self._wake.set()
 
     async def flushed(self) -> None:
-        """Returns once the writer has tried every record queued before the call."""
-        target = self._recorded
+        """Returns once the writer has tried every record queued before the call (without waiting
+        for the batch's wake-up)."""
+        target = self._attempted + len(self._queue)
         while self._attempted < target and self._task is not None and not self._task.done():
             self._progress.clear()
+            self._wake.set()
             await self._progress.wait()
 
     async def close(self) -> None:
@@ -271,6 +314,7 @@ class AuditTrail:
             except Exception:
                 log.exception("audit writer failed")
         self._closed = True
+        self._cancel_timer()
         if self._unwritten or self._queue:
             self._drop(len(self._unwritten) + len(self._queue), "the audit trail closed before they were written")
             self._unwritten, self._queue = [], []
@@ -281,44 +325,51 @@ class AuditTrail:
     async def _run(self) -> None:
         wake = self._wake
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                wake.clear()
+            if not wake.is_set():
                 try:
+                    # refuse: held lines are tried again after RETRY_S even when no record comes.
                     await asyncio.wait_for(wake.wait(), RETRY_S if self._unwritten else None)
                 except TimeoutError:
                     pass
-                if not self._queue and not self._unwritten:
-                    continue
-            try:
-                await self._write_batch()
-            except Exception:
-                # One bad iteration (a bug) must not end the trail: its batch is counted lost in
-                # _write_batch where it can be; the writer goes on with the next.
-                self.failures += 1
-                self._complain("writer", "audit writer iteration failed", exc_info=True)
-            finally:
-                self._progress.set()
+            wake.clear()
+            if self._queue or self._unwritten:
+                try:
+                    await self._write_batch()
+                except Exception:
+                    # One bad iteration (a bug) must not end the trail: its batch is counted lost in
+                    # _write_batch where it can be; the writer goes on with the next.
+                    self.failures += 1
+                    self._complain("writer", "audit writer iteration failed", exc_info=True)
+            self._progress.set()
+            if self._closing and not self._queue:
+                return
             await asyncio.sleep(0)   # a sink failing at once must not starve the loop
 
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
     async def _write_batch(self) -> None:
+        self._cancel_timer()   # records from here on start the next batch and schedule its wake-up
         batch, self._queue = self._queue, []
         self._attempted += len(batch)
         lines, self._unwritten = self._unwritten, []
-        for item in batch:
-            line = self._line(item)
-            if line is not None:
-                lines.append(line)
+        line = self._line
+        for stamp, fields, typed in batch:
+            text = line(stamp, fields, typed)
+            if text is not None:
+                lines.append(text)
         if not lines:
             return
         self.writes += 1
         sink = self._sink
         try:
             if sink.threaded:
-                await asyncio.to_thread(sink.write, "".join(lines))
+                assert self._loop is not None
+                await self._loop.run_in_executor(None, sink.write, b"".join(lines))
             else:
-                sink.write("".join(lines))
+                sink.write(b"".join(lines))
         except WriteFailed as exc:
             self._failed(lines, exc.written, exc.cause)
         except Exception as exc:
@@ -330,9 +381,9 @@ class AuditTrail:
                 self._failing = False
                 log.warning("audit sink %s written again", sink.where, extra={"event": "audit_writable"})
 
-    def _failed(self, lines: list[str], written: int, cause: BaseException) -> None:
+    def _failed(self, lines: list[bytes], written: int, cause: BaseException) -> None:
         kept, total = lines, 0
-        for i, line in enumerate(lines):   # ASCII lines (ensure_ascii): characters are bytes
+        for i, line in enumerate(lines):
             total += len(line)
             if total > written:
                 kept = lines[i:]
@@ -349,25 +400,48 @@ class AuditTrail:
         else:
             self._drop(len(kept), f"audit sink {self._sink.where} cannot be written ({reason})")
 
-    def _line(self, item: dict[str, Any]) -> str | None:
+    def _line(self, stamp: float, item: dict[str, Any], typed: bool = False) -> bytes | None:
+        """One record's line: `time` first, then the schema's members the caller gave."""
         try:
-            stray = [key for key in item if key not in self._members]
-            for key in stray:
-                del item[key]
+            # The usual record holds schema members only, checked in C; the loops are for the rest.
+            if not item.keys() <= self._members:
+                self._strip(item, [key for key in item if key not in self._members])
             principal = item.get("principal")
-            if principal is not None:
-                if isinstance(principal, dict):
+            if principal is not None and principal is not self._clean:
+                if principal.__class__ is not dict:
+                    self._strip(item, ["principal"])
+                elif not principal.keys() <= self._principal:
+                    # A new dict: the caller may share its principal between records.
                     item["principal"] = {k: v for k, v in principal.items() if k in self._principal}
-                else:
-                    stray.append("principal")
-                    del item["principal"]
-            if stray:
-                self._complain("stray", "audit record members outside the schema removed: %s",
-                               ", ".join(str(key)[:40] for key in stray[:8]))
-            return json.dumps(item, ensure_ascii=True, separators=(",", ":"), allow_nan=False) + "\n"
+                elif typed:
+                    self._clean = principal   # the same caller's next records: not checked again
+            if typed:
+                # Its first member is `time`: set in place, it stays first, and the line is one call.
+                item["time"] = rfc3339_millis(stamp)
+                return _dumps(item, option=_NEWLINE)
+            if "time" in item:
+                del item["time"]   # the trail stamps every record itself
+            values = item.values()
+            if not _FLAT.issuperset(map(type, values)):
+                # The principal and node_type objects of a usual record hold flat values: checked
+                # in C too, and only anything else is walked in Python.
+                for nested in compress(values, map(_IS_DICT, map(type, values))):
+                    if not _FLAT.issuperset(map(type, nested.values())):
+                        _finite(nested.values(), 1)
+                if not _FLAT_OR_DICT.issuperset(map(type, values)):
+                    _finite(values)
+            body = _dumps(item)
+            head = b'{"time":"' + rfc3339_millis(stamp).encode()
+            return head + (b'",' + body[1:] if len(body) > 2 else b'"}') + b"\n"
         except (TypeError, ValueError, RecursionError) as exc:
             self._drop(1, f"an audit record could not be serialized ({type(exc).__name__})")
             return None
+
+    def _strip(self, item: dict[str, Any], stray: list[str]) -> None:
+        for key in stray:
+            del item[key]
+        self._complain("stray", "audit record members outside the schema removed: %s",
+                       ", ".join(str(key)[:40] for key in stray[:8]))
 
     # ------------------------------------------------------------------ losses, said once per interval
 

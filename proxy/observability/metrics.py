@@ -185,8 +185,11 @@ class GatewayMetrics:
 
     def audit_recorded(self, event: object, decision: object) -> None:
         """One audit record made (the audit trail counts; labels only from fixed sets)."""
-        key = (event if event in AUDIT_EVENTS else "other", decision if decision in AUDIT_DECISIONS else "other")
-        self._audit_records[key] += 1
+        try:
+            self._audit_records[(event, decision)] += 1  # type: ignore[index]  # the usual pair: its key exists already
+        except (KeyError, TypeError):
+            key = (event if event in AUDIT_EVENTS else "other", decision if decision in AUDIT_DECISIONS else "other")
+            self._audit_records[key] += 1
 
     def audit_dropped(self, count: int) -> None:
         self.audit_dropped_records += count

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.arp.runcontext import BindRefusal, RunBinder, RunOwner, trace_ids
+from proxy.arp.runcontext import BindRefusal, RunBinder, RunOwner, read_json, trace_ids
 
 ISS, SUB = "https://idp.example", "alice"
 CLAIMS = {"iss": ISS, "sub": SUB, "tenant": "A", "email": "alice@example.test", "groups": ["x"]}
@@ -150,3 +150,23 @@ def test_the_quick_and_the_merging_paths_write_the_same_run_context(traceparent)
     # A backslash anywhere in the body sends it down the merging path.
     merged = json.loads(bind(b'{"input":{"x":"\\u0041"},"root_node_type_ref":{}}', binder, traceparent=traceparent))
     assert json.dumps(quick["run_context"]) == json.dumps(merged["run_context"])   # members and their order
+
+
+@pytest.mark.parametrize("body", [
+    b'{"run_id":"r1","run_context":{"identity":{"iss":"i","sub":"alice"},"tenant_id":"A"}}',
+    b' \n{"run_id":"r1","n":99999999999999999999999} ',
+    b'{"run_id":"r1","x":NaN,"y":1e400,"z":-Infinity}',    # orjson refuses these, json reads them
+    b'{"run_id":"r1","s":"\\ud800"}',                        # a lone surrogate, likewise
+    b'{"run_id":"r1"} trailing', b"", b"\xff\xfe", b"[" * 5000, b'"just a string"',
+])
+def test_read_json_reads_a_coordinator_answer_as_json_does(body: bytes) -> None:
+    try:
+        expected = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        expected = None
+    found = read_json(body)
+    if isinstance(expected, dict):
+        assert found["run_id"] == expected["run_id"]
+        assert RunOwner.of(found) == RunOwner.of(expected)
+    else:
+        assert found == expected

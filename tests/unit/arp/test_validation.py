@@ -225,6 +225,24 @@ def test_a_body_gets_the_problems_json_alone_gives(document: object, cut: int, i
             validation._loads = saved
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_plain_documents(), st.integers(0, 200), _INSERTS)
+def test_a_kept_document_gets_the_same_verdict_and_node_type_as_json_alone(document: object, cut: int,
+                                                                           insert: str) -> None:
+    """With keep_documents (an audit trail), the plain shape read by orjson is kept: every body gets
+    the verdict and problems it gets without, and the kept node type reference is json's."""
+    _, rules = _checkers()
+    kept = validation.BodyRules(_Limits(), keep_documents=True)
+    for body in (json.dumps(document).encode(), _mutated(json.dumps(document), cut, insert)):
+        problems = kept._problems(body)
+        assert problems == rules._problems(body), body
+        if problems:
+            continue
+        decoded = json.loads(body)
+        ref = kept.document.get("root_node_type_ref") if isinstance(kept.document, dict) else None
+        assert ref == decoded.get("root_node_type_ref"), body
+
+
 def _refuse(body: bytes) -> object:
     raise ValueError("json alone")
 

@@ -137,6 +137,23 @@ async def test_a_token_or_input_put_in_a_record_never_reaches_the_file(tmp_path:
     assert written[1]["time"] == "2027-01-15T08:00:00.000Z"
 
 
+async def test_typed_records_still_lose_every_member_outside_the_schema(tmp_path: Path) -> None:
+    trail = trail_for(tmp_path / "audit.log")
+    trail.start()
+    who = {"iss": "https://idp.example", "sub": "alice", "tenant": "A", "client_id": "cli"}
+    trail.record({"time": None, **full_record(0), "principal": who}, typed=True)
+    trail.record({"time": None, **full_record(1), "principal": who, "token": TOKEN}, typed=True)
+    trail.record({"time": None, **full_record(2), "principal": {**who, "authorization": "Bearer " + TOKEN}},
+                 typed=True)
+    await trail.close()
+    assert TOKEN not in (tmp_path / "audit.log").read_text()
+    written = lines_of(tmp_path / "audit.log")
+    for record in written:
+        VALIDATOR.validate(record)
+    assert [r["principal"] for r in written] == [who] * 3
+    assert [list(r)[0] for r in written] == ["time"] * 3 and written[0]["time"] == "2027-01-15T08:00:00.000Z"
+
+
 async def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = os.write
     calls: list[int] = []
@@ -154,6 +171,34 @@ async def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     await trail.flushed()
     assert len(calls) == 1
     assert len(lines_of(tmp_path / "audit.log")) == 500
+    await trail.close()
+
+
+async def test_records_that_come_one_at_a_time_share_a_batch_and_its_one_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    real_write = os.write
+    calls: list[int] = []
+
+    def counted(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(audit.os, "write", counted)
+    monkeypatch.setattr(audit, "FLUSH_INTERVAL_S", 0.05)
+    trail = trail_for(tmp_path / "audit.log")
+    trail.start()
+    for n in range(10):           # as requests come, each in loop iterations of its own
+        trail.record(full_record(n))
+        for _ in range(5):
+            await asyncio.sleep(0)
+    for _ in range(200):          # bounded: the batch's wake-up is due after FLUSH_INTERVAL_S
+        if trail.written == 10:
+            break
+        await asyncio.sleep(0.01)
+    assert calls and len(calls) == 1
+    assert [r["request_id"] for r in lines_of(tmp_path / "audit.log")] == [f"req-{n}" for n in range(10)]
     await trail.close()
 
 
@@ -422,9 +467,11 @@ async def test_a_record_that_cannot_be_serialized_is_dropped_alone(tmp_path: Pat
     trail.start()
     trail.record({**full_record(0), "run_id": object()})
     trail.record({**full_record(1), "status": float("nan")})
+    trail.record({**full_record(3), "node_type": {"id": "n", "version": float("inf")}})
+    trail.record({**full_record(4), "principal": {"sub": "alice", "tenant": [1, float("-inf")]}})
     trail.record(full_record(2))
     await trail.close()
-    assert trail.dropped == 2
+    assert trail.dropped == 4
     assert [r["request_id"] for r in lines_of(tmp_path / "audit.log")] == ["req-2"]
 
 
@@ -450,4 +497,4 @@ def test_stdout_sink_write_failures_are_sink_failures() -> None:
     out.close()
     sink = audit._StdoutSink(out)
     with pytest.raises(audit.WriteFailed):
-        sink.write("{}\n")
+        sink.write(b"{}\n")

@@ -87,7 +87,7 @@ class Exchange:
     """The gateway's state for one request, from `handle` to `observe`."""
 
     __slots__ = ("request", "route", "outcome", "started", "body", "extra", "reply", "at", "_streams",
-                 "_observer", "run_id", "decision", "reason", "statement_id")
+                 "_observer")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         self._streams = gateway.streams
@@ -100,11 +100,6 @@ class Exchange:
         self.extra = b""                   # identity header lines for the coordinator
         self.reply = b""                   # header lines added to the coordinator's answer (RateLimit)
         self.at = 0                        # the stage after a PAUSED one: where `proceed` goes on
-        # What a run-route decision was, for the audit record (gateway/runaccess.py sets them).
-        self.run_id: str | None = None
-        self.decision: str | None = None   # "allow" | "deny"
-        self.reason: str | None = None
-        self.statement_id: str | None = None
 
     def done(self, request: Request, failed: int) -> None:
         """The answer is written: observe it, and let the connection go on."""
@@ -124,13 +119,28 @@ class Exchange:
         self._observer.end(request, self.route, self.outcome, self.started, status)
 
 
-class AuditedExchange(Exchange):
+class RunExchange(Exchange):
+    """An Exchange that holds a run-route decision: made only when binding, run access, a policy or
+    the audit trail is configured, so a gateway without them sets none of it per request."""
+
+    __slots__ = ("run_id", "decision", "reason", "statement_id")
+
+    def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
+        Exchange.__init__(self, gateway, request, started)   # named: cheaper than super() per request
+        # What a run-route decision was, for the audit record (gateway/runaccess.py sets them).
+        self.run_id: str | None = None
+        self.decision: str | None = None   # "allow" | "deny"
+        self.reason: str | None = None
+        self.statement_id: str | None = None
+
+
+class AuditedExchange(RunExchange):
     """An Exchange whose end is recorded in the audit trail: made only when audit.sink is on."""
 
     __slots__ = ("_audit", "_recorded", "start")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
-        Exchange.__init__(self, gateway, request, started)   # named: cheaper than super() per request
+        RunExchange.__init__(self, gateway, request, started)
         self._audit: RunAudit = gateway.run_audit  # type: ignore[assignment]
         self._recorded = False
         self.start: Any = None   # a run start's body as the edge decoded it, for the record's node type
@@ -197,7 +207,8 @@ class Gateway:
         self.streams = StreamLimiter(limit=cfg.limits.max_streams_per_principal)
         self.runs = RunGuard(cfg, self.upstream, self.metrics, handed=HANDED, paused=PAUSED, proceed=self.proceed)
         self.run_audit = RunAudit(self.audit, self.runs) if self.audit is not None else None
-        self._exchange: type[Exchange] = AuditedExchange if self.run_audit is not None else Exchange
+        self._exchange: type[Exchange] = AuditedExchange if self.run_audit is not None \
+            else RunExchange if self.runs.binds or self.runs.checks else Exchange
         if self.run_audit is not None:
             self._checked = self._checked_kept  # type: ignore[method-assign]
         # The stage order, in its one place. Binding, run authorization and the audit gate are in it
@@ -205,11 +216,13 @@ class Gateway:
         # authorize stage also learns each started run's id for its record. With client certificates
         # asked for, the identity stage also passes the certificate on; without, requests never look
         # for one.
+        # The run stages take a RunExchange, which is what `handle` makes whenever they are in.
         Stages = tuple[Callable[[Exchange], Result], ...]
-        bind: Stages = (self.runs.bind,) if self.runs.binds else ()
-        authorize: Stages = (self._authorize,) if self.runs.checks or self.run_audit is not None else ()
-        gate: Stages = (self.run_audit.gate,) if self.run_audit is not None and cfg.audit.on_full == "refuse" \
-            else ()
+        bind: Stages = (self.runs.bind,) if self.runs.binds else ()  # type: ignore[assignment]
+        authorize: Stages = (self._authorize,) \
+            if self.runs.checks or self.run_audit is not None else ()  # type: ignore[assignment]
+        gate: Stages = (self.run_audit.gate,) \
+            if self.run_audit is not None and cfg.audit.on_full == "refuse" else ()  # type: ignore[assignment]
         identity = self._identity_and_certificate if self.client_certificates else self._identity
         self._stages: Stages = (
             self._route, self._authenticate, self._local, self._admit, *gate, self._body, *bind, identity,
@@ -445,7 +458,7 @@ class Gateway:
         ex.extra += line  # type: ignore[operator]
         return None
 
-    def _authorize(self, ex: Exchange) -> Result:
+    def _authorize(self, ex: RunExchange) -> Result:
         """Who may act on this run (runs.access, authorization.policy_file); a run start allowed
         here is forwarded with its answer peeked, to learn the new run's id and owner."""
         result = self.runs.authorize(ex)

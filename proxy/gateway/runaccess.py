@@ -38,7 +38,7 @@ from ..upstream.relay import Fetched
 from ..util.boundedcache import BoundedCache
 
 if TYPE_CHECKING:
-    from .pipeline import Exchange
+    from .pipeline import RunExchange
 
 log = logging.getLogger("proxy.gateway.runaccess")
 _TOKEN = PrincipalKind.TOKEN
@@ -69,7 +69,7 @@ def _is_caller(principal: Principal | None) -> bool:
 
 class RunGuard:
     def __init__(self, cfg: GatewayConfig, upstream: Upstream, metrics: GatewayMetrics | None, *,
-                 handed: Answer, paused: Answer, proceed: Callable[[Exchange, Answer | None], None]) -> None:
+                 handed: Answer, paused: Answer, proceed: Callable[[RunExchange, Answer | None], None]) -> None:
         runs = cfg.runs
         # The pipeline's driver: its sentinels, and how a stage that paused it continues it.
         self._handed, self._paused, self._proceed = handed, paused, proceed
@@ -96,7 +96,7 @@ class RunGuard:
 
     # ------------------------------------------------------------------ binding
 
-    def bind(self, ex: Exchange) -> Answer | None:
+    def bind(self, ex: RunExchange) -> Answer | None:
         body = ex.body
         if ex.route is not START_RUN or body is None:
             return None
@@ -140,7 +140,7 @@ class RunGuard:
 
     # ------------------------------------------------------------------ authorization
 
-    def authorize(self, ex: Exchange) -> Answer | None:
+    def authorize(self, ex: RunExchange) -> Answer | None:
         """None to go on, or an Answer: a refusal, or PAUSED while the run is looked up (the
         lookup's answer then continues the driver, or HANDED for a GET answered from it)."""
         route = ex.route
@@ -167,7 +167,7 @@ class RunGuard:
                              lambda answer: self._looked_up(ex, answer))
         return self._paused
 
-    def peek_start(self, ex: Exchange) -> Callable[[int, bytes], None]:
+    def peek_start(self, ex: RunExchange) -> Callable[[int, bytes], None]:
         """What learns a started run's id, and its owner, from the coordinator's answer. A bound run's
         owner is the caller bound into it; otherwise the answer's run_context says, and an answer
         without one teaches nothing (a coordinator need not echo run_context: the owner is then
@@ -194,7 +194,7 @@ class RunGuard:
                 self.owners.put(run_id, RunOwner.of(run))
         return peek
 
-    def _start(self, ex: Exchange) -> Answer | None:
+    def _start(self, ex: RunExchange) -> Answer | None:
         if self.policy is None:
             return None
         doc = getattr(ex, "start", None)  # decoded by the edge when an audit trail keeps it
@@ -222,7 +222,7 @@ class RunGuard:
         return error_answer(403, "forbidden", "The authorization policy does not allow this run start",
                             request_id=ex.request.request_id, details=details)
 
-    def _looked_up(self, ex: Exchange, looked: Fetched | Answer) -> None:
+    def _looked_up(self, ex: RunExchange, looked: Fetched | Answer) -> None:
         """The coordinator's answer about the run: decide, then answer from it (a GET) or go on to
         forward (cancel, events). A run it does not know gets the gateway's own 404, the same as a
         refusal; any other answer (an error) is relayed as it came, since it names no owner."""
@@ -250,7 +250,7 @@ class RunGuard:
         self.owners.put(run_id, owner)
         return owner
 
-    def _decide(self, ex: Exchange, owner: RunOwner) -> Answer | None:
+    def _decide(self, ex: RunExchange, owner: RunOwner) -> Answer | None:
         outcome = ex.outcome
         principal = outcome.principal if outcome is not None else None
         if self._owner_only and principal is not None and owner.subject == principal.subject \
@@ -288,12 +288,12 @@ class RunGuard:
         self._denied(action, ex, reason)
         return self._not_found(ex, ex.run_id or "")
 
-    def _not_found(self, ex: Exchange, run_id: str) -> Answer:
+    def _not_found(self, ex: RunExchange, run_id: str) -> Answer:
         """The one answer for a run that does not exist and for one the caller may not see."""
         return error_answer(404, "run_not_found", f"Run '{unquote(run_id)}' not found",
                             request_id=ex.request.request_id, details={"run_id": unquote(run_id)})
 
-    def _context(self, ex: Exchange) -> dict[str, Any]:
+    def _context(self, ex: RunExchange) -> dict[str, Any]:
         """The policy's view of the caller; a key whose value is unknown is None, which no
         condition matches."""
         outcome = ex.outcome
@@ -314,7 +314,7 @@ class RunGuard:
                         "client_id": client if isinstance(client, str) else None})
         return context
 
-    def _denied(self, action: str, ex: Exchange, reason: str) -> None:
+    def _denied(self, action: str, ex: RunExchange, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.run_access_denied[action] += 1
         log.info("run access denied", extra={"event": "run_access_denied", "action": action, "reason": reason,

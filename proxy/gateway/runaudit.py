@@ -25,7 +25,7 @@ from ..util.boundedcache import BoundedCache
 from .runaccess import CALLERS, RunGuard
 
 if TYPE_CHECKING:
-    from .pipeline import Exchange
+    from .pipeline import RunExchange
 
 EVENTS: dict[Route, str] = {START_RUN: "run.start", GET_RUN: "run.get", CANCEL_RUN: "run.cancel",
                             RUN_EVENTS: "run.events"}
@@ -44,7 +44,7 @@ class RunAudit:
         # Looked up on every record, inline: no recency kept, so the oldest-made entry goes first.
         self._who_get = self._who.getter(touch=False)
 
-    def gate(self, ex: Exchange) -> Answer | None:
+    def gate(self, ex: RunExchange) -> Answer | None:
         """`audit.on_full: refuse`: no run start or cancel while its record could not be kept."""
         route = ex.route
         if (route is START_RUN or route is CANCEL_RUN) and not self.trail.accepting:
@@ -54,7 +54,7 @@ class RunAudit:
                                 details={"reason": "audit_unavailable"})
         return None
 
-    def record(self, ex: Exchange, status: int) -> None:
+    def record(self, ex: RunExchange, status: int) -> None:
         route = ex.route
         event = EVENTS.get(route)
         outcome = ex.outcome

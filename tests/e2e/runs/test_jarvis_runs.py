@@ -178,15 +178,20 @@ async def test_the_coordinator_stores_the_bound_caller(gateway, jarvis, idp, tok
 async def test_a_spoofed_member_is_refused_or_overwritten(gateway, jarvis, idp, tokens, http, member, value):
     runs = {"bind_identity": True, "tenant_claim": "tenant"}
     url = await gateway(jarvis.url, auth=_auth(idp), runs=runs)
+    # A run id of the client's choosing: the coordinator keeps it (seen below), so a refused start
+    # that had reached it would be in its Run Store under that id.
+    refused_id, kept_id = f"run_spoofed_{member}", f"run_overwritten_{member}"
     spoof = {**RUN_START, "run_context": {member: value}}
-    status, answer = await _start(http, url, tokens["bob"], spoof)
+    status, answer = await _start(http, url, tokens["bob"], {**spoof, "run_id": refused_id})
     assert status == 403
     assert answer["error"]["code"] == "forbidden"
     assert answer["error"]["details"]["reason"] == "run_context_mismatch"
+    assert await jarvis.stored_run(refused_id) is None   # never forwarded
 
     url = await gateway(jarvis.url, auth=_auth(idp), runs={**runs, "on_conflict": "overwrite"})
-    status, run = await _start(http, url, tokens["bob"], spoof)
+    status, run = await _start(http, url, tokens["bob"], {**spoof, "run_id": kept_id})
     assert status == 200, run
+    assert run["run_id"] == kept_id
     context = _set((await jarvis.stored_run(run["run_id"]))["run_context"])
     assert context["identity"] == {"iss": idp.issuer, "sub": "bob"}
     assert context["actor"] == {"type": "principal", "id": "bob"} and context["tenant_id"] == "B"
@@ -214,12 +219,14 @@ async def test_a_policy_on_node_types_refuses_other_starts_with_its_statement(ga
                         authorization={"policy_file": str(policy)}, metrics={"enabled": True, "port": 0})
     status, run = await _start(http, url, tokens["alice"])
     assert status == 200, run
-    core = {**RUN_START, "root_node_type_ref": {"node_type_id": "jarvis.core.uuid", "version": "0.3.3"}}
+    core = {**RUN_START, "root_node_type_ref": {"node_type_id": "jarvis.core.uuid", "version": "0.3.3"},
+            "run_id": "run_denied_by_policy"}
     status, answer = await _start(http, url, tokens["alice"], core)
     assert status == 403
     assert answer["error"]["code"] == "forbidden"
     assert answer["error"]["details"]["reason"] == "policy_denied"
     assert answer["error"]["details"]["statement_id"] == "NoCoreNodes"
+    assert await jarvis.stored_run("run_denied_by_policy") is None   # never forwarded
     other = {**RUN_START, "root_node_type_ref": {"node_type_id": "acme.tool", "version": "1"}}
     status, answer = await _start(http, url, tokens["alice"], other)
     assert status == 403 and "statement_id" not in answer["error"]["details"]   # the default deny

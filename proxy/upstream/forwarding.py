@@ -170,33 +170,13 @@ class Upstream:
                         done: Done, attempt: int, reply: bytes = b"", peek: Peek | None = None) -> None:
         """The same exchange, from attempt number `attempt` on, for when it has to wait: for a pool
         connection, or between retries."""
-        pool = self.pool
-        assert pool is not None
-        policy, method = self._retry, request.method
-        stream = _holds_stream(request, route)
-        while True:
-            if attempt > 1:
-                if self.metrics is not None:
-                    self.metrics.retried(route.template)
-                pause = policy.pause(attempt - 1)
-                if self._loop.time() + pause >= deadline:
-                    self._refuse(request, TimeoutError())
-                    done(request, 0)
-                    return
-                await asyncio.sleep(pause)
-            try:
-                response = await pool.request(head, body, deadline=deadline, stream=stream)
-            except (UpstreamError, TimeoutError) as exc:
-                if policy.after_error(method, exc, attempt):
-                    attempt += 1
-                    continue
-                self._refuse(request, exc)
-                done(request, 0)
-                return
-            if not policy.after_status(method, response.status, attempt):
-                break
-            response.release()
-            attempt += 1
+        try:
+            response = await self._attempts(route, request.method, head, body, deadline,
+                                            _holds_stream(request, route), attempt)
+        except (UpstreamError, TimeoutError) as exc:
+            self._refuse(request, exc)
+            done(request, 0)
+            return
         pending = self._relay.answer(request, route, response, done, reply, peek)
         if pending is not None:
             await pending
@@ -255,6 +235,18 @@ class Upstream:
     async def _lookup(self, request: Request, route: Route, head: bytes, deadline: float, then: Looked,
                       attempt: int) -> None:
         """The lookup, from attempt number `attempt` on, when it has to wait."""
+        try:
+            response = await self._attempts(route, "GET", head, None, deadline, False, attempt)
+        except (UpstreamError, TimeoutError) as exc:
+            then(self._failure(request, exc))
+            return
+        await self._lookup_body(request, response, then)
+
+    async def _attempts(self, route: Route, method: str, head: bytes, body: bytes | None, deadline: float,
+                        stream: bool, attempt: int) -> PoolResponse:
+        """The attempts of one exchange from number `attempt` on, under the one retry policy: the
+        answer to use, or the last failure raised (TimeoutError when the deadline leaves no room for
+        the next pause). Shared by forwarded requests and the gateway's own lookups."""
         pool = self.pool
         assert pool is not None
         policy = self._retry
@@ -264,22 +256,19 @@ class Upstream:
                     self.metrics.retried(route.template)
                 pause = policy.pause(attempt - 1)
                 if self._loop.time() + pause >= deadline:
-                    then(self._failure(request, TimeoutError()))
-                    return
+                    raise TimeoutError()
                 await asyncio.sleep(pause)
             try:
-                response = await pool.request(head, None, deadline=deadline)
+                response = await pool.request(head, body, deadline=deadline, stream=stream)
             except (UpstreamError, TimeoutError) as exc:
-                if policy.after_error("GET", exc, attempt):
+                if policy.after_error(method, exc, attempt):
                     attempt += 1
                     continue
-                then(self._failure(request, exc))
-                return
-            if not policy.after_status("GET", response.status, attempt):
-                break
+                raise
+            if not policy.after_status(method, response.status, attempt):
+                return response
             response.release()
             attempt += 1
-        await self._lookup_body(request, response, then)
 
     async def _lookup_body(self, request: Request, response: PoolResponse, then: Looked) -> None:
         try:

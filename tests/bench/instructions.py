@@ -111,9 +111,9 @@ def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstrea
     path = workdir / f"{label}.yaml"
     path.write_text(json.dumps(cfg))
     # -P: the working directory (this checkout) must not shadow PYTHONPATH's package.
-    env = {"PATH": "/usr/bin:/bin:/usr/sbin", "HOME": str(workdir)}
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
+    # "This checkout" is the one this script lives in, whichever checkout the venv installed.
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin", "HOME": str(workdir),
+           "PYTHONPATH": str(src if src is not None else BENCH_DIR.parent.parent)}
     out = workdir / f"callgrind.{label}"
     proc = procs.start(label, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                                "--dump-line=no", "--dump-instr=no", sys.executable, "-P", "-m", "proxy", "serve",

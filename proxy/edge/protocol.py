@@ -341,6 +341,9 @@ class ClientConnection(FlowControl, asyncio.Protocol):
             request._ids += 1
         elif noted == _EXPECT:
             request.expect_continue = value.lower() == b"100-continue"
+        elif noted == _TRACEPARENT:
+            if request.traceparent is None:
+                request.traceparent = value
         else:
             request.preflight = True  # Access-Control-Request-Method
 
@@ -726,11 +729,11 @@ class ClientConnection(FlowControl, asyncio.Protocol):
 # The header fields the edge reads itself, each to one small int for on_header to branch on,
 # in the order on_header tests them: the most common first.
 (_AUTHORIZATION, _HOST, _CONTENT_TYPE, _CONTENT_LENGTH, _USER_AGENT, _TRANSFER_ENCODING, _CONTENT_ENCODING,
- _REQUEST_ID, _EXPECT, _PREFLIGHT) = range(10)
+ _REQUEST_ID, _EXPECT, _TRACEPARENT, _PREFLIGHT) = range(11)
 _NOTED = {b"authorization": _AUTHORIZATION, b"host": _HOST, b"content-type": _CONTENT_TYPE,
           b"content-length": _CONTENT_LENGTH, b"user-agent": _USER_AGENT, b"transfer-encoding": _TRANSFER_ENCODING,
           b"content-encoding": _CONTENT_ENCODING, b"x-request-id": _REQUEST_ID, b"expect": _EXPECT,
-          b"access-control-request-method": _PREFLIGHT}
+          b"traceparent": _TRACEPARENT, b"access-control-request-method": _PREFLIGHT}
 
 
 def _bad(request: Request, reason: str, message: str) -> Answer:

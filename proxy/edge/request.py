@@ -66,7 +66,7 @@ class Request(ResponseWriter):
                  "content_encoding", "content_length", "chunked", "expect_continue", "host", "hosts",
                  "preflight", "keep_alive", "refusal", "request_id", "complete", "too_large", "broken", "_body",
                  "body_size", "_held", "_waiter", "_given_id", "_ids", "upstream_s",
-                 "finished", "aborter", "exchange", "client", "user_agent", "upstream_start", "_then")
+                 "finished", "aborter", "exchange", "client", "user_agent", "upstream_start", "_then", "traceparent")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -105,6 +105,7 @@ class Request(ResponseWriter):
         self.upstream_s: float | None = None            # until the coordinator's headers; None: it never answered
         self.upstream_start = 0.0
         self.user_agent: bytes | None = None
+        self.traceparent: bytes | None = None           # the first traceparent field, for binding and audit
         self.client = ""                                # set when a trusted proxy names the client; else the peer
         self.head_sent = False
         self.will_close = False

@@ -110,12 +110,9 @@ class RunGuard:
         if caller.__class__ is BindRefusal:
             bound: bytes | BindRefusal = caller
         else:
-            traceparent = None
-            for name, value in request.headers:
-                if len(name) == 11 and name.lower() == b"traceparent":
-                    traceparent = value.decode("latin-1")
-                    break
-            bound = self.binder.bind(body, caller, request.request_id, traceparent)  # type: ignore[arg-type]
+            traceparent = request.traceparent
+            bound = self.binder.bind(body, caller, request.request_id,  # type: ignore[arg-type]
+                                     None if traceparent is None else traceparent.decode("latin-1"))
         if bound.__class__ is not BindRefusal:
             ex.body = bound  # type: ignore[assignment]
             return None

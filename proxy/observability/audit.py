@@ -1,15 +1,16 @@
 """The audit trail: one JSON line per decision on a run route, written off the request path.
 
-`record` never blocks and never raises: it notes the time (from the injected clock), counts the
-record and appends it to a bounded queue; nothing is serialized on the request path. One writer
-task drains the queue by time, as lines.py's LineOut does: the first record of a batch schedules
-one wake-up FLUSH_INTERVAL_S later (or at once when FLUSH_LINES are queued), so requests that come
-one at a time still share a batch, and its wake-up, its serialization and its one write. A batch
-goes to the process's stdout through the LineOut the access log shares (lines.py), so neither
-cuts the other's lines, or is appended to `audit.path` in a thread (one hop per batch: a slow disk
-must not stall the event loop). Only members of the record schema
-(proxy/data/audit-record.schema.json) are written; anything else a caller put in a record is
-removed first, so a token or a run's input cannot reach the trail by mistake.
+`record_line` never blocks and never raises: it counts a record already rendered as its line
+(gateway/runaudit.py renders each request's, the schema's members only) and appends it to a
+bounded queue. `record` does the same for a record given as its members: it notes the time (from
+the injected clock) and the writer serializes it, keeping only members of the record schema
+(proxy/data/audit-record.schema.json), so a token or a run's input put there by mistake cannot
+reach the trail. One writer task drains the queue by time, as lines.py's LineOut does: the first
+record of a batch schedules one wake-up FLUSH_INTERVAL_S later (or at once when FLUSH_LINES are
+queued), so requests that come one at a time still share a batch, and its wake-up, its
+serialization and its one write. A batch goes to the process's stdout through the LineOut the
+access log shares (lines.py), so neither cuts the other's lines, or is appended to `audit.path` in
+a thread (one hop per batch: a slow disk must not stall the event loop).
 
 When records cannot be kept (the queue is full, the sink cannot be written: disk full, an
 unwritable file, a deleted directory) `on_full` decides. `drop`: each lost record is counted
@@ -26,6 +27,7 @@ leaves part of a line; the next write starts on a new line, so every other line 
     trail.start()
     if not trail.accepting: ...   # refuse mode: the sink is failing or the queue is full
     trail.record({"event": "run.cancel", "decision": "deny", "reason": "not_owner", "status": 404})
+    trail.record_line(b'{"time":"...","event":"run.get",...}\n', "run.get", "allow")
     trail.reopen()                # SIGHUP
     await trail.close()
 """
@@ -80,7 +82,6 @@ def schema() -> dict[str, Any]:
 # orjson serializes a record in a fraction of json's instructions; unlike json it writes NaN and the
 # infinities as null, which _finite refuses first, as json's allow_nan=False would.
 _dumps = orjson.dumps
-_NEWLINE = orjson.OPT_APPEND_NEWLINE
 _FLAT = frozenset((str, int, bool, type(None)))
 _FLAT_OR_DICT = _FLAT | {dict}
 _IS_DICT = partial(operator.is_, dict)
@@ -204,7 +205,7 @@ class AuditTrail:
     def __init__(self, cfg: AuditConfig, clock: Clock, metrics: AuditMetrics | None) -> None:
         if cfg.sink == AuditSink.OFF:
             raise ValueError("audit.sink is off: build no AuditTrail")
-        self._clock = clock
+        self.clock = clock
         self._metrics = metrics
         self._size = cfg.queue_size
         self._soon = min(FLUSH_LINES, cfg.queue_size)   # queued records that wake the writer at once
@@ -214,8 +215,8 @@ class AuditTrail:
         found = schema()["properties"]
         self._members = frozenset(found)
         self._principal = frozenset(found["principal"]["properties"])
-        self._queue: list[tuple[float, dict[str, Any], bool]] = []   # (time, fields, typed), serialized by the writer
-        self._clean: Any = None           # the typed principal object last found to hold schema members only
+        # Rendered lines, or (time, fields) that the writer serializes.
+        self._queue: list[bytes | tuple[float, dict[str, Any]]] = []
         self._unwritten: list[bytes] = []  # refuse: lines of batches that failed, written before newer ones
         self._failing = False
         self._closing = False
@@ -236,26 +237,40 @@ class AuditTrail:
 
     # ------------------------------------------------------------------ the request side
 
-    def record(self, fields: dict[str, Any], *, typed: bool = False) -> None:
-        """Queues one record; never blocks, never raises. The trail owns `fields` from here on.
-        `typed`: the caller built every value as a string, an integer, None, or an object of those
-        whose identity it keeps unchanged, with `time` as the first member (gateway/runaudit.py), so
-        the writer need not walk the values for a number JSON cannot carry and stamps `time` in
-        place; its members are checked against the schema all the same."""
+    def record(self, fields: dict[str, Any]) -> None:
+        """Queues one record given as its members; never blocks, never raises. The trail owns
+        `fields` from here on: it stamps `time`, and the writer keeps the schema's members only."""
+        try:
+            self.record_line((self.clock.time(), fields), fields.get("event"), fields.get("decision"))
+        except Exception:
+            self.failed_record()
+
+    def record_line(self, line: bytes | tuple[float, dict[str, Any]], event: Any, decision: Any) -> None:
+        """Queues one record already rendered as its line (gateway/runaudit.py makes them: the
+        schema's members only, ASCII, ending in a newline), or a `record`'s stamped members;
+        never blocks, never raises."""
         try:
             if self._metrics is not None:
-                self._metrics.audit_recorded(fields.get("event"), fields.get("decision"))
+                self._metrics.audit_recorded(event, decision)
             queue = self._queue
             if self._closed or len(queue) + len(self._unwritten) >= self._size:
                 self._drop(1, "the audit trail is closed" if self._closed else "the audit queue is full")
                 return
-            queue.append((self._clock.time(), fields, typed))
+            queue.append(line)
             if len(queue) >= self._soon:
                 self._wake.set()
             elif self._timer is None and self._loop is not None:
                 self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._wake.set)
         except Exception:
-            self._complain("record", "audit record failed", exc_info=True)
+            self.failed_record()
+
+    def failed_record(self) -> None:
+        """A record that could not be made (a bug in its maker): counted lost, said once per interval."""
+        self._complain("record", "audit record failed", exc_info=True)
+        try:
+            self._drop(1, "an audit record could not be made")
+        except Exception:
+            pass
 
     @property
     def accepting(self) -> bool:
@@ -356,10 +371,13 @@ class AuditTrail:
         self._attempted += len(batch)
         lines, self._unwritten = self._unwritten, []
         line = self._line
-        for stamp, fields, typed in batch:
-            text = line(stamp, fields, typed)
-            if text is not None:
-                lines.append(text)
+        for item in batch:
+            if item.__class__ is bytes:
+                lines.append(item)
+            else:
+                text = line(*item)
+                if text is not None:
+                    lines.append(text)
         if not lines:
             return
         self.writes += 1
@@ -400,25 +418,18 @@ class AuditTrail:
         else:
             self._drop(len(kept), f"audit sink {self._sink.where} cannot be written ({reason})")
 
-    def _line(self, stamp: float, item: dict[str, Any], typed: bool = False) -> bytes | None:
+    def _line(self, stamp: float, item: dict[str, Any]) -> bytes | None:
         """One record's line: `time` first, then the schema's members the caller gave."""
         try:
-            # The usual record holds schema members only, checked in C; the loops are for the rest.
             if not item.keys() <= self._members:
                 self._strip(item, [key for key in item if key not in self._members])
             principal = item.get("principal")
-            if principal is not None and principal is not self._clean:
+            if principal is not None:
                 if principal.__class__ is not dict:
                     self._strip(item, ["principal"])
                 elif not principal.keys() <= self._principal:
                     # A new dict: the caller may share its principal between records.
                     item["principal"] = {k: v for k, v in principal.items() if k in self._principal}
-                elif typed:
-                    self._clean = principal   # the same caller's next records: not checked again
-            if typed:
-                # Its first member is `time`: set in place, it stays first, and the line is one call.
-                item["time"] = rfc3339_millis(stamp)
-                return _dumps(item, option=_NEWLINE)
             if "time" in item:
                 del item["time"]   # the trail stamps every record itself
             values = item.values()
@@ -456,7 +467,7 @@ class AuditTrail:
             self._lost = 0
 
     def _complain(self, kind: str, message: str, *args: Any, exc_info: bool = False) -> bool:
-        now = self._clock.monotonic()
+        now = self.clock.monotonic()
         last = self._warned.get(kind)
         if last is not None and now - last < WARN_INTERVAL_S:
             return False

@@ -137,21 +137,19 @@ async def test_a_token_or_input_put_in_a_record_never_reaches_the_file(tmp_path:
     assert written[1]["time"] == "2027-01-15T08:00:00.000Z"
 
 
-async def test_typed_records_still_lose_every_member_outside_the_schema(tmp_path: Path) -> None:
-    trail = trail_for(tmp_path / "audit.log")
+async def test_rendered_lines_are_written_as_given_in_order_with_member_records(tmp_path: Path) -> None:
+    metrics = GatewayMetrics([])
+    trail = trail_for(tmp_path / "audit.log", metrics=metrics)
     trail.start()
-    who = {"iss": "https://idp.example", "sub": "alice", "tenant": "A", "client_id": "cli"}
-    trail.record({"time": None, **full_record(0), "principal": who}, typed=True)
-    trail.record({"time": None, **full_record(1), "principal": who, "token": TOKEN}, typed=True)
-    trail.record({"time": None, **full_record(2), "principal": {**who, "authorization": "Bearer " + TOKEN}},
-                 typed=True)
+    line = json.dumps({"time": "2027-01-15T08:00:00.000Z", **full_record(0)}, separators=(",", ":")) + "\n"
+    trail.record_line(line.encode(), "run.start", "deny")
+    trail.record(full_record(1))
+    trail.record_line(line.replace("req-0", "req-2").encode(), "run.start", "deny")
     await trail.close()
-    assert TOKEN not in (tmp_path / "audit.log").read_text()
-    written = lines_of(tmp_path / "audit.log")
-    for record in written:
-        VALIDATOR.validate(record)
-    assert [r["principal"] for r in written] == [who] * 3
-    assert [list(r)[0] for r in written] == ["time"] * 3 and written[0]["time"] == "2027-01-15T08:00:00.000Z"
+    text = (tmp_path / "audit.log").read_text()
+    assert text.splitlines()[0] + "\n" == line
+    assert [r["request_id"] for r in lines_of(tmp_path / "audit.log")] == ["req-0", "req-1", "req-2"]
+    assert counter(metrics, "arp_gateway_audit_records_total", event="run.start", decision="deny") == 2
 
 
 async def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,9 @@
     .venv/bin/python tests/bench/instructions.py --requests 2000 --no-access-log
     .venv/bin/python tests/bench/instructions.py --route get --runs     # GET /v1/runs/{id}, and with
                                                                         # ownership on, side by side
+    .venv/bin/python tests/bench/instructions.py --tls                  # plain and over HTTPS, side by side
+    .venv/bin/python tests/bench/instructions.py --tls --close          # a new connection (and handshake)
+                                                                        # per run start
 
 Timing on a shared 2-core machine moves tens of percent between rounds; an
 instruction count does not (about 1-2% between runs here), so it settles
@@ -21,7 +24,11 @@ counters are dumped. Everything listens on 127.0.0.1; every wait is bounded.
 a Run bound to the bench token's subject). `--runs` counts this checkout twice,
 side by side: as configured, then with runs belonging to their callers (the
 caller bound into each start, `runs.access: owner`, and an audit file when the
-configuration has an `audit` section), and prints the ratio.
+configuration has an `audit` section), and prints the ratio. `--tls` counts this checkout
+over HTTPS too (`listen.tls` with a certificate from the test PKI, the client checking it against its
+CA), side by side with plain HTTP, and prints the ratio; a `--baseline` is then counted over HTTPS.
+`--close` sends every request on a new connection (`Connection: close`), so with `--tls` a count
+is a full handshake plus one run start.
 Needs valgrind (Debian package valgrind) and nginx (tests/bench/run.sh installs it).
 """
 
@@ -31,6 +38,8 @@ import argparse
 import http.client
 import json
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -56,24 +65,53 @@ from bench import (  # noqa: E402  (the bench's own helpers: same fixtures, same
 
 RUN_ID = "run_bench"
 RUNS_LABEL = "with runs owned (binding, owner access, audit sink %s)"
+TLS_LABEL = "this checkout over HTTPS (listen.tls)"
 
 
-def send(port: int, token: str, count: int, route: str = "start") -> None:
-    """`count` run starts (or gets of one run) on one keep-alive connection; each must succeed."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+def send(port: int, token: str, count: int, route: str = "start", tls: ssl.SSLContext | None = None,
+         close: bool = False) -> None:
+    """`count` run starts (or gets of one run) on one keep-alive connection (over HTTPS with `tls`;
+    each on a new connection with `close`); each must succeed. Each request goes out in one write, as
+    wrk sends it: http.client writes a head and a body apart, which over TLS would be two records."""
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        return tls.wrap_socket(sock, server_hostname="127.0.0.1") if tls is not None else sock
+
+    lines = [f"Host: 127.0.0.1:{port}", f"Authorization: Bearer {token}"] + (["Connection: close"] if close else [])
+    if route == "get":
+        raw = "\r\n".join([f"GET /v1/runs/{RUN_ID} HTTP/1.1", *lines, "", ""]).encode()
+    else:
+        body = RUN_START_BODY.encode()
+        raw = "\r\n".join(["POST /v1/runs HTTP/1.1", *lines, "Content-Type: application/json",
+                            f"Content-Length: {len(body)}", "", ""]).encode() + body
+    sock: socket.socket | None = None
     try:
         for _ in range(count):
-            if route == "get":
-                conn.request("GET", f"/v1/runs/{RUN_ID}", headers={"Authorization": f"Bearer {token}"})
-            else:
-                conn.request("POST", "/v1/runs", RUN_START_BODY, headers)
-            response = conn.getresponse()
-            body = response.read()
+            if sock is None:
+                sock = connect()
+            sock.sendall(raw)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            answer = response.read()
+            response.close()
             if response.status != 200:
-                raise BenchError(f"a {route} answered {response.status}: {body[:200]!r}")
+                raise BenchError(f"a {route} answered {response.status}: {answer[:200]!r}")
+            if close:
+                sock.close()
+                sock = None
     finally:
-        conn.close()
+        if sock is not None:
+            sock.close()
+
+
+def client_context(workdir: Path) -> tuple[ssl.SSLContext, dict[str, str]]:
+    """A server pair from the test PKI for `listen.tls`, and a client context trusting its CA."""
+    from tests.support.certs import Pki
+    pki = Pki(workdir / "pki")
+    ca = pki.ca("bench-ca")
+    server = pki.issue(ca, "localhost")
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    return context, {"cert_file": str(server.cert), "key_file": str(server.key)}
 
 
 def upstream_conf(workdir: Path, port: int, issuer: str, subject: str) -> str:
@@ -102,10 +140,12 @@ def _config_sections() -> set[str]:
 
 
 def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstream: str, issuer: str,
-          token: str, args: argparse.Namespace, runs: bool = False) -> int:
+          token: str, args: argparse.Namespace, runs: bool = False, tls: ssl.SSLContext | None = None) -> int:
     """Instructions per request for the `proxy` package in `src` (None: this checkout)."""
     port = free_port()
     cfg = gateway_config(port, upstream, issuer, metrics=args.metrics, access_log=args.access_log)
+    if tls is not None:
+        cfg["listen"]["tls"] = args.tls_files
     if runs:
         cfg = runs_config(workdir, cfg, args.audit)
     path = workdir / f"{label}.yaml"
@@ -120,9 +160,9 @@ def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstrea
                                "--config", str(path)], TARGET_CPU, env=env)
     try:
         wait_until(f"{label} under callgrind", lambda: port_open(port), 240, proc, procs, label, interval=0.5)
-        send(port, token, args.warmup, args.route)
+        send(port, token, args.warmup, args.route, tls, args.close)
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True, timeout=60)
-        send(port, token, args.requests, args.route)
+        send(port, token, args.requests, args.route, tls, args.close)
         subprocess.run(["callgrind_control", "--dump=measured", str(proc.pid)], check=True, capture_output=True,
                        timeout=60)
         dump = Path(f"{out}.1")
@@ -152,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(binding, owner access, audit file), side by side")
     p.add_argument("--audit", choices=("file", "stdout", "off"), default="file",
                    help="with --runs: the audit sink (default file)")
+    p.add_argument("--tls", action="store_true", help="also count this checkout over HTTPS (listen.tls), "
+                   "side by side; a --baseline is counted over HTTPS")
+    p.add_argument("--close", action="store_true", help="a new connection per request (Connection: close)")
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -174,10 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         token = (workdir / "token.txt").read_text().strip()
         upstream = f"http://127.0.0.1:{upstream_port}"
         started = time.monotonic()
+        tls = None
+        if args.tls:
+            tls, args.tls_files = client_context(workdir)
         counts = {"this checkout": count(procs, workdir, "current", None, upstream, issuer, token, args)}
+        if tls is not None:
+            counts[TLS_LABEL] = count(procs, workdir, "current_tls", None, upstream, issuer, token, args, tls=tls)
         if args.baseline is not None:
             counts[str(args.baseline)] = count(procs, workdir, "baseline", args.baseline.resolve(), upstream,
-                                               issuer, token, args)
+                                               issuer, token, args, tls=tls)
         if args.runs:
             counts[RUNS_LABEL % args.audit] = count(
                 procs, workdir, "runs", None, upstream, issuer, token, args, runs=True)
@@ -189,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     what = "GET /v1/runs/{id}" if args.route == "get" else "POST /v1/runs"
     print(f"user-space instructions per authenticated {what} ({args.requests} counted, "
-          f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}; "
+          f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}, "
+          f"{'a new connection per request' if args.close else 'keep-alive'}; "
           f"{time.monotonic() - started:.0f} s):")
     for label, n in counts.items():
         print(f"  {label}: {n:,}")
+    if args.tls:
+        print(f"  over HTTPS / plain: {counts[TLS_LABEL] / counts['this checkout']:.3f}")
     if args.baseline is not None:
-        current, baseline = counts["this checkout"], counts[str(args.baseline)]
+        current, baseline = counts[TLS_LABEL if args.tls else "this checkout"], counts[str(args.baseline)]
         print(f"  this checkout / baseline: {current / baseline:.3f}")
     if args.runs:
         current, owned = counts["this checkout"], counts[RUNS_LABEL % args.audit]

@@ -75,7 +75,8 @@ def server_tls(tls: ListenTlsConfig) -> CertificateFiles:
     """The public listener's certificate files, loaded now and rebuilt the same way on each change."""
     return CertificateFiles(
         "listen", tls.files,
-        lambda files: build_context(files, server=True, min_version=tls.min_version, client_auth=tls.client_auth.value),
+        lambda files: build_context(files, server=True, min_version=tls.min_version, client_auth=tls.client_auth.value,
+                                    session_tickets=tls.session_tickets),
         reload_interval_s=tls.reload_interval_s)
 
 

@@ -325,6 +325,12 @@ class ListenTlsConfig(_Model):
     client_auth: ClientAuth = Field(default=ClientAuth.NONE, description=(
         "none, optional (a client certificate is asked for, verified if sent) or required (the handshake "
         "fails without a valid one); needs client_ca_file"))
+    session_tickets: int = Field(default=2, ge=0, le=8, description=(
+        "TLS 1.3 session tickets sent after each full handshake, with which a client resumes a later "
+        "connection without one (OpenSSL's default, 2, lets it open two at once); each costs the server work "
+        "on every full handshake, so 0 suits clients that never resume (many HTTP client libraries keep no "
+        "TLS session between connections): every connection then makes a full handshake. TLS 1.2 resumption "
+        "is unaffected"))
 
     @property
     def enabled(self) -> bool:

@@ -98,9 +98,11 @@ def _ssl_reason(exc: BaseException) -> str:
 
 
 def build_context(files: TlsFiles, *, server: bool, min_version: str = "1.2",
-                  client_auth: str = "none", now: Callable[[], float] = time.time) -> BuiltContext:
+                  client_auth: str = "none", session_tickets: int = 2,
+                  now: Callable[[], float] = time.time) -> BuiltContext:
     """Loads and checks `files` into a new context: the certificate parses and has not expired, the
-    key parses and matches it, the CA bundle parses. Raises CertificateProblem naming the file."""
+    key parses and matches it, the CA bundle parses. Raises CertificateProblem naming the file.
+    A server context sends `session_tickets` TLS 1.3 tickets after each full handshake."""
     not_after = None
     if files.cert_file:
         leaf = _certificates("cert_file", files.cert_file)[0]
@@ -136,6 +138,7 @@ def build_context(files: TlsFiles, *, server: bool, min_version: str = "1.2",
         except (ssl.SSLError, OSError) as exc:
             raise CertificateProblem("ca_file", f"{files.ca_file} cannot be loaded ({_ssl_reason(exc)})") from None
     if server:
+        context.num_tickets = session_tickets
         context.verify_mode = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
                                "required": ssl.CERT_REQUIRED}[client_auth]
     return BuiltContext(context, not_after)

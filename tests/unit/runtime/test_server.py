@@ -62,3 +62,19 @@ async def test_audit_off_builds_no_trail() -> None:
         assert server.gateway.audit is None
     finally:
         await server.cleanup()
+
+
+def test_the_listeners_session_tickets_hold_across_reloads(tmp_path: Path) -> None:
+    from proxy.runtime.server import server_tls
+    from proxy.settings.config import build_config
+    from tests.support.certs import Pki
+    pki = Pki(tmp_path / "pki")
+    pair = pki.issue(pki.ca("tickets-ca"), "tickets")
+    cfg = build_config({"auth": {"mode": "disabled"}, "listen": {"tls": {
+        "cert_file": str(pair.cert), "key_file": str(pair.key), "session_tickets": 0}}})
+    files = server_tls(cfg.listen.tls)
+    assert files.context.num_tickets == 0
+    assert files.check(force=True) and files.context.num_tickets == 0   # a reloaded pair keeps the setting
+    default = build_config({"auth": {"mode": "disabled"}, "listen": {"tls": {
+        "cert_file": str(pair.cert), "key_file": str(pair.key)}}})
+    assert server_tls(default.listen.tls).context.num_tickets == 2

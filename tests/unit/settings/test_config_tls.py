@@ -30,8 +30,9 @@ def test_listener_tls_is_off_by_default_and_on_with_a_pair(pki):
     good = pki["good"]
     cfg = build_config({"auth": {"mode": "disabled"},
                         "listen": {"tls": {"cert_file": str(good.cert), "key_file": str(good.key),
-                                           "min_version": 1.3}}})
-    assert cfg.listen.tls.enabled and cfg.listen.tls.min_version == "1.3"
+                                           "min_version": 1.3, "session_tickets": 0}}})
+    assert cfg.listen.tls.enabled and cfg.listen.tls.min_version == "1.3" and cfg.listen.tls.session_tickets == 0
+    assert build_config({"auth": {"mode": "disabled"}}).listen.tls.session_tickets == 2   # OpenSSL's own
 
 
 @pytest.mark.parametrize("tls, line", [
@@ -41,6 +42,8 @@ def test_listener_tls_is_off_by_default_and_on_with_a_pair(pki):
     ({"cert_file": "CERT"}, "listen.tls.key_file: set listen.tls.cert_file and listen.tls.key_file together"),
     ({"cert_file": "CERT", "key_file": "KEY", "client_auth": "required"}, "listen.tls.client_ca_file: "),
     ({"cert_file": "CERT", "key_file": "KEY", "min_version": "1.1"}, "listen.tls.min_version: "),
+    ({"cert_file": "CERT", "key_file": "KEY", "session_tickets": 9}, "listen.tls.session_tickets: "),
+    ({"cert_file": "CERT", "key_file": "KEY", "session_tickets": -1}, "listen.tls.session_tickets: "),
 ])
 def test_listener_problems_name_the_key(pki, tls, line):
     paths = {"CERT": str(pki["good"].cert), "KEY": str(pki["good"].key), "OTHER_KEY": str(pki["other"].key),

@@ -83,3 +83,35 @@ def test_peer_certificate_reads_subject_uris_and_thumbprint(pki: Pki, ca) -> Non
     assert seen.subject == "O=ARP Test,CN=agent"
     assert seen.thumbprint == client.thumbprint and len(seen.thumbprint) == 43 and "=" not in seen.thumbprint
     assert peer_certificate(None) is None
+
+
+def _handshake_and_read(server_ctx: ssl.SSLContext, ca_file: str) -> ssl.SSLObject:
+    """A client that completes a handshake with `server_ctx` and reads one answer (TLS 1.3 tickets come
+    after the handshake, ahead of the first application data)."""
+    client_ctx = ssl.create_default_context(cafile=ca_file)
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    for _ in range(4):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    server.write(b"answer")
+    c_in.write(s_out.read())
+    assert client.read(64) == b"answer"
+    return client
+
+
+@pytest.mark.parametrize("tickets, resumable", [(None, True), (0, False)])
+def test_a_server_context_sends_the_session_tickets_asked_for(pki: Pki, ca, tickets: int | None,
+                                                               resumable: bool) -> None:
+    pair = pki.issue(ca, f"tickets-{tickets}")
+    extra = {} if tickets is None else {"session_tickets": tickets}
+    built = build_context(TlsFiles(str(pair.cert), str(pair.key)), server=True, **extra)
+    client = _handshake_and_read(built.context, str(ca.cert))
+    assert client.version() == "TLSv1.3"
+    assert client.session is not None and client.session.has_ticket is resumable

@@ -21,8 +21,12 @@ counters are dumped. Everything listens on 127.0.0.1; every wait is bounded.
 a Run bound to the bench token's subject). `--runs` counts this checkout twice,
 side by side: as configured, then with runs belonging to their callers (the
 caller bound into each start, `runs.access: owner`, and an audit file when the
-configuration has an `audit` section), and prints the ratio.
-Needs valgrind (Debian package valgrind) and nginx (tests/bench/run.sh installs it).
+configuration has an `audit` section), and prints the ratio. `--rate-backend local` counts with
+`limits.run_start_rate` on (a limit nothing reaches); `--rate-backend redis` counts that twice,
+side by side, with `backend: local` and with `backend: redis` (a redis-server on loopback, no
+persistence, on the load core), and prints the difference per run start.
+Needs valgrind (Debian package valgrind) and nginx (tests/bench/run.sh installs it), and
+redis-server for `--rate-backend redis`.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ from bench import (  # noqa: E402  (the bench's own helpers: same fixtures, same
 
 RUN_ID = "run_bench"
 RUNS_LABEL = "with runs owned (binding, owner access, audit sink %s)"
+LOCAL_LABEL = "this checkout, backend: local"
+NO_LIMIT = {"per_second": 1_000_000, "burst": 1_000_000}  # a run-start limit that is never reached
 
 
 def send(port: int, token: str, count: int, route: str = "start") -> None:
@@ -102,10 +108,16 @@ def _config_sections() -> set[str]:
 
 
 def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstream: str, issuer: str,
-          token: str, args: argparse.Namespace, runs: bool = False) -> int:
-    """Instructions per request for the `proxy` package in `src` (None: this checkout)."""
+          token: str, args: argparse.Namespace, runs: bool = False, rate: str | None = None,
+          redis_url: str | None = None) -> int:
+    """Instructions per request for the `proxy` package in `src` (None: this checkout); `rate`: with
+    the run-start limit on, in that backend."""
     port = free_port()
     cfg = gateway_config(port, upstream, issuer, metrics=args.metrics, access_log=args.access_log)
+    if rate is not None:
+        cfg["limits"] = {"run_start_rate": {**NO_LIMIT, "backend": rate}}
+        if rate == "redis":
+            cfg["redis"] = {"url": redis_url}
     if runs:
         cfg = runs_config(workdir, cfg, args.audit)
     path = workdir / f"{label}.yaml"
@@ -152,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                    "(binding, owner access, audit file), side by side")
     p.add_argument("--audit", choices=("file", "stdout", "off"), default="file",
                    help="with --runs: the audit sink (default file)")
+    p.add_argument("--rate-backend", choices=("local", "redis"),
+                   help="with the run-start limit on in this backend (redis: and in local, side by side)")
     args = p.parse_args(argv)
-    for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
+    tools = ("valgrind", "callgrind_control", "nginx", "taskset") + (("redis-server",) if args.rate_backend == "redis"
+                                                                      else ())
+    for tool in tools:
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"instructions.py: {tool} not found", file=sys.stderr)
             return 2
@@ -173,11 +189,25 @@ def main(argv: list[str] | None = None) -> int:
         wait_until("nginx upstream", lambda: port_open(upstream_port), 10, proc, procs, "upstream")
         token = (workdir / "token.txt").read_text().strip()
         upstream = f"http://127.0.0.1:{upstream_port}"
+        redis_url = None
+        if args.rate_backend == "redis":
+            redis_port = free_port()
+            proc = procs.start("redis", [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
+                                         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                         "--dir", str(workdir), "--protected-mode", "no"], LOAD_CPU)
+            wait_until("redis", lambda: port_open(redis_port), 10, proc, procs, "redis")
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
         started = time.monotonic()
-        counts = {"this checkout": count(procs, workdir, "current", None, upstream, issuer, token, args)}
+        rate = args.rate_backend
+        if rate == "redis":
+            counts = {LOCAL_LABEL: count(procs, workdir, "local", None, upstream, issuer, token, args, rate="local")}
+        else:
+            counts = {}
+        counts["this checkout"] = count(procs, workdir, "current", None, upstream, issuer, token, args, rate=rate,
+                                        redis_url=redis_url)
         if args.baseline is not None:
             counts[str(args.baseline)] = count(procs, workdir, "baseline", args.baseline.resolve(), upstream,
-                                               issuer, token, args)
+                                               issuer, token, args, rate=rate, redis_url=redis_url)
         if args.runs:
             counts[RUNS_LABEL % args.audit] = count(
                 procs, workdir, "runs", None, upstream, issuer, token, args, runs=True)
@@ -188,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
     what = "GET /v1/runs/{id}" if args.route == "get" else "POST /v1/runs"
+    limit = f", run-start limit in {rate}" if rate else ""
     print(f"user-space instructions per authenticated {what} ({args.requests} counted, "
-          f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}; "
+          f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}{limit}; "
           f"{time.monotonic() - started:.0f} s):")
     for label, n in counts.items():
         print(f"  {label}: {n:,}")
@@ -199,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         current, owned = counts["this checkout"], counts[RUNS_LABEL % args.audit]
         print(f"  with runs owned / as configured: {owned / current:.3f}")
+    if rate == "redis":
+        current, local = counts["this checkout"], counts[LOCAL_LABEL]
+        print(f"  redis - local: {current - local:+,} per run start ({current / local:.3f}x)")
     return 0
 
 

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -128,12 +128,15 @@ class RedisStore:
         if cfg.password_file is not None:
             credentials = _PasswordFile(SecretFile(cfg.password_file, "redis.password_file", clock))
         # No retries inside redis-py: the breaker and on_backend_error are the retry policy, and a
-        # retry could not fit in timeout_ms anyway. A decision waits for a pooled connection no
-        # longer than its own deadline.
+        # retry could not fit in timeout_ms anyway. Every call is made inside one deadline (`run`:
+        # timeout_ms), which covers waiting for a pooled connection, connecting, writing and
+        # reading; the pool's and the socket's own timeouts would arm two more timers per decision
+        # and a task per write (asyncio.wait_for's). Connecting, which is rare, keeps its own.
         pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.url, max_connections=cfg.max_connections, timeout=self.timeout_s,
-            socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+            cfg.url, max_connections=cfg.max_connections, timeout=None,
+            socket_timeout=None, socket_connect_timeout=self.timeout_s,
             retry=Retry(NoBackoff(), 0), credential_provider=credentials)
+        self.pool = pool
         self.client = aioredis.Redis(connection_pool=pool)
         self.script = self.client.register_script(GCRA_SCRIPT)
 
@@ -169,7 +172,7 @@ class RedisStore:
         """The script, within timeout_ms; Unavailable on any failure (counted and logged)."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                result = await self.script(keys=keys, args=args)
+                result = await self._evalsha(keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             self.failed(exc)
             raise Unavailable(error_kind(exc)) from None
@@ -178,6 +181,30 @@ class RedisStore:
             raise
         self.succeeded()
         return result
+
+    async def _evalsha(self, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA on a connection, and SCRIPT LOAD first when Redis answers NOSCRIPT (a flushed or
+        failed-over Redis). The script's Script object keeps its text and SHA1; the command goes
+        straight to the connection rather than through Redis.execute_command and Script.__call__,
+        whose per-call work (command lookups, the retry wrapper, observability hooks, imports
+        inside the call) was most of what a decision cost the gateway. A connection that fails or
+        is cancelled mid-command is closed by redis-py before the pool gets it back, and the pool
+        opens it again on its next use."""
+        pool = self.pool
+        conn = await pool.get_connection()
+        try:
+            script = self.script
+            command = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                await conn.send_packed_command(command, check_health=False)
+                return await conn.read_response()
+            except NoScriptError:
+                await conn.send_command("SCRIPT", "LOAD", script.script, check_health=False)
+                await conn.read_response()
+                await conn.send_packed_command(command, check_health=False)
+                return await conn.read_response()
+        finally:
+            await pool.release(conn)
 
     def succeeded(self) -> None:
         self._failures = 0

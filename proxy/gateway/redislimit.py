@@ -137,6 +137,12 @@ class RedisStore:
             socket_timeout=None, socket_connect_timeout=self.timeout_s,
             retry=Retry(NoBackoff(), 0), credential_provider=credentials)
         self.pool = pool
+        # One connection kept out of the pool between decisions: a decision that finds it skips the
+        # pool's get and release (a condition, a lock and their observability hooks each way).
+        # Concurrent decisions take the pool's other connections as before; the kept one counts
+        # against max_connections like any other.
+        self._spare: Any = None
+        self._waiting = 0  # decisions waiting in pool.get_connection, which a finished one serves
         self.client = aioredis.Redis(connection_pool=pool)
         self.script = self.client.register_script(GCRA_SCRIPT)
 
@@ -153,6 +159,9 @@ class RedisStore:
         log.info("redis connected", extra={"event": "redis_connected", "url": self._where()})
 
     async def close(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await self.pool.release(spare)
         await self.client.aclose()
 
     def asking(self) -> bool:
@@ -188,23 +197,42 @@ class RedisStore:
         straight to the connection rather than through Redis.execute_command and Script.__call__,
         whose per-call work (command lookups, the retry wrapper, observability hooks, imports
         inside the call) was most of what a decision cost the gateway. A connection that fails or
-        is cancelled mid-command is closed by redis-py before the pool gets it back, and the pool
-        opens it again on its next use."""
+        is cancelled mid-command is closed by redis-py, and goes back to the pool, which opens it
+        again on its next use."""
         pool = self.pool
-        conn = await pool.get_connection()
+        conn = self._spare
+        if conn is None:
+            self._waiting += 1
+            try:
+                conn = await pool.get_connection()
+            finally:
+                self._waiting -= 1
+            checked = True
+        else:
+            self._spare = None
+            checked = False
+        kept = False
         try:
+            if not checked:
+                await pool.ensure_connection(conn)  # what the pool's get checks: reopens a closed one
             script = self.script
             command = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
             try:
                 await conn.send_packed_command(command, check_health=False)
-                return await conn.read_response()
+                result = await conn.read_response()
             except NoScriptError:
                 await conn.send_command("SCRIPT", "LOAD", script.script, check_health=False)
                 await conn.read_response()
                 await conn.send_packed_command(command, check_health=False)
-                return await conn.read_response()
+                result = await conn.read_response()
+            # Kept only after a whole answer, and only when no decision waits in the pool: a waiter
+            # there gets this connection now, not at its deadline.
+            if self._spare is None and not self._waiting:
+                self._spare, kept = conn, True
+            return result
         finally:
-            await pool.release(conn)
+            if not kept:
+                await pool.release(conn)
 
     def succeeded(self) -> None:
         self._failures = 0

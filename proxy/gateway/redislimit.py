@@ -38,6 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings.models import BackendError, RedisConfig
+from ..util.boundedcache import BoundedCache
 from ..util.clock import Clock
 from ..util.secretfile import SecretFile
 from .ratelimit import Policy, RateLimiter
@@ -45,6 +46,7 @@ from .ratelimit import Policy, RateLimiter
 log = logging.getLogger("proxy.gateway.redislimit")
 
 DOWN_WARN_EVERY_S = 10.0
+COMMANDS_KEPT = 4096  # packed commands kept, one per recent principal
 ERROR_KINDS = ("timeout", "connection", "auth", "response")
 
 # GCRA, as `ratelimit.gcra` computes it, in µs. KEYS[1]: the principal's key. ARGV: interval, capacity,
@@ -143,6 +145,11 @@ class RedisStore:
         # against max_connections like any other.
         self._spare: Any = None
         self._waiting = 0  # decisions waiting in pool.get_connection, which a finished one serves
+        # The packed EVALSHA of the principals seen lately: the same principal's next decision
+        # sends the same bytes, and packing them (encoding each argument) is work redis-py would
+        # otherwise do for every run start.
+        self._commands: BoundedCache[tuple[str, tuple[Any, ...]], tuple[str, Any]] = BoundedCache(COMMANDS_KEPT)
+        self._commands_get = self._commands.getter(touch=True)
         self.client = aioredis.Redis(connection_pool=pool)
         self.script = self.client.register_script(GCRA_SCRIPT)
 
@@ -177,11 +184,11 @@ class RedisStore:
     def reopens_in_s(self) -> float:
         return max(0.0, self._open_until - self._clock.monotonic())
 
-    async def run(self, keys: list[str], args: list[Any]) -> Any:
-        """The script, within timeout_ms; Unavailable on any failure (counted and logged)."""
+    async def run(self, key: str, args: tuple[Any, ...]) -> Any:
+        """The script on one key, within timeout_ms; Unavailable on any failure (counted and logged)."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                result = await self._evalsha(keys, args)
+                result = await self._evalsha(key, args)
         except (RedisError, OSError, TimeoutError) as exc:
             self.failed(exc)
             raise Unavailable(error_kind(exc)) from None
@@ -191,7 +198,7 @@ class RedisStore:
         self.succeeded()
         return result
 
-    async def _evalsha(self, keys: list[str], args: list[Any]) -> Any:
+    async def _evalsha(self, key: str, args: tuple[Any, ...]) -> Any:
         """EVALSHA on a connection, and SCRIPT LOAD first when Redis answers NOSCRIPT (a flushed or
         failed-over Redis). The script's Script object keeps its text and SHA1; the command goes
         straight to the connection rather than through Redis.execute_command and Script.__call__,
@@ -216,7 +223,12 @@ class RedisStore:
             if not checked:
                 await pool.ensure_connection(conn)  # what the pool's get checks: reopens a closed one
             script = self.script
-            command = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            packed = self._commands_get((key, args))
+            if packed is not None and packed[0] == script.sha:
+                command = packed[1]
+            else:
+                command = conn.pack_command("EVALSHA", script.sha, 1, key, *args)
+                self._commands.put((key, args), (script.sha, command))
             try:
                 await conn.send_packed_command(command, check_health=False)
                 result = await conn.read_response()
@@ -275,7 +287,7 @@ class SharedRateLimiter:
         self.local = local
         self.policy: Policy = local.policy
         self.on_error = on_error
-        self._args = [self.policy.interval, self.policy.capacity]
+        self._args = (self.policy.interval, self.policy.capacity)
         self._prefix = f"{store.prefix}:{name}:"
 
     def redis_key(self, key: str) -> str:
@@ -289,7 +301,7 @@ class SharedRateLimiter:
         store = self.store
         if store.asking():
             try:
-                allowed, ahead = await store.run([self.redis_key(key)], self._args)
+                allowed, ahead = await store.run(self.redis_key(key), self._args)
                 return "redis", bool(allowed), int(ahead)
             except Unavailable:
                 pass

@@ -165,10 +165,11 @@ async def test_a_password_file_opens_a_redis_with_requirepass_and_a_wrong_one_is
 async def test_a_reply_that_is_not_the_scripts_is_a_failure_not_an_exception(redis_server, clock):
     store = store_for(redis_server.url, clock)
     await store.start()
-    store.script = store.client.register_script("return 'not a decision'")  # a Redis (or proxy) gone wrong
     shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=1, clock=clock), BackendError.LOCAL)
     try:
-        assert (await shared.decide("a"))[:2] == ("local", True)
+        assert (await shared.decide("b"))[:2] == ("redis", True)   # b's command is kept, naming the script
+        store.script = store.client.register_script("return 'not a decision'")  # a Redis (or proxy) gone wrong
+        assert (await shared.decide("b"))[:2] == ("local", True)
         assert store.errors["response"] == 1 and not store.up
     finally:
         await store.close()
@@ -203,5 +204,17 @@ async def test_a_restarted_redis_is_asked_again_without_a_failed_decision(redis_
         await asyncio.sleep(0.05)                   # the loop sees the old connection's end
         assert (await shared.decide("a"))[:2] == ("redis", True)
         assert store.errors == {"timeout": 0, "connection": 0, "auth": 0, "response": 0}
+    finally:
+        await store.close()
+
+
+async def test_principals_stay_apart_when_their_commands_are_reused(redis_server, clock):
+    store = store_for(redis_server.url, clock)
+    await store.start()
+    shared = SharedRateLimiter(store, RateLimiter(per_second=0.01, burst=2, clock=clock), BackendError.CLOSED)
+    try:
+        answers = [(await shared.decide(who))[:2] for who in ("a", "b", "a", "b", "a", "b", "c")]
+        assert answers == [("redis", True), ("redis", True), ("redis", True), ("redis", True),
+                           ("redis", False), ("redis", False), ("redis", True)]
     finally:
         await store.close()

@@ -33,11 +33,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, AuthorizationError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings.models import BackendError, RedisConfig
+from ..util.boundedcache import BoundedCache
 from ..util.clock import Clock
 from ..util.secretfile import SecretFile
 from .ratelimit import Policy, RateLimiter
@@ -45,6 +46,7 @@ from .ratelimit import Policy, RateLimiter
 log = logging.getLogger("proxy.gateway.redislimit")
 
 DOWN_WARN_EVERY_S = 10.0
+COMMANDS_KEPT = 4096  # packed commands kept, one per recent principal
 ERROR_KINDS = ("timeout", "connection", "auth", "response")
 
 # GCRA, as `ratelimit.gcra` computes it, in µs. KEYS[1]: the principal's key. ARGV: interval, capacity,
@@ -128,12 +130,26 @@ class RedisStore:
         if cfg.password_file is not None:
             credentials = _PasswordFile(SecretFile(cfg.password_file, "redis.password_file", clock))
         # No retries inside redis-py: the breaker and on_backend_error are the retry policy, and a
-        # retry could not fit in timeout_ms anyway. A decision waits for a pooled connection no
-        # longer than its own deadline.
+        # retry could not fit in timeout_ms anyway. Every call is made inside one deadline (`run`:
+        # timeout_ms), which covers waiting for a pooled connection, connecting, writing and
+        # reading; the pool's and the socket's own timeouts would arm two more timers per decision
+        # and a task per write (asyncio.wait_for's). Connecting, which is rare, keeps its own.
         pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.url, max_connections=cfg.max_connections, timeout=self.timeout_s,
-            socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+            cfg.url, max_connections=cfg.max_connections, timeout=None,
+            socket_timeout=None, socket_connect_timeout=self.timeout_s,
             retry=Retry(NoBackoff(), 0), credential_provider=credentials)
+        self.pool = pool
+        # One connection kept out of the pool between decisions: a decision that finds it skips the
+        # pool's get and release (a condition, a lock and their observability hooks each way).
+        # Concurrent decisions take the pool's other connections as before; the kept one counts
+        # against max_connections like any other.
+        self._spare: Any = None
+        self._waiting = 0  # decisions waiting in pool.get_connection, which a finished one serves
+        # The packed EVALSHA of the principals seen lately: the same principal's next decision
+        # sends the same bytes, and packing them (encoding each argument) is work redis-py would
+        # otherwise do for every run start.
+        self._commands: BoundedCache[tuple[str, tuple[Any, ...]], tuple[str, Any]] = BoundedCache(COMMANDS_KEPT)
+        self._commands_get = self._commands.getter(touch=True)
         self.client = aioredis.Redis(connection_pool=pool)
         self.script = self.client.register_script(GCRA_SCRIPT)
 
@@ -150,6 +166,9 @@ class RedisStore:
         log.info("redis connected", extra={"event": "redis_connected", "url": self._where()})
 
     async def close(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await self.pool.release(spare)
         await self.client.aclose()
 
     def asking(self) -> bool:
@@ -165,11 +184,11 @@ class RedisStore:
     def reopens_in_s(self) -> float:
         return max(0.0, self._open_until - self._clock.monotonic())
 
-    async def run(self, keys: list[str], args: list[Any]) -> Any:
-        """The script, within timeout_ms; Unavailable on any failure (counted and logged)."""
+    async def run(self, key: str, args: tuple[Any, ...]) -> Any:
+        """The script on one key, within timeout_ms; Unavailable on any failure (counted and logged)."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                result = await self.script(keys=keys, args=args)
+                result = await self._evalsha(key, args)
         except (RedisError, OSError, TimeoutError) as exc:
             self.failed(exc)
             raise Unavailable(error_kind(exc)) from None
@@ -178,6 +197,54 @@ class RedisStore:
             raise
         self.succeeded()
         return result
+
+    async def _evalsha(self, key: str, args: tuple[Any, ...]) -> Any:
+        """EVALSHA on a connection, and SCRIPT LOAD first when Redis answers NOSCRIPT (a flushed or
+        failed-over Redis). The script's Script object keeps its text and SHA1; the command goes
+        straight to the connection rather than through Redis.execute_command and Script.__call__,
+        whose per-call work (command lookups, the retry wrapper, observability hooks, imports
+        inside the call) was most of what a decision cost the gateway. A connection that fails or
+        is cancelled mid-command is closed by redis-py, and goes back to the pool, which opens it
+        again on its next use."""
+        pool = self.pool
+        conn = self._spare
+        if conn is None:
+            self._waiting += 1
+            try:
+                conn = await pool.get_connection()
+            finally:
+                self._waiting -= 1
+            checked = True
+        else:
+            self._spare = None
+            checked = False
+        kept = False
+        try:
+            if not checked:
+                await pool.ensure_connection(conn)  # what the pool's get checks: reopens a closed one
+            script = self.script
+            packed = self._commands_get((key, args))
+            if packed is not None and packed[0] == script.sha:
+                command = packed[1]
+            else:
+                command = conn.pack_command("EVALSHA", script.sha, 1, key, *args)
+                self._commands.put((key, args), (script.sha, command))
+            try:
+                await conn.send_packed_command(command, check_health=False)
+                result = await conn.read_response()
+            except NoScriptError:
+                await conn.send_command("SCRIPT", "LOAD", script.script, check_health=False)
+                await conn.read_response()
+                await conn.send_packed_command(command, check_health=False)
+                result = await conn.read_response()
+            # Kept only after a whole answer, and only when no decision waits in the pool: a waiter
+            # there gets this connection now, not at its deadline.
+            if self._spare is None and not self._waiting:
+                self._spare, kept = conn, True
+            return result
+        finally:
+            if not kept:
+                await pool.release(conn)
 
     def succeeded(self) -> None:
         self._failures = 0
@@ -220,7 +287,7 @@ class SharedRateLimiter:
         self.local = local
         self.policy: Policy = local.policy
         self.on_error = on_error
-        self._args = [self.policy.interval, self.policy.capacity]
+        self._args = (self.policy.interval, self.policy.capacity)
         self._prefix = f"{store.prefix}:{name}:"
 
     def redis_key(self, key: str) -> str:
@@ -234,7 +301,7 @@ class SharedRateLimiter:
         store = self.store
         if store.asking():
             try:
-                allowed, ahead = await store.run([self.redis_key(key)], self._args)
+                allowed, ahead = await store.run(self.redis_key(key), self._args)
                 return "redis", bool(allowed), int(ahead)
             except Unavailable:
                 pass

@@ -28,8 +28,12 @@ configuration has an `audit` section), and prints the ratio. `--tls` counts this
 over HTTPS too (`listen.tls` with a certificate from the test PKI, the client checking it against its
 CA), side by side with plain HTTP, and prints the ratio; a `--baseline` is then counted over HTTPS.
 `--close` sends every request on a new connection (`Connection: close`), so with `--tls` a count
-is a full handshake plus one run start.
-Needs valgrind (Debian package valgrind) and nginx (tests/bench/run.sh installs it).
+is a full handshake plus one run start. `--rate-backend local` counts with
+`limits.run_start_rate` on (a limit nothing reaches); `--rate-backend redis` counts that twice,
+side by side, with `backend: local` and with `backend: redis` (a redis-server on loopback, no
+persistence, on the load core), and prints the difference per run start.
+Needs valgrind (Debian package valgrind) and nginx (tests/bench/run.sh installs it), and
+redis-server for `--rate-backend redis`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ from bench import (  # noqa: E402  (the bench's own helpers: same fixtures, same
 RUN_ID = "run_bench"
 RUNS_LABEL = "with runs owned (binding, owner access, audit sink %s)"
 TLS_LABEL = "this checkout over HTTPS (listen.tls)"
+LOCAL_LABEL = "this checkout, backend: local"
+NO_LIMIT = {"per_second": 1_000_000, "burst": 1_000_000}  # a run-start limit that is never reached
 
 
 def send(port: int, token: str, count: int, route: str = "start", tls: ssl.SSLContext | None = None,
@@ -140,12 +146,18 @@ def _config_sections() -> set[str]:
 
 
 def count(procs: Processes, workdir: Path, label: str, src: Path | None, upstream: str, issuer: str,
-          token: str, args: argparse.Namespace, runs: bool = False, tls: ssl.SSLContext | None = None) -> int:
-    """Instructions per request for the `proxy` package in `src` (None: this checkout)."""
+          token: str, args: argparse.Namespace, runs: bool = False, tls: ssl.SSLContext | None = None,
+          rate: str | None = None, redis_url: str | None = None) -> int:
+    """Instructions per request for the `proxy` package in `src` (None: this checkout); `tls`: over
+    HTTPS; `rate`: with the run-start limit on, in that backend."""
     port = free_port()
     cfg = gateway_config(port, upstream, issuer, metrics=args.metrics, access_log=args.access_log)
     if tls is not None:
         cfg["listen"]["tls"] = args.tls_files
+    if rate is not None:
+        cfg["limits"] = {"run_start_rate": {**NO_LIMIT, "backend": rate}}
+        if rate == "redis":
+            cfg["redis"] = {"url": redis_url}
     if runs:
         cfg = runs_config(workdir, cfg, args.audit)
     path = workdir / f"{label}.yaml"
@@ -195,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls", action="store_true", help="also count this checkout over HTTPS (listen.tls), "
                    "side by side; a --baseline is counted over HTTPS")
     p.add_argument("--close", action="store_true", help="a new connection per request (Connection: close)")
+    p.add_argument("--rate-backend", choices=("local", "redis"),
+                   help="with the run-start limit on in this backend (redis: and in local, side by side)")
     args = p.parse_args(argv)
-    for tool in ("valgrind", "callgrind_control", "nginx", "taskset"):
+    tools = ("valgrind", "callgrind_control", "nginx", "taskset") + (("redis-server",) if args.rate_backend == "redis"
+                                                                      else ())
+    for tool in tools:
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"instructions.py: {tool} not found", file=sys.stderr)
             return 2
@@ -216,16 +232,29 @@ def main(argv: list[str] | None = None) -> int:
         wait_until("nginx upstream", lambda: port_open(upstream_port), 10, proc, procs, "upstream")
         token = (workdir / "token.txt").read_text().strip()
         upstream = f"http://127.0.0.1:{upstream_port}"
+        redis_url = None
+        if args.rate_backend == "redis":
+            redis_port = free_port()
+            proc = procs.start("redis", [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
+                                         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                         "--dir", str(workdir), "--protected-mode", "no"], LOAD_CPU)
+            wait_until("redis", lambda: port_open(redis_port), 10, proc, procs, "redis")
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
         started = time.monotonic()
         tls = None
         if args.tls:
             tls, args.tls_files = client_context(workdir)
-        counts = {"this checkout": count(procs, workdir, "current", None, upstream, issuer, token, args)}
+        rate = args.rate_backend
+        counts = {}
+        if rate == "redis":
+            counts[LOCAL_LABEL] = count(procs, workdir, "local", None, upstream, issuer, token, args, rate="local")
+        counts["this checkout"] = count(procs, workdir, "current", None, upstream, issuer, token, args, rate=rate,
+                                        redis_url=redis_url)
         if tls is not None:
             counts[TLS_LABEL] = count(procs, workdir, "current_tls", None, upstream, issuer, token, args, tls=tls)
         if args.baseline is not None:
             counts[str(args.baseline)] = count(procs, workdir, "baseline", args.baseline.resolve(), upstream,
-                                               issuer, token, args, tls=tls)
+                                               issuer, token, args, tls=tls, rate=rate, redis_url=redis_url)
         if args.runs:
             counts[RUNS_LABEL % args.audit] = count(
                 procs, workdir, "runs", None, upstream, issuer, token, args, runs=True)
@@ -236,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
     what = "GET /v1/runs/{id}" if args.route == "get" else "POST /v1/runs"
+    limit = f", run-start limit in {rate}" if rate else ""
     print(f"user-space instructions per authenticated {what} ({args.requests} counted, "
-          f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}, "
+          f"metrics {'on' if args.metrics else 'off'}, access log {'on' if args.access_log else 'off'}{limit}, "
           f"{'a new connection per request' if args.close else 'keep-alive'}; "
           f"{time.monotonic() - started:.0f} s):")
     for label, n in counts.items():
@@ -250,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         current, owned = counts["this checkout"], counts[RUNS_LABEL % args.audit]
         print(f"  with runs owned / as configured: {owned / current:.3f}")
+    if rate == "redis":
+        current, local = counts["this checkout"], counts[LOCAL_LABEL]
+        print(f"  redis - local: {current - local:+,} per run start ({current / local:.3f}x)")
     return 0
 
 

@@ -8,6 +8,7 @@ boundaries (a request exactly when a token comes back) and would cost seconds pe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -164,10 +165,56 @@ async def test_a_password_file_opens_a_redis_with_requirepass_and_a_wrong_one_is
 async def test_a_reply_that_is_not_the_scripts_is_a_failure_not_an_exception(redis_server, clock):
     store = store_for(redis_server.url, clock)
     await store.start()
-    store.script = store.client.register_script("return 'not a decision'")  # a Redis (or proxy) gone wrong
     shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=1, clock=clock), BackendError.LOCAL)
     try:
-        assert (await shared.decide("a"))[:2] == ("local", True)
+        assert (await shared.decide("b"))[:2] == ("redis", True)   # b's command is kept, naming the script
+        store.script = store.client.register_script("return 'not a decision'")  # a Redis (or proxy) gone wrong
+        assert (await shared.decide("b"))[:2] == ("local", True)
         assert store.errors["response"] == 1 and not store.up
+    finally:
+        await store.close()
+
+
+async def test_concurrent_decisions_beyond_the_pool_are_all_answered_by_redis(redis_server, clock):
+    # One connection in all: the connection a decision keeps between decisions must go to the
+    # decisions waiting for the pool, or they would fall back when their deadline passes.
+    store = store_for(redis_server.url, clock, max_connections=1, timeout_ms=2000)
+    await store.start()
+    shared = SharedRateLimiter(store, RateLimiter(per_second=1000, burst=1000, clock=clock), BackendError.CLOSED)
+    try:
+        for _ in range(3):
+            answers = await asyncio.gather(*(shared.decide(f"caller-{i}") for i in range(20)))
+            assert [backend for backend, _, _ in answers] == ["redis"] * 20
+            assert all(allowed for _, allowed, _ in answers)
+        assert store.errors == {"timeout": 0, "connection": 0, "auth": 0, "response": 0}
+        clients = redis_server.client().client_list()
+        assert len(clients) - 1 <= 1                # the kept connection counts against max_connections
+    finally:
+        await store.close()
+
+
+async def test_a_restarted_redis_is_asked_again_without_a_failed_decision(redis_server, clock):
+    store = store_for(redis_server.url, clock)
+    await store.start()
+    shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=5, clock=clock), BackendError.CLOSED)
+    try:
+        assert (await shared.decide("a"))[:2] == ("redis", True)
+        redis_server.kill()
+        redis_server.start()                        # same port, no script loaded, the old connection closed
+        await asyncio.sleep(0.05)                   # the loop sees the old connection's end
+        assert (await shared.decide("a"))[:2] == ("redis", True)
+        assert store.errors == {"timeout": 0, "connection": 0, "auth": 0, "response": 0}
+    finally:
+        await store.close()
+
+
+async def test_principals_stay_apart_when_their_commands_are_reused(redis_server, clock):
+    store = store_for(redis_server.url, clock)
+    await store.start()
+    shared = SharedRateLimiter(store, RateLimiter(per_second=0.01, burst=2, clock=clock), BackendError.CLOSED)
+    try:
+        answers = [(await shared.decide(who))[:2] for who in ("a", "b", "a", "b", "a", "b", "c")]
+        assert answers == [("redis", True), ("redis", True), ("redis", True), ("redis", True),
+                           ("redis", False), ("redis", False), ("redis", True)]
     finally:
         await store.close()

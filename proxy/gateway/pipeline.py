@@ -30,6 +30,7 @@ import aiohttp
 
 from ..arp.answers import Answer, error_answer, json_answer
 from ..arp.routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
+from ..arp.runcontext import RunOwner
 from ..arp.validation import BodyRules
 from ..auth import (
     AccessPolicy,
@@ -123,7 +124,7 @@ class RunExchange(Exchange):
     """An Exchange that holds a run-route decision: made only when binding, run access, a policy or
     the audit trail is configured, so a gateway without them sets none of it per request."""
 
-    __slots__ = ("run_id", "decision", "reason", "statement_id")
+    __slots__ = ("run_id", "decision", "reason", "statement_id", "owner")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         Exchange.__init__(self, gateway, request, started)   # named: cheaper than super() per request
@@ -132,6 +133,7 @@ class RunExchange(Exchange):
         self.decision: str | None = None   # "allow" | "deny"
         self.reason: str | None = None
         self.statement_id: str | None = None
+        self.owner: RunOwner | None = None  # a run start's, once `bind` has written its caller into it
 
 
 class AuditedExchange(RunExchange):

@@ -115,6 +115,7 @@ class RunGuard:
                                      None if traceparent is None else traceparent.decode("latin-1"))
         if bound.__class__ is not BindRefusal:
             ex.body = bound  # type: ignore[assignment]
+            ex.owner = caller.owner  # type: ignore[union-attr]
             return None
         refusal: BindRefusal = bound
         ex.decision, ex.reason = "deny", refusal.reason
@@ -166,16 +167,10 @@ class RunGuard:
 
     def peek_start(self, ex: RunExchange) -> Callable[[int, bytes], None]:
         """What learns a started run's id, and its owner, from the coordinator's answer. A bound run's
-        owner is the caller bound into it; otherwise the answer's run_context says, and an answer
-        without one teaches nothing (a coordinator need not echo run_context: the owner is then
-        looked up when needed, never cached as nobody)."""
-        outcome = ex.outcome
-        principal = outcome.principal if outcome is not None else None
-        bound = None
-        if self.binds and principal is not None and principal.kind is _TOKEN:
-            found = self._callers_get(id(principal))
-            caller = found[1] if found is not None and found[0] is principal else self._caller(principal)
-            bound = caller.owner if caller.__class__ is BoundCaller else None
+        owner is the caller `bind` wrote into it; otherwise the answer's run_context says, and an
+        answer without one teaches nothing (a coordinator need not echo run_context: the owner is
+        then looked up when needed, never cached as nobody)."""
+        bound = ex.owner
 
         def peek(status: int, body: bytes) -> None:
             if not 200 <= status < 300:

@@ -131,7 +131,7 @@ class RunAudit:
                     f'"reason":{_REASONS.get(reason) or _reason(reason)},"status":{int(status)},'
                     f'"request_id":"{request.request_id}","run_id":{run},'
                     f'"client_address":"{request.client or request.conn.peer}"{who}{policy}{trace}{node}}}\n')
-            self.trail.record_line(line.encode(), event, decision)
+            self.trail.record(line.encode(), event, decision)
         except Exception:
             self.trail.failed_record()
 

@@ -1,16 +1,13 @@
 """The audit trail: one JSON line per decision on a run route, written off the request path.
 
-`record_line` never blocks and never raises: it counts a record already rendered as its line
-(gateway/runaudit.py renders each request's, the schema's members only) and appends it to a
-bounded queue. `record` does the same for a record given as its members: it notes the time (from
-the injected clock) and the writer serializes it, keeping only members of the record schema
-(proxy/data/audit-record.schema.json), so a token or a run's input put there by mistake cannot
-reach the trail. One writer task drains the queue by time, as lines.py's LineOut does: the first
-record of a batch schedules one wake-up FLUSH_INTERVAL_S later (or at once when FLUSH_LINES are
-queued), so requests that come one at a time still share a batch, and its wake-up, its
-serialization and its one write. A batch goes to the process's stdout through the LineOut the
-access log shares (lines.py), so neither cuts the other's lines, or is appended to `audit.path` in
-a thread (one hop per batch: a slow disk must not stall the event loop).
+`record` never blocks and never raises: it counts a record already rendered as its JSON line
+(gateway/runaudit.py renders each request's from the record schema's members only,
+proxy/data/audit-record.schema.json) and appends it to a bounded queue. One writer task drains
+the queue by time, as lines.py's LineOut does: the first record of a batch schedules one wake-up
+FLUSH_INTERVAL_S later (or at once when FLUSH_LINES are queued), so requests that come one at a
+time still share a batch, and its wake-up and its one write. A batch goes to the process's stdout
+through the LineOut the access log shares (lines.py), so neither cuts the other's lines, or is
+appended to `audit.path` in a thread (one hop per batch: a slow disk must not stall the event loop).
 
 When records cannot be kept (the queue is full, the sink cannot be written: disk full, an
 unwritable file, a deleted directory) `on_full` decides. `drop`: each lost record is counted
@@ -26,8 +23,7 @@ leaves part of a line; the next write starts on a new line, so every other line 
     trail = AuditTrail(cfg.audit, clock, metrics)
     trail.start()
     if not trail.accepting: ...   # refuse mode: the sink is failing or the queue is full
-    trail.record({"event": "run.cancel", "decision": "deny", "reason": "not_owner", "status": 404})
-    trail.record_line(b'{"time":"...","event":"run.get",...}\n', "run.get", "allow")
+    trail.record(b'{"time":"...","event":"run.get",...}\n', "run.get", "allow")
     trail.reopen()                # SIGHUP
     await trail.close()
 """
@@ -38,19 +34,13 @@ import asyncio
 import errno
 import json
 import logging
-import operator
 import os
 import sys
-from collections.abc import Iterable
-from functools import partial
-from itertools import compress
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-import orjson
-
 from ..settings.models import AuditConfig, AuditOnFull, AuditSink
-from ..util.clock import Clock, rfc3339_millis
+from ..util.clock import Clock
 from .lines import FLUSH_INTERVAL_S, FLUSH_LINES, shared
 
 log = logging.getLogger("proxy.observability.audit")
@@ -77,29 +67,6 @@ def schema() -> dict[str, Any]:
     with SCHEMA_PATH.open(encoding="utf-8") as f:
         loaded: dict[str, Any] = json.load(f)
     return loaded
-
-
-# orjson serializes a record in a fraction of json's instructions; unlike json it writes NaN and the
-# infinities as null, which _finite refuses first, as json's allow_nan=False would.
-_dumps = orjson.dumps
-_FLAT = frozenset((str, int, bool, type(None)))
-_FLAT_OR_DICT = _FLAT | {dict}
-_IS_DICT = partial(operator.is_, dict)
-
-
-def _finite(values: Iterable[Any], depth: int = 0) -> None:
-    """Raises ValueError for a float that JSON cannot carry, at any depth of a record's values."""
-    if depth > 32:
-        raise RecursionError("audit record nested too deeply")
-    for value in values:
-        kind = value.__class__
-        if kind is float:
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError("a NaN or infinite number")
-        elif kind is dict:
-            _finite(value.values(), depth + 1)
-        elif kind is list or kind is tuple:
-            _finite(value, depth + 1)
 
 
 class WriteFailed(Exception):
@@ -212,11 +179,7 @@ class AuditTrail:
         self._refuse = cfg.on_full == AuditOnFull.REFUSE
         self._sink: _FileSink | _StdoutSink = _FileSink(cfg.path) if cfg.sink == AuditSink.FILE and cfg.path \
             else _StdoutSink(sys.stdout)
-        found = schema()["properties"]
-        self._members = frozenset(found)
-        self._principal = frozenset(found["principal"]["properties"])
-        # Rendered lines, or (time, fields) that the writer serializes.
-        self._queue: list[bytes | tuple[float, dict[str, Any]]] = []
+        self._queue: list[bytes] = []     # rendered lines, for the writer
         self._unwritten: list[bytes] = []  # refuse: lines of batches that failed, written before newer ones
         self._failing = False
         self._closing = False
@@ -237,18 +200,9 @@ class AuditTrail:
 
     # ------------------------------------------------------------------ the request side
 
-    def record(self, fields: dict[str, Any]) -> None:
-        """Queues one record given as its members; never blocks, never raises. The trail owns
-        `fields` from here on: it stamps `time`, and the writer keeps the schema's members only."""
-        try:
-            self.record_line((self.clock.time(), fields), fields.get("event"), fields.get("decision"))
-        except Exception:
-            self.failed_record()
-
-    def record_line(self, line: bytes | tuple[float, dict[str, Any]], event: Any, decision: Any) -> None:
-        """Queues one record already rendered as its line (gateway/runaudit.py makes them: the
-        schema's members only, ASCII, ending in a newline), or a `record`'s stamped members;
-        never blocks, never raises."""
+    def record(self, line: bytes, event: str, decision: str) -> None:
+        """Queues one record rendered as its line (the schema's members only, ending in a newline),
+        counted under its event and decision; never blocks, never raises."""
         try:
             if self._metrics is not None:
                 self._metrics.audit_recorded(event, decision)
@@ -370,14 +324,7 @@ class AuditTrail:
         batch, self._queue = self._queue, []
         self._attempted += len(batch)
         lines, self._unwritten = self._unwritten, []
-        line = self._line
-        for item in batch:
-            if item.__class__ is bytes:
-                lines.append(item)
-            else:
-                text = line(*item)
-                if text is not None:
-                    lines.append(text)
+        lines += batch
         if not lines:
             return
         self.writes += 1
@@ -417,42 +364,6 @@ class AuditTrail:
                            "and cancels refused until it can", self._sink.where, reason, len(kept))
         else:
             self._drop(len(kept), f"audit sink {self._sink.where} cannot be written ({reason})")
-
-    def _line(self, stamp: float, item: dict[str, Any]) -> bytes | None:
-        """One record's line: `time` first, then the schema's members the caller gave."""
-        try:
-            if not item.keys() <= self._members:
-                self._strip(item, [key for key in item if key not in self._members])
-            principal = item.get("principal")
-            if principal is not None:
-                if principal.__class__ is not dict:
-                    self._strip(item, ["principal"])
-                elif not principal.keys() <= self._principal:
-                    # A new dict: the caller may share its principal between records.
-                    item["principal"] = {k: v for k, v in principal.items() if k in self._principal}
-            if "time" in item:
-                del item["time"]   # the trail stamps every record itself
-            values = item.values()
-            if not _FLAT.issuperset(map(type, values)):
-                # The principal and node_type objects of a usual record hold flat values: checked
-                # in C too, and only anything else is walked in Python.
-                for nested in compress(values, map(_IS_DICT, map(type, values))):
-                    if not _FLAT.issuperset(map(type, nested.values())):
-                        _finite(nested.values(), 1)
-                if not _FLAT_OR_DICT.issuperset(map(type, values)):
-                    _finite(values)
-            body = _dumps(item)
-            head = b'{"time":"' + rfc3339_millis(stamp).encode()
-            return head + (b'",' + body[1:] if len(body) > 2 else b'"}') + b"\n"
-        except (TypeError, ValueError, RecursionError) as exc:
-            self._drop(1, f"an audit record could not be serialized ({type(exc).__name__})")
-            return None
-
-    def _strip(self, item: dict[str, Any], stray: list[str]) -> None:
-        for key in stray:
-            del item[key]
-        self._complain("stray", "audit record members outside the schema removed: %s",
-                       ", ".join(str(key)[:40] for key in stray[:8]))
 
     # ------------------------------------------------------------------ losses, said once per interval
 

@@ -41,7 +41,7 @@ class Recorder:
         self.lines: list[tuple[bytes, str, str]] = []
         self.failures = 0
 
-    def record_line(self, line: bytes, event: str, decision: str) -> None:
+    def record(self, line: bytes, event: str, decision: str) -> None:
         self.lines.append((line, event, decision))
 
     def failed_record(self) -> None:

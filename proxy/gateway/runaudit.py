@@ -36,19 +36,10 @@ _RUN_ID_TAIL = {GET_RUN: 0, CANCEL_RUN: len(":cancel"), RUN_EVENTS: len("/events
 _RUNS_PREFIX = len("/v1/runs/")
 _POLICY_REASONS = frozenset({"policy_allowed", "policy_denied"})
 NODE_TYPES = 1_000   # node types whose rendered record member is kept
+REASONS = 256        # decision reasons kept rendered
 # ASCII only: a lone surrogate in a claim or a path is written escaped, never fails the line's encoding.
 _ENCODE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
 _STR = json.encoder.encode_basestring_ascii
-
-
-_REASONS: dict[str | None, str] = {None: "null"}   # reason -> as JSON
-
-
-def _reason(reason: str | None) -> str:
-    rendered = _REASONS[reason] = "null" if reason is None else _STR(reason)
-    if len(_REASONS) > 256:   # reasons are the code's, a few dozen; anything else is not kept
-        del _REASONS[reason]
-    return rendered
 
 
 class RunAudit:
@@ -65,6 +56,10 @@ class RunAudit:
         # (node_type_id, version) -> the rendered node_type member.
         self._nodes: BoundedCache[tuple[str, str | None], str] = BoundedCache(NODE_TYPES)
         self._nodes_get = self._nodes.getter(touch=False)
+        # reason -> as JSON: the code's few dozen reasons, each escaped once.
+        self._reasons: BoundedCache[str | None, str] = BoundedCache(REASONS)
+        self._reasons.put(None, "null")
+        self._reasons_get = self._reasons.getter(touch=False)
 
     def gate(self, ex: RunExchange) -> Answer | None:
         """`audit.on_full: refuse`: no run start or cancel while its record could not be kept."""
@@ -128,12 +123,17 @@ class RunAudit:
             # The request id (a checked client id or the gateway's) and the client address (a socket's
             # or a trusted proxy's, parsed as an IP address) need no escaping; a reason is a code's.
             line = (f'{{"time":"{rfc3339_millis(self._clock.time())}","event":"{event}","decision":"{decision}",'
-                    f'"reason":{_REASONS.get(reason) or _reason(reason)},"status":{int(status)},'
+                    f'"reason":{self._reasons_get(reason) or self._reason(reason)},"status":{int(status)},'
                     f'"request_id":"{request.request_id}","run_id":{run},'
                     f'"client_address":"{request.client or request.conn.peer}"{who}{policy}{trace}{node}}}\n')
             self.trail.record(line.encode(), event, decision)
         except Exception:
             self.trail.failed_record()
+
+    def _reason(self, reason: str | None) -> str:
+        rendered = "null" if reason is None else _STR(reason)
+        self._reasons.put(reason, rendered)
+        return rendered
 
     def _node_type(self, ref: dict[str, Any]) -> str:
         """The record's node_type member for a run start's node type reference; the same few node

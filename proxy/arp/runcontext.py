@@ -17,31 +17,31 @@ not JSON, and could reorder nothing but still change spellings like 1.0E2).
 
     binder = RunBinder(identity_claims=("email",), tenant_claim="tenant", overwrite=False)
     bound = binder.bind(body, iss, sub, claims, request_id, traceparent)   # bytes, or a BindRefusal
-    owner = RunOwner.of(run_json)                                          # who a run belongs to
+    run = read_run(answer_body)                                            # a Run's id and run_context
+    owner = RunOwner.of(run.run_context)                                   # who a run belongs to
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
 
-import orjson
+import msgspec
 
 _MEMBER = "run_context"
 _MEMBER_BYTES = b"run_context"
 _BACKSLASH = 0x5C  # an int: `int in bytes` is a memchr, quicker than a search for a bytes needle
+_CLOSE = 0x7D      # "}"
 # Built once: json.dumps with any keyword argument builds a new encoder per call.
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_STR: Callable[[str], str] = json.encoder.encode_basestring  # a JSON string, in C
 _WS = re.compile(r"[ \t\n\r]*")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(?:-.*)?")
 _DECODER = json.JSONDecoder()
 _SCAN = _DECODER.scan_once  # type: ignore[attr-defined]
-_ORJSON = orjson.loads
 _TUPLE_NEW = tuple.__new__
 
 
@@ -63,9 +63,8 @@ class RunOwner(NamedTuple):
     tenant: str | None
 
     @classmethod
-    def of(cls, run: Any) -> RunOwner:
-        """The owner of a Run document (or a RunStartRequest: both carry `run_context`)."""
-        context = run.get(_MEMBER) if run.__class__ is dict else None
+    def of(cls, context: Any) -> RunOwner:
+        """The owner named by a Run's (or a RunStartRequest's) `run_context` member."""
         if context.__class__ is not dict:
             return NOBODY
         identity = context.get("identity")
@@ -78,28 +77,39 @@ class RunOwner(NamedTuple):
                                 tenant if tenant.__class__ is str else None))
 
 
-def read_json(body: bytes) -> Any:
-    """A coordinator answer's JSON document (a Run); None when it is not JSON. orjson reads it in a
-    fraction of json's instructions; what orjson refuses and json accepts (NaN, 1e400, lone
-    surrogates) is read by json as before, and the one difference left (an integer past 64 bits
-    read as a float) touches no member read here (run_id and run_context's strings). json's
-    scanner is called directly for a document that fills the body, as json.loads adds two regex
-    matches and two Python frames to each."""
+class RunHead(msgspec.Struct, gc=False):
+    """The members of a coordinator's Run the gateway reads: its id and whom it belongs to. Either
+    is None when the answer lacks it (or says null)."""
+
+    run_id: Any = None
+    run_context: Any = None
+
+
+# msgspec builds objects for these two members alone and only checks that the rest is JSON, where
+# a full parse (orjson, json) builds every member of an answer just to read two of them.
+_READ_HEAD = msgspec.json.Decoder(RunHead).decode
+
+
+def read_run(body: bytes) -> RunHead | None:
+    """A coordinator answer's run_id and run_context; None when it is not a JSON object. What msgspec
+    refuses and json accepts (NaN, 1e400 inside run_context, lone surrogates) is read by json, so an
+    answer json reads is read the same: the last of a repeated member counts in both."""
     try:
-        return _ORJSON(body)
-    except (ValueError, RecursionError):
+        return _READ_HEAD(body)
+    except msgspec.DecodeError:   # its ValidationError too: a member or the document of another type
         pass
+    document = _read_json(body)  # rare: answers msgspec refuses
+    if document.__class__ is not dict:
+        return None
+    return RunHead(document.get("run_id"), document.get(_MEMBER))
+
+
+def _read_json(body: bytes) -> Any:
+    """A JSON document as json reads it; None when it is not JSON."""
     try:
-        text = body.decode("utf-8")
-        try:
-            document, end = _SCAN(text, 0)
-        except StopIteration:
-            end = -1
-        if end != len(text):
-            document = json.loads(text)  # whitespace around it is fine; anything else raises
+        return json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
-    return document
 
 
 NOBODY = RunOwner(None, None, None)
@@ -127,7 +137,7 @@ class BoundCaller:
 
     owner: RunOwner              # iss, sub and tenant, as a run will say them
     context: dict[str, Any]      # the run_context members the gateway decides: identity, actor, tenant_id
-    members: bytes               # the same members as JSON text, without the braces
+    opening: bytes               # `,"run_context":{` those members `,"trace":{"request_id":"`
 
 
 class RunBinder:
@@ -160,21 +170,23 @@ class RunBinder:
             members = _ENCODE(context)[1:-1].encode()
         except ValueError:
             return BindRefusal("invalid_number")  # a NaN claim: not JSON
-        return BoundCaller(RunOwner(issuer, subject, tenant), context, members)
+        return BoundCaller(RunOwner(issuer, subject, tenant), context,
+                           b',"run_context":{' + members + b',"trace":{"request_id":"')
 
     def bind(self, body: bytes, caller: BoundCaller, request_id: str, traceparent: str | None) -> bytes | BindRefusal:
         """The body to forward, with the caller bound into its run_context; or why not. `body` is a
-        RunStartRequest the edge has already validated."""
+        RunStartRequest the edge has already validated; `request_id` one the edge made or checked
+        (letters, digits and `._:-`: nothing to escape in JSON)."""
         ids = trace_ids(traceparent) if traceparent is not None else None
-        if _BACKSLASH not in body and body.find(_MEMBER_BYTES) < 0:
+        if _BACKSLASH not in body and _MEMBER_BYTES not in body:
             # No run_context (nor a backslash, so no key spelt with escapes): it goes after the last
             # member, and the body needs no walk. The object is never empty: root_node_type_ref and
-            # input are required.
-            trace = _STR(request_id) if ids is None else \
-                f'{_STR(request_id)},"trace_id":{_STR(ids[0])},"span_id":{_STR(ids[1])}'
-            end = body.rstrip().rindex(b"}")
-            return b"".join((body[:end], b',"run_context":{', caller.members, b',"trace":{"request_id":',
-                             trace.encode(), b"}}", body[end:]))
+            # input are required. Trace ids are lowercase hex: nothing to escape either.
+            end = len(body) - 1
+            if body[end] != _CLOSE:
+                end = body.rstrip().rindex(b"}")
+            trace = b'"}}' if ids is None else f'","trace_id":"{ids[0]}","span_id":"{ids[1]}"}}}}'.encode()
+            return b"".join((body[:end], caller.opening, request_id.encode(), trace, body[end:]))
         context: dict[str, Any] = {"request_id": request_id}
         if ids is not None:
             context["trace_id"], context["span_id"] = ids

@@ -28,7 +28,7 @@ from urllib.parse import unquote
 from ..arp.answers import Answer, error_answer
 from ..arp.policy import RunPolicy, load_policy
 from ..arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, START_RUN, Route
-from ..arp.runcontext import NOBODY, BindRefusal, BoundCaller, RunBinder, RunOwner, read_json
+from ..arp.runcontext import NOBODY, BindRefusal, BoundCaller, RunBinder, RunOwner, read_run
 from ..auth.principal import Principal, PrincipalKind
 from ..observability.metrics import GatewayMetrics
 from ..settings.config import GatewayConfig
@@ -175,15 +175,15 @@ class RunGuard:
         def peek(status: int, body: bytes) -> None:
             if not 200 <= status < 300:
                 return
-            run = read_json(body)
-            run_id = run.get("run_id") if run.__class__ is dict else None
+            run = read_run(body)
+            run_id = run.run_id if run is not None else None
             if run_id.__class__ is not str or not run_id:
                 return
             ex.run_id = run_id
             if bound is not None:
                 self.owners.put(run_id, bound)
-            elif "run_context" in run:
-                self.owners.put(run_id, RunOwner.of(run))
+            elif run.run_context is not None:  # type: ignore[union-attr]
+                self.owners.put(run_id, RunOwner.of(run.run_context))  # type: ignore[union-attr]
         return peek
 
     def _start(self, ex: RunExchange) -> Answer | None:
@@ -235,10 +235,10 @@ class RunGuard:
                 self._proceed(ex, refusal)
 
     def _learn(self, run_id: str, answer: Fetched) -> RunOwner:
-        run = read_json(answer.body)
-        if run.__class__ is not dict:
+        run = read_run(answer.body)
+        if run is None:
             return NOBODY  # not a Run: nobody's, so only the admin scope reaches it
-        owner = RunOwner.of(run)
+        owner = RunOwner.of(run.run_context)
         self.owners.put(run_id, owner)
         return owner
 

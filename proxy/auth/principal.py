@@ -28,7 +28,9 @@ class PrincipalKind(StrEnum):
     DEV = "dev"               # auth.mode disabled: nothing was verified
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: a Principal is equal only to itself, and hashed by identity. The token cache hands back the
+# same one for each request with the same token, so what is made once per caller is kept under it.
+@dataclass(frozen=True, slots=True, eq=False)
 class Principal:
     subject: str
     issuer: str | None = None          # None for the anonymous and dev principals

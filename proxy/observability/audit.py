@@ -23,7 +23,7 @@ leaves part of a line; the next write starts on a new line, so every other line 
     trail = AuditTrail(cfg.audit, clock, metrics)
     trail.start()
     if not trail.accepting: ...   # refuse mode: the sink is failing or the queue is full
-    trail.record(b'{"time":"...","event":"run.get",...}\n', "run.get", "allow")
+    trail.record(b'{"time":"...","event":"run.get",...}\n', ("run.get", "allow"))
     trail.reopen()                # SIGHUP
     await trail.close()
 """
@@ -57,7 +57,7 @@ DECISIONS = ("allow", "deny")
 class AuditMetrics(Protocol):
     """Where the trail counts (GatewayMetrics)."""
 
-    def audit_recorded(self, event: Any, decision: Any) -> None: ...
+    audit_records: dict[tuple[str, str], int]   # records made, by (event, decision)
 
     def audit_dropped(self, count: int) -> None: ...
 
@@ -174,6 +174,7 @@ class AuditTrail:
             raise ValueError("audit.sink is off: build no AuditTrail")
         self.clock = clock
         self._metrics = metrics
+        self._counts = metrics.audit_records if metrics is not None else None
         self._size = cfg.queue_size
         self._soon = min(FLUSH_LINES, cfg.queue_size)   # queued records that wake the writer at once
         self._refuse = cfg.on_full == AuditOnFull.REFUSE
@@ -200,12 +201,12 @@ class AuditTrail:
 
     # ------------------------------------------------------------------ the request side
 
-    def record(self, line: bytes, event: str, decision: str) -> None:
+    def record(self, line: bytes, counted: tuple[str, str]) -> None:
         """Queues one record rendered as its line (the schema's members only, ending in a newline),
-        counted under its event and decision; never blocks, never raises."""
+        counted under its (event, decision); never blocks, never raises."""
         try:
-            if self._metrics is not None:
-                self._metrics.audit_recorded(event, decision)
+            if self._counts is not None:
+                self._counts[counted] += 1
             queue = self._queue
             if self._closed or len(queue) + len(self._unwritten) >= self._size:
                 self._drop(1, "the audit trail is closed" if self._closed else "the audit queue is full")

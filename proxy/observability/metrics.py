@@ -37,6 +37,8 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..arp.routes import ALL_ROUTES, NOT_FOUND
+from .audit import DECISIONS as AUDIT_DECISIONS
+from .audit import EVENTS as AUDIT_EVENTS
 
 if TYPE_CHECKING:
     from ..upstream.pool import UpstreamPool
@@ -52,8 +54,6 @@ CONNECTION_EVENTS = {"connections_refused": ("max_connections", "fd_limit", "buf
                                             "send_timeout")}
 NO_ISSUER = "none"
 # The audit trail's label values (observability/audit.py); anything else is counted as "other".
-AUDIT_EVENTS = ("run.start", "run.get", "run.cancel", "run.events")
-AUDIT_DECISIONS = ("allow", "deny")
 MAX_REQUEST_SLOTS = 4096
 _TEMPLATES = frozenset(r.template for r in ALL_ROUTES)
 _FORWARDED = tuple(r.template for r in ALL_ROUTES if r.forward)
@@ -109,8 +109,8 @@ class GatewayMetrics:
         self.open_connections: Callable[[], int] = lambda: 0
         self.buffered_bytes: Callable[[], int] = lambda: 0  # the listener's budget in use, read at scrape time
         self._overloaded = {"head": 0, "body": 0}
-        self._audit_records = {(event, decision): 0 for event in (*AUDIT_EVENTS, "other")
-                               for decision in (*AUDIT_DECISIONS, "other")}
+        # The audit trail counts each record here, under its (event, decision): both from fixed sets.
+        self.audit_records = {(event, decision): 0 for event in AUDIT_EVENTS for decision in AUDIT_DECISIONS}
         self.audit_dropped_records = 0
         self._jwks_duration = Histogram(PREFIX + "jwks_fetch_duration_seconds", "JWKS (and discovery) fetch "
                                         "time", ("issuer",), registry=self.registry)
@@ -182,14 +182,6 @@ class GatewayMetrics:
 
     def overloaded(self, waiting_for: str) -> None:
         self._overloaded[waiting_for] += 1
-
-    def audit_recorded(self, event: object, decision: object) -> None:
-        """One audit record made (the audit trail counts; labels only from fixed sets)."""
-        try:
-            self._audit_records[(event, decision)] += 1  # type: ignore[index]  # the usual pair: its key exists already
-        except (KeyError, TypeError):
-            key = (event if event in AUDIT_EVENTS else "other", decision if decision in AUDIT_DECISIONS else "other")
-            self._audit_records[key] += 1
 
     def audit_dropped(self, count: int) -> None:
         self.audit_dropped_records += count
@@ -327,9 +319,8 @@ class _HotPathCollector:
                                   "over limits.max_streams_per_principal", value=m.streams_refused)
         audit = CounterMetricFamily(PREFIX + "audit_records", "Audit records made, by event and decision "
                                     "(audit.sink not off)", labels=("event", "decision"))
-        for pair, count in m._audit_records.items():
-            if count or "other" not in pair:
-                audit.add_metric(pair, count)
+        for pair, count in m.audit_records.items():
+            audit.add_metric(pair, count)
         yield audit
         yield CounterMetricFamily(PREFIX + "audit_dropped", "Audit records lost: the queue was full or the sink "
                                   "could not be written (audit.on_full: drop)", value=m.audit_dropped_records)

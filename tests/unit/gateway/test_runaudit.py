@@ -41,8 +41,8 @@ class Recorder:
         self.lines: list[tuple[bytes, str, str]] = []
         self.failures = 0
 
-    def record(self, line: bytes, event: str, decision: str) -> None:
-        self.lines.append((line, event, decision))
+    def record(self, line: bytes, counted: tuple[str, str]) -> None:
+        self.lines.append((line, *counted))
 
     def failed_record(self) -> None:
         self.failures += 1
@@ -147,3 +147,27 @@ def test_a_record_that_cannot_be_made_is_counted_and_never_raises() -> None:
     ex.request = None   # a bug in what the record reads
     run_audit.record(ex, 200)  # type: ignore[arg-type]
     assert trail.lines == [] and trail.failures == 1
+
+
+def test_records_that_share_what_repeats_each_keep_their_own_time_ids_and_caller() -> None:
+    """What repeats is rendered once and kept: what differs per request must not be kept with it,
+    and two callers alike in every claim (two tokens) are never mixed up."""
+    run_audit, trail = audit_for()
+    clock = trail.clock
+    alice = Principal(subject="alice", issuer="https://idp.example", claims={"sub": "alice", "jti": "t1"}, token=TOKEN)
+    twin = Principal(subject="alice", issuer="https://idp.example", claims={"sub": "alice", "jti": "t2"}, token=TOKEN)
+    start = {"root_node_type_ref": {"node_type_id": "jarvis.composite.x", "version": "1"}, "input": {}}
+    seen = []
+    for principal, run_id, status in ((alice, "run_1", 200), (alice, "run_2", 200), (twin, "run_3", 200),
+                                      (alice, None, 502)):
+        ex = exchange(START_RUN, principal, run_id=run_id, decision="allow", start=start)
+        ex.request.request_id = f"req-{run_id}"
+        run_audit.record(ex, status)  # type: ignore[arg-type]
+        clock.advance(0.25)
+        seen.append(one_record(trail))
+    assert [r["run_id"] for r in seen] == ["run_1", "run_2", "run_3", None]
+    assert [r["request_id"] for r in seen] == ["req-run_1", "req-run_2", "req-run_3", "req-None"]
+    assert [r["token_id"] for r in seen] == ["t1", "t1", "t2", "t1"]
+    assert [r["status"] for r in seen] == [200, 200, 200, 502]
+    assert len({r["time"] for r in seen}) == 4
+    assert all(r["node_type"] == {"id": "jarvis.composite.x", "version": "1"} for r in seen)

@@ -40,14 +40,14 @@ async def test_a_gateway_with_an_audit_file_reopens_it_from_its_reload_hooks(tmp
     try:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, server.reload.run)   # as run_gateway installs it
-        trail.record(b'{"time":"2027-01-15T08:00:00.000Z","event":"run.get","decision":"allow"}\n', "run.get", "allow")
+        trail.record(b'{"time":"2027-01-15T08:00:00.000Z","event":"run.get","decision":"allow"}\n', ("run.get", "allow"))
         await trail.flushed()
         os.kill(os.getpid(), signal.SIGHUP)
         for _ in range(100):            # the signal arrives through the loop's wakeup: a few iterations
             await asyncio.sleep(0)
             if trail._sink._reopen:
                 break
-        trail.record(b'{"time":"2027-01-15T08:00:00.000Z","event":"run.get","decision":"deny"}\n', "run.get", "deny")
+        trail.record(b'{"time":"2027-01-15T08:00:00.000Z","event":"run.get","decision":"deny"}\n', ("run.get", "deny"))
         await trail.flushed()
         assert trail._sink.opens == 2
     finally:

@@ -53,8 +53,8 @@ BodyCallback = Callable[["Request", BaseException | None], None]
 class Handling(Protocol):
     """What a handler keeps per request; the request only carries it for the handler."""
 
-    def abandoned(self, status: int) -> None:
-        """The request ended without `finish()` (see `Handler.abandoned`)."""
+    def abandoned(self, status: int) -> object:
+        """The request ended without `finish()` (see `Handler.abandoned`); what it returns is not read."""
 
 
 class Request(ResponseWriter):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any, Protocol
 
 import aiohttp
@@ -102,29 +103,32 @@ class Exchange:
         self.reply = b""                   # header lines added to the coordinator's answer (RateLimit)
         self.at = 0                        # the stage after a PAUSED one: where `proceed` goes on
 
-    def done(self, request: Request, failed: int) -> None:
-        """The answer is written: observe it, and let the connection go on."""
+    def done(self, request: Request, failed: int) -> str | None:
+        """The answer is written: observe it, and let the connection go on. The time its access-log
+        line carries, if one was written."""
         request.exchange = None  # no cycle between the two: both go when the connection lets go
         if self._streams.holding:
             self._streams.leave(request)
-        if not request.finished:
-            self._observer.end(request, self.route, self.outcome, self.started, failed)
-            request.finish()
+        if request.finished:
+            return None
+        stamp = self._observer.end(request, self.route, self.outcome, self.started, failed)
+        request.finish()
+        return stamp
 
-    def abandoned(self, status: int) -> None:
+    def abandoned(self, status: int) -> str | None:
         """The client left (499) or answering failed (500) before `done`."""
         request = self.request
         request.exchange = None
         if self._streams.holding:
             self._streams.leave(request)
-        self._observer.end(request, self.route, self.outcome, self.started, status)
+        return self._observer.end(request, self.route, self.outcome, self.started, status)
 
 
 class RunExchange(Exchange):
     """An Exchange that holds a run-route decision: made only when binding, run access, a policy or
     the audit trail is configured, so a gateway without them sets none of it per request."""
 
-    __slots__ = ("run_id", "decision", "reason", "statement_id", "owner")
+    __slots__ = ("run_id", "decision", "reason", "statement_id", "owner", "start", "_audit", "_recorded")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         Exchange.__init__(self, gateway, request, started)   # named: cheaper than super() per request
@@ -134,30 +138,31 @@ class RunExchange(Exchange):
         self.reason: str | None = None
         self.statement_id: str | None = None
         self.owner: RunOwner | None = None  # a run start's, once `bind` has written its caller into it
+        self.start: Any = None   # with an audit trail: a run start's body as the edge decoded it (node type)
+        self._audit: RunAudit | None = gateway.run_audit
+        self._recorded = False
 
 
 class AuditedExchange(RunExchange):
-    """An Exchange whose end is recorded in the audit trail: made only when audit.sink is on."""
+    """A RunExchange whose end is recorded in the audit trail: made only when audit.sink is on."""
 
-    __slots__ = ("_audit", "_recorded", "start")
+    __slots__ = ()
 
-    def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
-        RunExchange.__init__(self, gateway, request, started)
-        self._audit: RunAudit = gateway.run_audit  # type: ignore[assignment]
-        self._recorded = False
-        self.start: Any = None   # a run start's body as the edge decoded it, for the record's node type
+    def done(self, request: Request, failed: int) -> str | None:
+        if self._recorded or request.finished:
+            return Exchange.done(self, request, failed)
+        self._recorded = True
+        # The access log's line first: the record carries the very time that line does.
+        stamp = Exchange.done(self, request, failed)
+        self._audit.record(self, failed or request.status or 500, stamp)  # type: ignore[union-attr]
+        return stamp
 
-    def done(self, request: Request, failed: int) -> None:
-        if not self._recorded and not request.finished:
-            self._recorded = True
-            self._audit.record(self, failed or request.status or 500)
-        Exchange.done(self, request, failed)
-
-    def abandoned(self, status: int) -> None:
+    def abandoned(self, status: int) -> str | None:
+        stamp = Exchange.abandoned(self, status)
         if not self._recorded:
             self._recorded = True
-            self._audit.record(self, status)
-        Exchange.abandoned(self, status)
+            self._audit.record(self, status, stamp)  # type: ignore[union-attr]
+        return stamp
 
 
 class Gateway:
@@ -405,10 +410,13 @@ class Gateway:
 
     def _checked_kept(self, ex: Exchange, raw: bytes) -> Outcome:
         """_checked, keeping a run start's decoded body on the (audited) exchange."""
-        outcome = Gateway._checked(self, ex, raw)
+        body = self.bodies.checked(ex.request, ex.route, raw)
         if ex.route is START_RUN:
             ex.start = self.bodies.document  # type: ignore[attr-defined]
-        return outcome
+        if body.__class__ is Answer:
+            return body
+        ex.body = body  # type: ignore[assignment]
+        return None
 
     def _body_refusal(self, request: Request, exc: BaseException) -> Answer:
         """413 past the limit, 408 past the body timeout, 503 when the buffer budget stayed full that
@@ -463,12 +471,15 @@ class Gateway:
     def _authorize(self, ex: RunExchange) -> Result:
         """Who may act on this run (runs.access, authorization.policy_file); a run start allowed
         here is forwarded with its answer peeked, to learn the new run's id and owner."""
-        result = self.runs.authorize(ex)
-        if result is None and ex.route is START_RUN:
-            self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done, ex.reply,
-                                  self.runs.peek_start(ex))
-            return HANDED
-        return result
+        runs = self.runs
+        if ex.route is not START_RUN:
+            return runs.authorize(ex)
+        if runs.policy is not None:
+            refused = runs.authorize(ex)
+            if refused is not None:
+                return refused
+        self.upstream.forward(ex.request, START_RUN, ex.body, ex.extra, ex.done, ex.reply, partial(runs.peek, ex))
+        return HANDED
 
     def _forward(self, ex: Exchange) -> Result:
         self.upstream.forward(ex.request, ex.route, ex.body, ex.extra, ex.done, ex.reply)

@@ -88,10 +88,10 @@ class RunGuard:
         self.checks = self.access != RunAccess.ANY or self.policy is not None
         self._owner_only = self.access == RunAccess.OWNER and self.policy is None
         self.owners: BoundedCache[str, RunOwner] = BoundedCache(runs.owner_cache_size)
-        # id(principal) -> (principal, what is bound for it); the principal is kept so an id reused
-        # after it is gone can never match.
-        self._callers: BoundedCache[int, tuple[Principal, BoundCaller | BindRefusal]] = BoundedCache(CALLERS)
-        # Looked up inline twice per run start (bind, peek): no recency kept, the oldest-made goes first.
+        # principal -> what is bound for it. A Principal is hashed by identity, and the token cache
+        # hands back the same one for each request with the same token.
+        self._callers: BoundedCache[Principal, BoundCaller | BindRefusal] = BoundedCache(CALLERS)
+        # Looked up inline on every bound run start: no recency kept, the oldest-made goes first.
         self._callers_get = self._callers.getter(touch=False)
 
     # ------------------------------------------------------------------ binding
@@ -104,8 +104,7 @@ class RunGuard:
         principal = outcome.principal if outcome is not None else None
         if principal is None or principal.kind is not _TOKEN:
             return None  # the anonymous and dev principals are nobody to bind
-        found = self._callers_get(id(principal))
-        caller = found[1] if found is not None and found[0] is principal else self._caller(principal)
+        caller = self._callers_get(principal) or self._caller(principal)
         request = ex.request
         if caller.__class__ is BindRefusal:
             bound: bytes | BindRefusal = caller
@@ -131,9 +130,8 @@ class RunGuard:
         """What is bound for this principal, made once (the callers look it up in `_callers` first):
         the token cache hands back the same Principal for each request with the same token, so it
         is found by identity."""
-        key = id(principal)
         caller = self.binder.caller(principal.issuer or "", principal.subject, principal.claims)
-        self._callers.put(key, (principal, caller))
+        self._callers.put(principal, caller)
         return caller
 
     # ------------------------------------------------------------------ authorization
@@ -165,26 +163,23 @@ class RunGuard:
                              lambda answer: self._looked_up(ex, answer))
         return self._paused
 
-    def peek_start(self, ex: RunExchange) -> Callable[[int, bytes], None]:
-        """What learns a started run's id, and its owner, from the coordinator's answer. A bound run's
-        owner is the caller `bind` wrote into it; otherwise the answer's run_context says, and an
-        answer without one teaches nothing (a coordinator need not echo run_context: the owner is
+    def peek(self, ex: RunExchange, status: int, body: bytes) -> None:
+        """Learns a started run's id, and its owner, from the coordinator's answer to `ex`. A bound
+        run's owner is the caller `bind` wrote into it; otherwise the answer's run_context says, and
+        an answer without one teaches nothing (a coordinator need not echo run_context: the owner is
         then looked up when needed, never cached as nobody)."""
+        if not 200 <= status < 300:
+            return
+        run = read_run(body)
+        run_id = run.run_id if run is not None else None
+        if run_id.__class__ is not str or not run_id:
+            return
+        ex.run_id = run_id
         bound = ex.owner
-
-        def peek(status: int, body: bytes) -> None:
-            if not 200 <= status < 300:
-                return
-            run = read_run(body)
-            run_id = run.run_id if run is not None else None
-            if run_id.__class__ is not str or not run_id:
-                return
-            ex.run_id = run_id
-            if bound is not None:
-                self.owners.put(run_id, bound)
-            elif run.run_context is not None:  # type: ignore[union-attr]
-                self.owners.put(run_id, RunOwner.of(run.run_context))  # type: ignore[union-attr]
-        return peek
+        if bound is not None:
+            self.owners.put(run_id, bound)
+        elif run.run_context is not None:  # type: ignore[union-attr]
+            self.owners.put(run_id, RunOwner.of(run.run_context))  # type: ignore[union-attr]
 
     def _start(self, ex: RunExchange) -> Answer | None:
         if self.policy is None:

@@ -66,8 +66,9 @@ class RunAudit:
                                 details={"reason": "audit_unavailable"})
         return None
 
-    def record(self, ex: RunExchange, status: int) -> None:
+    def record(self, ex: RunExchange, status: int, stamp: str | None = None) -> None:
         """Renders the request's record as its JSON line and hands it to the trail; never raises.
+        `stamp`: the time the request's access-log line carries (RFC 3339, ms), when there is one.
         The line is made here, from a fixed template: its members are the schema's by construction.
         What repeats from request to request (the event, the decision and its reason, the status,
         the caller, the client address, the node type) is rendered once per combination and kept;
@@ -115,7 +116,7 @@ class RunAudit:
                 ids = trace_ids(traceparent.decode("latin-1"))
                 if ids is not None:
                     trace = f',"trace_id":"{ids[0]}"'   # 32 lowercase hex digits: nothing to escape
-            self.trail.record(f'{{"time":"{rfc3339_millis(self._time())}","request_id":"{request.request_id}",'
+            self.trail.record(f'{{"time":"{stamp or rfc3339_millis(self._time())}","request_id":"{request.request_id}",'
                               f'"run_id":{run}{trace},{kept[0]}}}\n'.encode(), kept[1])
         except Exception:
             self.trail.failed_record()

@@ -37,8 +37,9 @@ class RequestObserver:
         return time.perf_counter()
 
     def end(self, request: Request, route: Route, outcome: AuthOutcome | None, started: float,
-            status: int = 0) -> None:
-        """`status`: what the request ended with when it was not an answer (499, 500)."""
+            status: int = 0) -> str | None:
+        """`status`: what the request ended with when it was not an answer (499, 500). The time the
+        access-log line carries (None with the access log off), for the request's other records."""
         seconds = time.perf_counter() - started
         status = status or request.status or 500
         principal = outcome.principal if outcome is not None else None
@@ -50,9 +51,10 @@ class RequestObserver:
                             (outcome.issuer, outcome.result, outcome.reason))
         if self._access_log is not None:
             tail = _RUN_ID_TAIL.get(route)
-            self._access_log.record(
+            return self._access_log.record(
                 request.request_id, request.method or "-", route.template, status, seconds, request.upstream_s,
                 request.body_size, request.bytes_out, outcome.result if outcome else "none",
                 outcome.reason if outcome else "", principal.subject if principal else None,
                 request.client or request.conn.peer, request.user_agent, outcome.issuer if outcome else None,
                 None if tail is None else request.path[9:len(request.path) - tail])
+        return None

@@ -30,7 +30,7 @@ from .sink import UpstreamMetrics
 log = logging.getLogger("proxy.upstream.relay")
 
 # Called once a request's answer is written (or the client has left: failed 499).
-Done = Callable[[Request, int], None]
+Done = Callable[[Request, int], object]   # what it returns is not read
 # Shown a whole answer (status, body) before it is relayed, when the gateway must learn from it
 # (a run start's run id and owner); None, the usual case, costs nothing.
 Peek = Callable[[int, bytes], None]

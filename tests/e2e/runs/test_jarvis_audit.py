@@ -50,7 +50,7 @@ async def _records(path: Path, count: int, timeout: float = 10.0) -> list[dict[s
         await asyncio.sleep(0.05)
 
 
-async def test_one_schema_valid_record_per_action_and_denial(gateway, jarvis, idp, http, tmp_path):
+async def test_one_schema_valid_record_per_action_and_denial(gateway, jarvis, idp, http, tmp_path, capsys):
     audit = tmp_path / "audit.log"
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"Statement": [
@@ -104,6 +104,18 @@ async def test_one_schema_valid_record_per_action_and_denial(gateway, jarvis, id
     assert {r["reason"] for r in bobs} == {"not_owner"} and {r["run_id"] for r in bobs} == {run_id}
     assert bobs[0]["token_id"] == hashlib.sha256(bob.encode()).hexdigest()[:16]   # no jti: a hash
     assert records[-1]["reason"] and "principal" not in records[-1]                # the 401: nobody verified
+
+    # Each record carries the time of its request's access-log line, to the millisecond.
+    access: dict[str, str] = {}
+    for _ in range(100):
+        for line in capsys.readouterr().out.splitlines():
+            entry = json.loads(line) if line.startswith("{") else {}
+            if entry.get("type") == "access":
+                access[entry["request_id"]] = entry["time"]
+        if all(r["request_id"] in access for r in records):
+            break
+        await asyncio.sleep(0.05)
+    assert [r["time"] for r in records] == [access[r["request_id"]] for r in records]
 
 
 async def test_refuse_answers_starts_503_and_reads_go_on_while_the_file_cannot_be_written(gateway, jarvis, idp,

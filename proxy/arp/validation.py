@@ -168,6 +168,21 @@ def plainly_valid(document: Any) -> bool:
             and ref.get("version").__class__ is str and document.get("input").__class__ is dict)
 
 
+NodeType = tuple[str, str | None]   # (node_type_id, version)
+
+
+def node_type_of(document: Any) -> NodeType | None:
+    """The node type a run start names: its root_node_type_ref's id (a string, else none) and
+    version (None unless a string). For any document, valid or not."""
+    ref = document.get("root_node_type_ref") if document.__class__ is dict else None
+    if ref.__class__ is not dict:
+        return None
+    node, version = ref.get("node_type_id"), ref.get("version")
+    if node.__class__ is not str:
+        return None
+    return node, version if version.__class__ is str else None
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -226,9 +241,9 @@ class BodyRules:
         self._limit = limits.max_body_bytes
         self.body_timeout_s = limits.body_timeout_s
         self._validate = load_run_start_validator()
-        # keep_documents: the last run start checked stays decoded here (None when it was not JSON),
-        # for whoever reads it next (the audit record's node type) instead of decoding it again.
-        self.document: Any = None
+        # keep_documents: the node type the last run start checked names (None when it names none),
+        # for whoever reads it next (the audit record) instead of decoding the body again.
+        self.node_type: NodeType | None = None
         if keep_documents:
             self._problems = self._problems_kept  # type: ignore[method-assign]
 
@@ -282,22 +297,23 @@ class BodyRules:
         return self._validate(document)
 
     def _problems_kept(self, body: bytes) -> list[Problem]:
-        # The plain shape is kept as orjson read it: the one member read from it (the node type
-        # reference) is objects and strings, which both parsers read alike.
-        self.document = None
+        # The plain shape's node type is kept as orjson read it: objects and strings, which both
+        # parsers read alike, and plainly_valid has checked their types.
+        self.node_type = None
         try:
             document = _loads(body)
         except ValueError:
             pass
         else:
             if plainly_valid(document):
-                self.document = document
+                ref = document["root_node_type_ref"]
+                self.node_type = (ref["node_type_id"], ref["version"])
                 return []
         try:
             document = _decode(body.decode("utf-8"))
         except (ValueError, RecursionError):
             return BodyRules._problems(self, body)  # for its message
-        self.document = document
+        self.node_type = node_type_of(document)
         return self._validate(document)
 
     def too_large(self, rid: str) -> Answer:

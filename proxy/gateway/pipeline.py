@@ -32,7 +32,7 @@ import aiohttp
 from ..arp.answers import Answer, error_answer, json_answer
 from ..arp.routes import HEALTH, LIVEZ, METRICS, NOT_FOUND, READYZ, START_RUN, Route, RouteTable
 from ..arp.runcontext import RunOwner
-from ..arp.validation import BodyRules
+from ..arp.validation import BodyRules, NodeType
 from ..auth import (
     AccessPolicy,
     Authenticator,
@@ -128,7 +128,7 @@ class RunExchange(Exchange):
     """An Exchange that holds a run-route decision: made only when binding, run access, a policy or
     the audit trail is configured, so a gateway without them sets none of it per request."""
 
-    __slots__ = ("run_id", "decision", "reason", "statement_id", "owner", "start", "_audit", "_recorded")
+    __slots__ = ("run_id", "decision", "reason", "statement_id", "owner", "node_type", "_audit", "_recorded")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         Exchange.__init__(self, gateway, request, started)   # named: cheaper than super() per request
@@ -138,7 +138,7 @@ class RunExchange(Exchange):
         self.reason: str | None = None
         self.statement_id: str | None = None
         self.owner: RunOwner | None = None  # a run start's, once `bind` has written its caller into it
-        self.start: Any = None   # with an audit trail: a run start's body as the edge decoded it (node type)
+        self.node_type: NodeType | None = None   # with an audit trail: what a run start's body names
         self._audit: RunAudit | None = gateway.run_audit
         self._recorded = False
 
@@ -409,10 +409,10 @@ class Gateway:
         return None
 
     def _checked_kept(self, ex: Exchange, raw: bytes) -> Outcome:
-        """_checked, keeping a run start's decoded body on the (audited) exchange."""
+        """_checked, keeping the node type a run start names on the (audited) exchange."""
         body = self.bodies.checked(ex.request, ex.route, raw)
         if ex.route is START_RUN:
-            ex.start = self.bodies.document  # type: ignore[attr-defined]
+            ex.node_type = self.bodies.node_type  # type: ignore[attr-defined]
         if body.__class__ is Answer:
             return body
         ex.body = body  # type: ignore[assignment]

@@ -29,6 +29,7 @@ from ..arp.answers import Answer, error_answer
 from ..arp.policy import RunPolicy, load_policy
 from ..arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, START_RUN, Route
 from ..arp.runcontext import NOBODY, BindRefusal, BoundCaller, RunBinder, RunOwner, read_run
+from ..arp.validation import node_type_of
 from ..auth.principal import Principal, PrincipalKind
 from ..observability.metrics import GatewayMetrics
 from ..settings.config import GatewayConfig
@@ -184,15 +185,13 @@ class RunGuard:
     def _start(self, ex: RunExchange) -> Answer | None:
         if self.policy is None:
             return None
-        doc = getattr(ex, "start", None)  # decoded by the edge when an audit trail keeps it
-        if doc is None:
+        node = ex.node_type   # kept by the edge when an audit trail is on
+        if node is None:
             try:
-                doc = json.loads(ex.body or b"{}")
+                node = node_type_of(json.loads(ex.body or b"{}"))
             except ValueError:  # the edge validated it; only a bound body could be new, and it is JSON
-                doc = {}
-        ref = doc.get("root_node_type_ref") if isinstance(doc, dict) else None
-        ref = ref if isinstance(ref, dict) else {}
-        node_type, version = ref.get("node_type_id"), ref.get("version")
+                node = None
+        node_type, version = node or (None, None)
         context = self._context(ex)
         context["node_type.id"] = node_type
         context["node_type.version"] = version

@@ -93,20 +93,14 @@ class RunAudit:
             else:
                 reason = ex.reason
             run_id = ex.run_id
-            node = None
             if route is START_RUN:
                 # From the coordinator's answer: anything at all.
                 run = "null" if run_id is None else _STR(run_id)
-                start = ex.start   # the body the client sent, as the edge decoded it
-                ref = start.get("root_node_type_ref") if start.__class__ is dict else None
-                if ref.__class__ is dict:
-                    node, version = ref.get("node_type_id"), ref.get("version")
-                    node = (node, version if version.__class__ is str else None) if node.__class__ is str else None
             else:
                 # From the target, whose characters the edge checked: none needs escaping in JSON.
                 run = '"' + (run_id or request.path[_RUNS_PREFIX:len(request.path) - _RUN_ID_TAIL[route]]) + '"'
             key = (outcome.principal, event, decision, reason, ex.statement_id, status,
-                   request.client or request.conn.peer, node)
+                   request.client or request.conn.peer, ex.node_type)
             kept = self._kept(key)
             if kept is None:
                 kept = self._render(key)

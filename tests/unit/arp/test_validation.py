@@ -227,10 +227,10 @@ def test_a_body_gets_the_problems_json_alone_gives(document: object, cut: int, i
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(near_plain_documents(), st.integers(0, 200), _INSERTS)
-def test_a_kept_document_gets_the_same_verdict_and_node_type_as_json_alone(document: object, cut: int,
+def test_a_kept_node_type_comes_with_the_same_verdict_and_is_json_s(document: object, cut: int,
                                                                            insert: str) -> None:
-    """With keep_documents (an audit trail), the plain shape read by orjson is kept: every body gets
-    the verdict and problems it gets without, and the kept node type reference is json's."""
+    """With keep_documents (an audit trail), the plain shape's node type read by orjson is kept: every
+    body gets the verdict and problems it gets without, and the kept node type is json's."""
     _, rules = _checkers()
     kept = validation.BodyRules(_Limits(), keep_documents=True)
     for body in (json.dumps(document).encode(), _mutated(json.dumps(document), cut, insert)):
@@ -238,16 +238,15 @@ def test_a_kept_document_gets_the_same_verdict_and_node_type_as_json_alone(docum
         assert problems == rules._problems(body), body
         if problems:
             continue
-        decoded = json.loads(body)
-        ref = kept.document.get("root_node_type_ref") if isinstance(kept.document, dict) else None
-        assert ref == decoded.get("root_node_type_ref"), body
+        ref = json.loads(body)["root_node_type_ref"]
+        assert kept.node_type == (ref["node_type_id"], ref["version"]), body
 
 
 def _refuse(body: bytes) -> object:
     raise ValueError("json alone")
 
 
-def test_kept_documents_are_the_run_starts_as_decoded():
+def test_kept_node_types_are_what_the_run_starts_name():
     from types import SimpleNamespace
 
     from proxy.arp.routes import START_RUN
@@ -259,10 +258,15 @@ def test_kept_documents_are_the_run_starts_as_decoded():
     body = json.dumps({"root_node_type_ref": {"node_type_id": "n", "version": "1"}, "input": {}}).encode()
     kept = BodyRules(limits, keep_documents=True)
     assert kept.checked(head, START_RUN, body) == body
-    assert kept.document["root_node_type_ref"] == {"node_type_id": "n", "version": "1"}
+    assert kept.node_type == ("n", "1")
     refused = kept.checked(head, START_RUN, b"{not json")
-    assert refused.status == 400 and kept.document is None   # and the message is the usual one
+    assert refused.status == 400 and kept.node_type is None   # and the message is the usual one
     assert "not valid JSON" in json.loads(refused.body)["error"]["details"]["errors"][0]["message"]
     plain = BodyRules(limits)
     plain.checked(head, START_RUN, body)
-    assert plain.document is None
+    assert plain.node_type is None
+    # An invalid start still names its node type, for its record; an unusable one names none.
+    for document, named in (({"root_node_type_ref": {"node_type_id": "n", "version": 2}}, ("n", None)),
+                            ({"root_node_type_ref": {"node_type_id": ["n"]}}, None), ([1], None)):
+        assert kept.checked(head, START_RUN, json.dumps(document).encode()).status == 400
+        assert kept.node_type == named

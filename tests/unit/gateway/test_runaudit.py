@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator
 
 from proxy.arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, START_RUN
 from proxy.arp.runcontext import RunBinder, trace_ids
+from proxy.arp.validation import node_type_of
 from proxy.auth.authenticator import AuthOutcome, AuthResult
 from proxy.auth.principal import Principal
 from proxy.gateway.runaudit import RunAudit
@@ -64,7 +65,8 @@ def exchange(route: Any, principal: Principal | None, *, run_id: str | None = No
     request = SimpleNamespace(path=path, request_id="req-1", client=client, conn=SimpleNamespace(peer="127.0.0.1"),
                               traceparent=traceparent)
     return SimpleNamespace(route=route, outcome=outcome, request=request, decision=decision, reason=reason,
-                           run_id=run_id, statement_id=statement_id, start=start)
+                           run_id=run_id, statement_id=statement_id,
+                           node_type=node_type_of(start))
 
 
 def one_record(trail: Recorder) -> dict[str, Any]:

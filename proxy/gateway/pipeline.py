@@ -128,7 +128,7 @@ class RunExchange(Exchange):
     """An Exchange that holds a run-route decision: made only when binding, run access, a policy or
     the audit trail is configured, so a gateway without them sets none of it per request."""
 
-    __slots__ = ("run_id", "decision", "reason", "statement_id", "owner", "node_type", "_audit", "_recorded")
+    __slots__ = ("run_id", "decision", "reason", "statement_id", "owner", "node_type", "_audit")
 
     def __init__(self, gateway: Gateway, request: Request, started: float) -> None:
         Exchange.__init__(self, gateway, request, started)   # named: cheaper than super() per request
@@ -139,8 +139,7 @@ class RunExchange(Exchange):
         self.statement_id: str | None = None
         self.owner: RunOwner | None = None  # a run start's, once `bind` has written its caller into it
         self.node_type: NodeType | None = None   # with an audit trail: what a run start's body names
-        self._audit: RunAudit | None = gateway.run_audit
-        self._recorded = False
+        self._audit: RunAudit | None = gateway.run_audit   # None once the record is made: one per request
 
 
 class AuditedExchange(RunExchange):
@@ -149,19 +148,21 @@ class AuditedExchange(RunExchange):
     __slots__ = ()
 
     def done(self, request: Request, failed: int) -> str | None:
-        if self._recorded or request.finished:
+        audit = self._audit
+        if audit is None or request.finished:
             return Exchange.done(self, request, failed)
-        self._recorded = True
+        self._audit = None
         # The access log's line first: the record carries the very time that line does.
         stamp = Exchange.done(self, request, failed)
-        self._audit.record(self, failed or request.status or 500, stamp)  # type: ignore[union-attr]
+        audit.record(self, failed or request.status or 500, stamp)
         return stamp
 
     def abandoned(self, status: int) -> str | None:
+        audit = self._audit
+        self._audit = None
         stamp = Exchange.abandoned(self, status)
-        if not self._recorded:
-            self._recorded = True
-            self._audit.record(self, status, stamp)  # type: ignore[union-attr]
+        if audit is not None:
+            audit.record(self, status, stamp)
         return stamp
 
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.gateway.runaccess")
 _TOKEN = PrincipalKind.TOKEN
 CALLERS = 10_000  # principals whose bound run_context is remembered, as many as the token cache holds
+_UNBOUND = object()  # what is bound for no principal, or the anonymous or dev one: nothing
 
 _ACTIONS: dict[Route, tuple[str, str]] = {   # route -> (metrics/audit action, policy action)
     START_RUN: ("start", "run:Start"),
@@ -91,7 +92,7 @@ class RunGuard:
         self.owners: BoundedCache[str, RunOwner] = BoundedCache(runs.owner_cache_size)
         # principal -> what is bound for it. A Principal is hashed by identity, and the token cache
         # hands back the same one for each request with the same token.
-        self._callers: BoundedCache[Principal, BoundCaller | BindRefusal] = BoundedCache(CALLERS)
+        self._callers: BoundedCache[Principal | None, BoundCaller | BindRefusal | object] = BoundedCache(CALLERS)
         # Looked up inline on every bound run start: no recency kept, the oldest-made goes first.
         self._callers_get = self._callers.getter(touch=False)
 
@@ -101,23 +102,22 @@ class RunGuard:
         body = ex.body
         if ex.route is not START_RUN or body is None:
             return None
-        outcome = ex.outcome
-        principal = outcome.principal if outcome is not None else None
-        if principal is None or principal.kind is not _TOKEN:
-            return None  # the anonymous and dev principals are nobody to bind
+        principal = ex.outcome.principal  # type: ignore[union-attr]  # the authenticate stage set it
         caller = self._callers_get(principal) or self._caller(principal)
         request = ex.request
-        if caller.__class__ is BindRefusal:
-            bound: bytes | BindRefusal = caller
-        else:
+        if caller.__class__ is BoundCaller:
             traceparent = request.traceparent
-            bound = self.binder.bind(body, caller, request.request_id,  # type: ignore[arg-type]
+            bound = self.binder.bind(body, caller, request.request_id,
                                      None if traceparent is None else traceparent.decode("latin-1"))
-        if bound.__class__ is not BindRefusal:
-            ex.body = bound  # type: ignore[assignment]
-            ex.owner = caller.owner  # type: ignore[union-attr]
-            return None
-        refusal: BindRefusal = bound
+            if bound.__class__ is not BindRefusal:
+                ex.body = bound  # type: ignore[assignment]
+                ex.owner = caller.owner
+                return None
+        elif caller is _UNBOUND:
+            return None  # no principal, or the anonymous or dev one: nobody to bind
+        else:
+            bound = caller  # type: ignore[assignment]
+        refusal: BindRefusal = bound  # type: ignore[assignment]
         ex.decision, ex.reason = "deny", refusal.reason
         self._denied("start", ex, refusal.reason)
         status = _BIND_STATUS.get(refusal.reason, 400)
@@ -127,11 +127,12 @@ class RunGuard:
         return error_answer(status, "forbidden" if status == 403 else "invalid_request",
                             _BIND_MESSAGES[refusal.reason], request_id=request.request_id, details=details)
 
-    def _caller(self, principal: Principal) -> BoundCaller | BindRefusal:
+    def _caller(self, principal: Principal | None) -> BoundCaller | BindRefusal | object:
         """What is bound for this principal, made once (the callers look it up in `_callers` first):
         the token cache hands back the same Principal for each request with the same token, so it
-        is found by identity."""
-        caller = self.binder.caller(principal.issuer or "", principal.subject, principal.claims)
+        is found by identity. `_UNBOUND` for nobody verified."""
+        caller = self.binder.caller(principal.issuer or "", principal.subject, principal.claims) \
+            if principal is not None and principal.kind is _TOKEN else _UNBOUND
         self._callers.put(principal, caller)
         return caller
 

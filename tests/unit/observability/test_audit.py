@@ -622,3 +622,23 @@ async def test_close_gives_up_on_a_write_stuck_in_the_disk_and_counts_what_did_n
     assert not thread.is_alive()     # once its write returns, the thread closes the file and ends
     assert trail._sink._fd is None
     assert trail.dropped == 6 and trail.written == 0   # the late outcome changes nothing
+
+
+async def test_refuse_tries_held_records_again_after_retry_s_with_no_new_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "RETRY_S", 0.05)
+    path = tmp_path / "audit.log"
+    path.symlink_to("/dev/full")
+    trail = trail_for(path, on_full="refuse")
+    trail.start()
+    for n in range(3):
+        put(trail, full_record(n))
+    await trail.flushed()
+    assert not trail.accepting
+    real = tmp_path / "audit.real"
+    real.touch()
+    os.replace(real, path)
+    await wait_until(lambda: trail.accepting, "the held records to be written again")   # no record came
+    assert [r["request_id"] for r in lines_of(path)] == ["req-0", "req-1", "req-2"]
+    assert trail.dropped == 0
+    await trail.close()

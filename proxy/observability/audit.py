@@ -2,12 +2,16 @@
 
 `record` never blocks and never raises: it counts a record already rendered as its JSON line
 (gateway/runaudit.py renders each request's from the record schema's members only,
-proxy/data/audit-record.schema.json) and appends it to a bounded queue. One writer task drains
-the queue by time, as lines.py's LineOut does: the first record of a batch schedules one wake-up
-FLUSH_INTERVAL_S later (or at once when FLUSH_LINES are queued), so requests that come one at a
-time still share a batch, and its wake-up and its one write. A batch goes to the process's stdout
-through the LineOut the access log shares (lines.py), so neither cuts the other's lines, or is
-appended to `audit.path` in a thread (one hop per batch: a slow disk must not stall the event loop).
+proxy/data/audit-record.schema.json) and appends it to a bounded queue. The queue is drained by
+time, as lines.py's LineOut does: the first record of a batch schedules one wake-up (a loop
+callback) FLUSH_INTERVAL_S later, or at once when FLUSH_LINES are queued, so requests that come
+one at a time still share a batch, and its wake-up and its one write. A batch goes to the
+process's stdout through the LineOut the access log shares (lines.py), on the loop, so neither
+cuts the other's lines; or it is appended to `audit.path` by the trail's one writer thread (a slow
+disk must not stall the event loop), which is handed the batch's bytes through a SimpleQueue and
+reports each outcome back to the loop. One batch is out at a time: what is queued meanwhile goes
+when it reports. The thread touches the sink only; the counts, the held lines and the warnings are
+the loop's.
 
 When records cannot be kept (the queue is full, the sink cannot be written: disk full, an
 unwritable file, a deleted directory) `on_full` decides. `drop`: each lost record is counted
@@ -19,6 +23,8 @@ The file is reopened when its path no longer names the file held open (logrotate
 creates a new one: what was written before the check is in the old file, what after in the new;
 checked with one stat per batch) and on `reopen()` (SIGHUP). A write that a full disk cuts short
 leaves part of a line; the next write starts on a new line, so every other line stays valid.
+`close()` writes what is queued but waits at most CLOSE_WAIT_S, for a disk that hangs: what did
+not get out by then is counted dropped.
 
     trail = AuditTrail(cfg.audit, clock, metrics)
     trail.start()
@@ -36,7 +42,11 @@ import json
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, Protocol, TextIO
 
 from ..settings.models import AuditConfig, AuditOnFull, AuditSink
@@ -49,6 +59,9 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "data" / "audit-record.sc
 WARN_INTERVAL_S = 10.0
 # refuse: a batch that failed is tried again when the next record comes, or after this long.
 RETRY_S = 1.0
+# close(): how long the last batches (and a write already under way) may take. A disk that hangs
+# must not hold the gateway's exit; what has not got out by then is counted dropped.
+CLOSE_WAIT_S = 5.0
 FILE_MODE = 0o640   # records name people: readable by the owner and its group (a log shipper), no one else
 EVENTS = ("run.start", "run.get", "run.cancel", "run.events")
 DECISIONS = ("allow", "deny")
@@ -168,6 +181,35 @@ class _FileSink:
                 pass
 
 
+def _serve(jobs: SimpleQueue[bytes | None], sink: _FileSink | _StdoutSink, loop: asyncio.AbstractEventLoop,
+           report: Callable[[BaseException | None], None], stopped: Callable[[], None]) -> None:
+    """The writer thread's body: writes each batch it is handed and hands the outcome to the loop.
+    It is given the sink and nothing else of the trail, so it cannot race the loop's bookkeeping."""
+    while True:
+        data = jobs.get()
+        if data is None:
+            break
+        outcome: BaseException | None = None
+        try:
+            sink.write(data)
+        except BaseException as exc:   # whatever one batch raises is that batch's outcome: the thread goes on
+            outcome = exc
+        try:
+            loop.call_soon_threadsafe(report, outcome)
+        except RuntimeError:
+            return                     # the loop is closed: there is no one left to write for
+    sink.close()
+    try:
+        loop.call_soon_threadsafe(stopped)
+    except RuntimeError:
+        pass
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():              # close() may have stopped waiting
+        future.set_result(None)
+
+
 class AuditTrail:
     def __init__(self, cfg: AuditConfig, clock: Clock, metrics: AuditMetrics | None) -> None:
         if cfg.sink == AuditSink.OFF:
@@ -180,17 +222,23 @@ class AuditTrail:
         self._refuse = cfg.on_full == AuditOnFull.REFUSE
         self._sink: _FileSink | _StdoutSink = _FileSink(cfg.path) if cfg.sink == AuditSink.FILE and cfg.path \
             else _StdoutSink(sys.stdout)
-        self._queue: list[bytes] = []     # rendered lines, for the writer
+        self._queue: list[bytes] = []     # rendered lines, for the next batch
         self._unwritten: list[bytes] = []  # refuse: lines of batches that failed, written before newer ones
+        self._out: list[bytes] | None = None   # the lines of the batch being written
+        self._out_new = 0                 # how many of them came from the queue (not held from a failed batch)
         self._failing = False
         self._closing = False
         self._closed = False
-        self._wake = asyncio.Event()
-        self._progress = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None   # the pending batch's wake-up
-        self._attempted = 0               # records taken into a batch the writer tried
+        self._timer: asyncio.Handle | None = None   # the queued batch's wake-up
+        self._now = False                 # that wake-up is at once (FLUSH_LINES are queued)
+        self._due = False                 # it came while a batch was out: the batch goes when that one reports
+        self._retry: asyncio.TimerHandle | None = None   # refuse: held lines tried again after RETRY_S
+        self._jobs: SimpleQueue[bytes | None] = SimpleQueue()   # batches for the writer thread
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None   # the thread closed the sink and ended
+        self._waiters: list[asyncio.Future[None]] = []      # flushed() and close(), woken by each outcome
+        self._tried = 0                   # queued records whose batch's outcome came back
         self._warned: dict[str, float] = {}
         self._lost = 0                    # dropped since the last warning
         # For tests and diagnosis.
@@ -213,9 +261,10 @@ class AuditTrail:
                 return
             queue.append(line)
             if len(queue) >= self._soon:
-                self._wake.set()
+                if not self._now and self._loop is not None:
+                    self._wake_at_once()
             elif self._timer is None and self._loop is not None:
-                self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._wake.set)
+                self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._wake_up)
         except Exception:
             self.failed_record()
 
@@ -239,7 +288,7 @@ class AuditTrail:
 
     def start(self) -> None:
         """Opens the sink and starts the writer (on the running loop)."""
-        if self._task is not None:
+        if self._loop is not None:
             return
         try:
             self._sink.open()
@@ -248,104 +297,168 @@ class AuditTrail:
             self._failing = True
             log.warning("audit.path: cannot open %s: %s", self._sink.where, exc.strerror or exc,
                         extra={"event": "audit_unwritable"})
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        if self._sink.threaded:
+            self._stopped = loop.create_future()
+            self._thread = threading.Thread(
+                target=_serve, args=(self._jobs, self._sink, loop, self._report, partial(_settle, self._stopped)),
+                name="audit-writer", daemon=True)
+            self._thread.start()
         if self._queue:
-            self._wake.set()   # recorded before start
-        self._task = self._loop.create_task(self._run(), name="audit-writer")
+            self._wake_at_once()   # recorded before start
 
     def reopen(self) -> None:
         """Opens the file again before the next batch (SIGHUP: the operator moved it)."""
         self._sink.reopen()
-        self._wake.set()
+        if self._queue and not self._now and self._loop is not None and not self._closed:
+            self._wake_at_once()
 
     async def flushed(self) -> None:
         """Returns once the writer has tried every record queued before the call (without waiting
         for the batch's wake-up)."""
-        target = self._attempted + len(self._queue)
-        while self._attempted < target and self._task is not None and not self._task.done():
-            self._progress.clear()
-            self._wake.set()
-            await self._progress.wait()
+        target = self._tried + (self._out_new if self._out is not None else 0) + len(self._queue)
+        while self._tried < target and self._loop is not None and not self._closed:
+            if self._out is None:
+                if not self._queue:
+                    return
+                self._send()
+                if self._out is None:
+                    continue       # written on the loop (stdout): its outcome is in
+            await self._progress()
 
     async def close(self) -> None:
-        """Writes what is queued, then closes the sink; later records are dropped (and counted)."""
+        """Writes what is queued, then closes the sink; later records are dropped (and counted).
+        Waits at most CLOSE_WAIT_S for the writer."""
         if self._closed:
             return
         self._closing = True
-        self._wake.set()
-        if self._task is not None:
+        loop = self._loop
+        stuck = False
+        if loop is not None:
+            deadline = loop.time() + CLOSE_WAIT_S
             try:
-                await self._task
-            except Exception:
-                log.exception("audit writer failed")
-        if self._queue or self._unwritten:
-            try:
-                await self._write_batch()
-            except Exception:
-                log.exception("audit writer failed")
+                async with asyncio.timeout_at(deadline):
+                    sent = False
+                    while True:
+                        while self._out is not None:
+                            await self._progress()
+                        if sent or not (self._queue or self._unwritten):
+                            break
+                        self._send()
+                        sent = True
+            except TimeoutError:
+                stuck = True
         self._closed = True
-        self._cancel_timer()
-        if self._unwritten or self._queue:
-            self._drop(len(self._unwritten) + len(self._queue), "the audit trail closed before they were written")
-            self._unwritten, self._queue = [], []
-        self._sink.close()
+        self._cancel_wake_ups()
+        self._wake_waiters()       # a flushed() waiting on a stuck write returns: nothing more will be tried
+        lost = len(self._out or ()) + len(self._unwritten) + len(self._queue)
+        self._out, self._unwritten, self._queue = None, [], []
+        if stuck:
+            log.warning("audit sink %s: a write has not returned in %g s; closing without it, %d records counted "
+                        "dropped", self._sink.where, CLOSE_WAIT_S, lost, extra={"event": "audit_stuck"})
+        self._drop(lost, "the audit trail closed before they were written")
+        thread, self._thread = self._thread, None
+        if thread is None:
+            self._sink.close()
+            return
+        self._jobs.put(None)       # the thread closes the sink: a write stuck in it still holds the descriptor
+        if stuck or self._stopped is None or loop is None:
+            return
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._stopped
+        except TimeoutError:
+            log.warning("audit writer thread did not end in %g s", CLOSE_WAIT_S, extra={"event": "audit_stuck"})
 
-    # ------------------------------------------------------------------ the writer
+    # ------------------------------------------------------------------ the writer, on the loop
 
-    async def _run(self) -> None:
-        wake = self._wake
-        while True:
-            if not wake.is_set():
-                try:
-                    # refuse: held lines are tried again after RETRY_S even when no record comes.
-                    await asyncio.wait_for(wake.wait(), RETRY_S if self._unwritten else None)
-                except TimeoutError:
-                    pass
-            wake.clear()
-            if self._queue or self._unwritten:
-                try:
-                    await self._write_batch()
-                except Exception:
-                    # One bad iteration (a bug) must not end the trail: its batch is counted lost in
-                    # _write_batch where it can be; the writer goes on with the next.
-                    self.failures += 1
-                    self._complain("writer", "audit writer iteration failed", exc_info=True)
-            self._progress.set()
-            if self._closing and not self._queue:
+    def _wake_at_once(self) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._now = True
+        self._timer = self._loop.call_soon(self._wake_up)
+
+    def _wake_up(self) -> None:
+        """The batch's wake-up (and refuse's retry)."""
+        try:
+            if self._out is not None:
+                self._due = True   # one batch out at a time: this one goes when that one reports
                 return
-            await asyncio.sleep(0)   # a sink failing at once must not starve the loop
+            self._send()
+        except Exception:
+            self.failures += 1
+            self._complain("writer", "audit writer iteration failed", exc_info=True)
 
-    def _cancel_timer(self) -> None:
+    def _cancel_wake_ups(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
+        self._now = self._due = False
 
-    async def _write_batch(self) -> None:
-        self._cancel_timer()   # records from here on start the next batch and schedule its wake-up
+    def _wake_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _progress(self) -> None:
+        """Returns when the batch out reports."""
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def _send(self) -> None:
+        """Hands what is held and queued to the sink as one batch: to the thread, or written here."""
+        self._cancel_wake_ups()    # records from here on start the next batch and schedule its wake-up
         batch, self._queue = self._queue, []
-        self._attempted += len(batch)
         lines, self._unwritten = self._unwritten, []
         lines += batch
         if not lines:
             return
         self.writes += 1
-        sink = self._sink
+        self._out, self._out_new = lines, len(batch)
         try:
-            if sink.threaded:
-                assert self._loop is not None
-                await self._loop.run_in_executor(None, sink.write, b"".join(lines))
-            else:
-                sink.write(b"".join(lines))
-        except WriteFailed as exc:
-            self._failed(lines, exc.written, exc.cause)
+            data = b"".join(lines)
+            if self._thread is not None:
+                self._jobs.put(data)
+                return
+            self._sink.write(data)
         except Exception as exc:
-            self._failed(lines, 0, exc)
-            raise
+            self._report(exc)
         else:
-            self.written += len(lines)
-            if self._failing:
-                self._failing = False
-                log.warning("audit sink %s written again", sink.where, extra={"event": "audit_writable"})
+            self._report(None)
+
+    def _report(self, outcome: BaseException | None) -> None:
+        """A batch's outcome, on the loop (from the writer thread through call_soon_threadsafe)."""
+        lines, self._out = self._out, None
+        if lines is None or self._closed:
+            return                 # close() stopped waiting for this batch and counted it dropped
+        try:
+            self._tried += self._out_new
+            if outcome is None:
+                self.written += len(lines)
+                if self._failing:
+                    self._failing = False
+                    log.warning("audit sink %s written again", self._sink.where, extra={"event": "audit_writable"})
+            elif isinstance(outcome, WriteFailed):
+                self._failed(lines, outcome.written, outcome.cause)
+            else:
+                # A bug in the sink: its batch is counted lost; the writer goes on with the next.
+                self.failures += 1
+                self._complain("writer", "audit writer iteration failed", exc_info=outcome)
+                self._failed(lines, 0, outcome)
+        except Exception:
+            self.failures += 1
+            self._complain("writer", "audit writer iteration failed", exc_info=True)
+        finally:
+            self._wake_waiters()
+            if self._due:
+                self._send()
 
     def _failed(self, lines: list[bytes], written: int, cause: BaseException) -> None:
         kept, total = lines, 0
@@ -361,6 +474,9 @@ class AuditTrail:
         reason = getattr(cause, "strerror", None) or type(cause).__name__
         if self._refuse:
             self._unwritten = kept
+            if self._retry is None and self._loop is not None and not self._closing:
+                # Held lines are tried again after RETRY_S even when no record comes.
+                self._retry = self._loop.call_later(RETRY_S, self._wake_up)
             self._complain("unwritable", "audit sink %s cannot be written (%s): %d records held, run starts "
                            "and cancels refused until it can", self._sink.where, reason, len(kept))
         else:
@@ -378,7 +494,7 @@ class AuditTrail:
         if self._complain("dropped", "%s: %d audit records dropped", why, self._lost):
             self._lost = 0
 
-    def _complain(self, kind: str, message: str, *args: Any, exc_info: bool = False) -> bool:
+    def _complain(self, kind: str, message: str, *args: Any, exc_info: bool | BaseException = False) -> bool:
         now = self.clock.monotonic()
         last = self._warned.get(kind)
         if last is not None and now - last < WARN_INTERVAL_S:

@@ -473,3 +473,172 @@ def test_stdout_sink_write_failures_are_sink_failures() -> None:
     sink = audit._StdoutSink(out)
     with pytest.raises(audit.WriteFailed):
         sink.write(b"{}\n")
+
+
+# --------------------------------------------------------------------------- the writer thread
+
+
+async def wait_until(done: Any, what: str) -> None:
+    """Polls `done()` for at most 5 s (bounded: a writer that hangs fails the test, not the run)."""
+    import asyncio
+
+    for _ in range(500):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+async def test_the_file_is_written_on_one_writer_thread_that_survives_a_failing_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import threading
+
+    trail = trail_for(tmp_path / "audit.log")
+    trail.start()
+    real_write = trail._sink.write
+    threads: list[threading.Thread] = []
+
+    def flaky(data: bytes) -> None:
+        threads.append(threading.current_thread())
+        if len(threads) == 1:
+            raise RuntimeError("a bug in the sink")
+        real_write(data)
+
+    monkeypatch.setattr(trail._sink, "write", flaky)
+    with caplog.at_level(logging.WARNING, logger="proxy.observability.audit"):
+        for n in range(3):
+            put(trail, full_record(n))
+            await asyncio.wait_for(trail.flushed(), 5)
+    assert [r["request_id"] for r in lines_of(tmp_path / "audit.log")] == ["req-1", "req-2"]
+    assert trail.dropped == 1 and trail.failures == 1
+    assert any("iteration failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    # Every batch on the one dedicated thread, off the loop's, and it is still there.
+    assert len({id(t) for t in threads}) == 1
+    assert threads[0].name == "audit-writer" and threads[0] is not threading.current_thread()
+    assert threads[0].is_alive()
+    await asyncio.wait_for(trail.close(), 5)
+    threads[0].join(5)
+    assert not threads[0].is_alive()        # close() ends it, and it closed the file
+    assert trail._sink._fd is None
+
+
+async def test_a_failing_outcome_on_the_loop_is_counted_and_the_writer_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    class BrokenOnce(GatewayMetrics):
+        broke = False
+
+        def audit_dropped(self, count: int) -> None:
+            if not self.broke:
+                self.broke = True
+                raise RuntimeError("a bug in counting")
+            super().audit_dropped(count)
+
+    metrics = BrokenOnce()
+    trail = trail_for("/dev/full", metrics=metrics)
+    trail.start()
+    with caplog.at_level(logging.WARNING, logger="proxy.observability.audit"):
+        put(trail, full_record(0))
+        await asyncio.wait_for(trail.flushed(), 5)
+        put(trail, full_record(1))
+        await asyncio.wait_for(trail.flushed(), 5)
+    assert trail.failures == 1
+    assert any("iteration failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert trail.dropped == 2 and counter(metrics, "arp_gateway_audit_dropped_total") == 1   # the second one counted
+    await asyncio.wait_for(trail.close(), 5)
+
+
+async def test_one_batch_is_out_at_a_time_and_what_comes_meanwhile_goes_next_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import threading
+
+    monkeypatch.setattr(audit, "FLUSH_INTERVAL_S", 0.01)
+    trail = trail_for(tmp_path / "audit.log")
+    trail.start()
+    real_write = trail._sink.write
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow(data: bytes) -> None:
+        calls.append(data.count(b"\n"))
+        release.wait(5)
+        real_write(data)
+
+    monkeypatch.setattr(trail._sink, "write", slow)
+    try:
+        put(trail, full_record(0))
+        await wait_until(lambda: calls, "the first batch to reach the sink")
+        for n in range(1, 4):
+            put(trail, full_record(n))
+            await asyncio.sleep(0.03)       # past each wake-up: the batch is due while the first is out
+        assert calls == [1]
+    finally:
+        release.set()
+    await asyncio.wait_for(trail.flushed(), 5)
+    assert calls == [1, 3]
+    assert [r["request_id"] for r in lines_of(tmp_path / "audit.log")] == [f"req-{n}" for n in range(4)]
+    await asyncio.wait_for(trail.close(), 5)
+
+
+async def test_close_gives_up_on_a_write_stuck_in_the_disk_and_counts_what_did_not_get_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import threading
+
+    monkeypatch.setattr(audit, "CLOSE_WAIT_S", 0.2)
+    metrics = GatewayMetrics()
+    trail = trail_for(tmp_path / "audit.log", metrics=metrics)
+    trail.start()
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck(data: bytes) -> None:
+        entered.set()
+        release.wait(10)     # a disk that hangs (bounded, so the thread ends with the test)
+
+    monkeypatch.setattr(trail._sink, "write", stuck)
+    thread = trail._thread
+    try:
+        for n in range(3):
+            put(trail, full_record(n))
+        waiting = asyncio.ensure_future(trail.flushed())
+        await wait_until(entered.is_set, "the batch to reach the sink")
+        for n in range(3, 5):
+            put(trail, full_record(n))
+        with caplog.at_level(logging.WARNING, logger="proxy.observability.audit"):
+            await asyncio.wait_for(trail.close(), 5)
+        await asyncio.wait_for(waiting, 1)       # a flushed() waiting on the stuck write returns too
+        assert trail.dropped == 5 and counter(metrics, "arp_gateway_audit_dropped_total") == 5
+        assert any("has not returned" in r.getMessage() and "5 records" in r.getMessage() for r in caplog.records)
+        put(trail, full_record(5))
+        assert trail.dropped == 6
+    finally:
+        release.set()
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive()     # once its write returns, the thread closes the file and ends
+    assert trail._sink._fd is None
+    assert trail.dropped == 6 and trail.written == 0   # the late outcome changes nothing
+
+
+async def test_refuse_tries_held_records_again_after_retry_s_with_no_new_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "RETRY_S", 0.05)
+    path = tmp_path / "audit.log"
+    path.symlink_to("/dev/full")
+    trail = trail_for(path, on_full="refuse")
+    trail.start()
+    for n in range(3):
+        put(trail, full_record(n))
+    await trail.flushed()
+    assert not trail.accepting
+    real = tmp_path / "audit.real"
+    real.touch()
+    os.replace(real, path)
+    await wait_until(lambda: trail.accepting, "the held records to be written again")   # no record came
+    assert [r["request_id"] for r in lines_of(path)] == ["req-0", "req-1", "req-2"]
+    assert trail.dropped == 0
+    await trail.close()

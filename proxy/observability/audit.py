@@ -216,7 +216,9 @@ class AuditTrail:
             raise ValueError("audit.sink is off: build no AuditTrail")
         self.clock = clock
         self._metrics = metrics
-        self._counts = metrics.audit_records if metrics is not None else None
+        # Counted here with metrics off too: one dict either way keeps `record` to one step.
+        self._counts = metrics.audit_records if metrics is not None else \
+            {(event, decision): 0 for event in EVENTS for decision in DECISIONS}
         self._size = cfg.queue_size
         self._soon = min(FLUSH_LINES, cfg.queue_size)   # queued records that wake the writer at once
         self._refuse = cfg.on_full == AuditOnFull.REFUSE
@@ -224,6 +226,7 @@ class AuditTrail:
             else _StdoutSink(sys.stdout)
         self._queue: list[bytes] = []     # rendered lines, for the next batch
         self._unwritten: list[bytes] = []  # refuse: lines of batches that failed, written before newer ones
+        self._room = self._size            # lines the queue may take: queue_size less those held, 0 once closed
         self._out: list[bytes] | None = None   # the lines of the batch being written
         self._out_new = 0                 # how many of them came from the queue (not held from a failed batch)
         self._failing = False
@@ -253,10 +256,9 @@ class AuditTrail:
         """Queues one record rendered as its line (the schema's members only, ending in a newline),
         counted under its (event, decision); never blocks, never raises."""
         try:
-            if self._counts is not None:
-                self._counts[counted] += 1
+            self._counts[counted] += 1
             queue = self._queue
-            if self._closed or len(queue) + len(self._unwritten) >= self._size:
+            if len(queue) >= self._room:
                 self._drop(1, "the audit trail is closed" if self._closed else "the audit queue is full")
                 return
             queue.append(line)
@@ -282,7 +284,7 @@ class AuditTrail:
         failed and no write has succeeded since."""
         if not self._refuse:
             return True
-        return not (self._failing or self._closed or len(self._queue) + len(self._unwritten) >= self._size)
+        return not (self._failing or self._closed or len(self._queue) >= self._room)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -349,6 +351,7 @@ class AuditTrail:
             except TimeoutError:
                 stuck = True
         self._closed = True
+        self._room = 0
         self._cancel_wake_ups()
         self._wake_waiters()       # a flushed() waiting on a stuck write returns: nothing more will be tried
         lost = len(self._out or ()) + len(self._unwritten) + len(self._queue)
@@ -417,6 +420,7 @@ class AuditTrail:
         self._cancel_wake_ups()    # records from here on start the next batch and schedule its wake-up
         batch, self._queue = self._queue, []
         lines, self._unwritten = self._unwritten, []
+        self._room = 0 if self._closed else self._size
         lines += batch
         if not lines:
             return
@@ -474,6 +478,7 @@ class AuditTrail:
         reason = getattr(cause, "strerror", None) or type(cause).__name__
         if self._refuse:
             self._unwritten = kept
+            self._room = self._size - len(kept)
             if self._retry is None and self._loop is not None and not self._closing:
                 # Held lines are tried again after RETRY_S even when no record comes.
                 self._retry = self._loop.call_later(RETRY_S, self._wake_up)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..arp.answers import Answer, error_answer
 from ..arp.routes import CANCEL_RUN, GET_RUN, RUN_EVENTS, START_RUN, Route
 from ..arp.runcontext import trace_ids
+from ..arp.validation import NodeType
 from ..auth.principal import Principal
 from ..observability.audit import AuditTrail
 from ..util.boundedcache import BoundedCache
@@ -37,7 +38,7 @@ _RUNS_PREFIX = len("/v1/runs/")
 _POLICY_REASONS = frozenset({"policy_allowed", "policy_denied"})
 RECORDS = 10_000     # combinations of what repeats in a record (caller, decision, node type...) kept rendered
 # principal, event, decision, reason, statement_id, status, client address, (node type id, version)
-Key = tuple[Principal | None, str, str, str | None, str | None, int, str, tuple[str, str | None] | None]
+Key = tuple[Principal | None, str, str, str | None, str | None, int, str, NodeType | None]
 # ASCII only: a lone surrogate in a claim or a path is written escaped, never fails the line's encoding.
 _ENCODE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
 _STR = json.encoder.encode_basestring_ascii

@@ -12,6 +12,8 @@ import asyncio
 import logging
 import re
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis
@@ -40,6 +42,19 @@ def store_for(url: str, clock: FakeClock, **options) -> RedisStore:
     return RedisStore(RedisConfig(url=url, **{"timeout_ms": 200, **options}), clock)
 
 
+@asynccontextmanager
+async def shared_limiter(url: str, clock: FakeClock, per_second: float, burst: int, on_error: BackendError,
+                         **options) -> AsyncIterator[tuple[RedisStore, SharedRateLimiter]]:
+    """A started store and the shared limiter over it (this rate, locally as its fallback), closed
+    however the test ends."""
+    store = store_for(url, clock, **options)
+    await store.start()
+    try:
+        yield store, SharedRateLimiter(store, RateLimiter(per_second=per_second, burst=burst, clock=clock), on_error)
+    finally:
+        await store.close()
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(per_second=st.floats(min_value=0.05, max_value=2.0), burst=st.integers(min_value=2, max_value=8),
        data=st.data())
@@ -64,14 +79,9 @@ def test_the_script_answers_as_the_local_limiter_for_the_same_timed_sequence(sha
 
 
 async def test_a_key_is_hash_tagged_and_expires_when_its_bucket_is_full_again(redis_server, clock):
-    store = store_for(redis_server.url, clock)
-    await store.start()
-    shared = SharedRateLimiter(store, RateLimiter(per_second=2, burst=4, clock=clock), BackendError.LOCAL)
-    try:
+    async with shared_limiter(redis_server.url, clock, 2, 4, BackendError.LOCAL) as (store, shared):
         for _ in range(3):
             assert (await shared.decide("sub\x00iss\x00alice"))[:2] == ("redis", True)
-    finally:
-        await store.close()
     keys = redis_server.client().keys("*")
     assert len(keys) == 1
     key = keys[0].decode()
@@ -82,17 +92,12 @@ async def test_a_key_is_hash_tagged_and_expires_when_its_bucket_is_full_again(re
 
 
 async def test_noscript_after_a_script_flush_reloads_the_script(redis_server, clock):
-    store = store_for(redis_server.url, clock)
-    await store.start()
-    shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=1, clock=clock), BackendError.CLOSED)
-    try:
+    async with shared_limiter(redis_server.url, clock, 1, 1, BackendError.CLOSED) as (store, shared):
         assert await shared.decide("a") == ("redis", True, 1_000_000)
         redis_server.client().script_flush()
         backend, allowed, wait = await shared.decide("a")
         assert (backend, allowed) == ("redis", False) and 0 < wait <= 1_000_000
         assert store.errors == {"timeout": 0, "connection": 0, "auth": 0, "response": 0}
-    finally:
-        await store.close()
 
 
 async def test_a_redis_down_at_start_is_a_warning_then_the_breaker_stops_asking(clock, caplog):
@@ -113,10 +118,8 @@ async def test_a_redis_down_at_start_is_a_warning_then_the_breaker_stops_asking(
 
 
 async def test_the_breaker_closes_once_redis_answers_again(redis_server, clock, caplog):
-    store = store_for(redis_server.url, clock, breaker_failures=2, breaker_open_s=5, timeout_ms=50)
-    await store.start()
-    shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=5, clock=clock), BackendError.LOCAL)
-    try:
+    async with shared_limiter(redis_server.url, clock, 1, 5, BackendError.LOCAL, breaker_failures=2, breaker_open_s=5,
+                              timeout_ms=50) as (store, shared):
         redis_server.pause()
         try:
             assert [(await shared.decide("a"))[0] for _ in range(3)] == ["local"] * 3
@@ -129,8 +132,6 @@ async def test_the_breaker_closes_once_redis_answers_again(redis_server, clock, 
             assert (await shared.decide("a"))[0] == "redis"
         assert store.up
         assert any(r.levelno == logging.INFO and "back" in r.getMessage() for r in caplog.records)
-    finally:
-        await store.close()
 
 
 async def test_a_password_file_opens_a_redis_with_requirepass_and_a_wrong_one_is_a_warning(tmp_path, clock,
@@ -163,25 +164,18 @@ async def test_a_password_file_opens_a_redis_with_requirepass_and_a_wrong_one_is
 
 
 async def test_a_reply_that_is_not_the_scripts_is_a_failure_not_an_exception(redis_server, clock):
-    store = store_for(redis_server.url, clock)
-    await store.start()
-    shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=1, clock=clock), BackendError.LOCAL)
-    try:
+    async with shared_limiter(redis_server.url, clock, 1, 1, BackendError.LOCAL) as (store, shared):
         assert (await shared.decide("b"))[:2] == ("redis", True)   # b's command is kept, naming the script
         store.script = store.client.register_script("return 'not a decision'")  # a Redis (or proxy) gone wrong
         assert (await shared.decide("b"))[:2] == ("local", True)
         assert store.errors["response"] == 1 and not store.up
-    finally:
-        await store.close()
 
 
 async def test_concurrent_decisions_beyond_the_pool_are_all_answered_by_redis(redis_server, clock):
     # One connection in all: the connection a decision keeps between decisions must go to the
     # decisions waiting for the pool, or they would fall back when their deadline passes.
-    store = store_for(redis_server.url, clock, max_connections=1, timeout_ms=2000)
-    await store.start()
-    shared = SharedRateLimiter(store, RateLimiter(per_second=1000, burst=1000, clock=clock), BackendError.CLOSED)
-    try:
+    async with shared_limiter(redis_server.url, clock, 1000, 1000, BackendError.CLOSED, max_connections=1,
+                              timeout_ms=2000) as (store, shared):
         for _ in range(3):
             answers = await asyncio.gather(*(shared.decide(f"caller-{i}") for i in range(20)))
             assert [backend for backend, _, _ in answers] == ["redis"] * 20
@@ -189,32 +183,20 @@ async def test_concurrent_decisions_beyond_the_pool_are_all_answered_by_redis(re
         assert store.errors == {"timeout": 0, "connection": 0, "auth": 0, "response": 0}
         clients = redis_server.client().client_list()
         assert len(clients) - 1 <= 1                # the kept connection counts against max_connections
-    finally:
-        await store.close()
 
 
 async def test_a_restarted_redis_is_asked_again_without_a_failed_decision(redis_server, clock):
-    store = store_for(redis_server.url, clock)
-    await store.start()
-    shared = SharedRateLimiter(store, RateLimiter(per_second=1, burst=5, clock=clock), BackendError.CLOSED)
-    try:
+    async with shared_limiter(redis_server.url, clock, 1, 5, BackendError.CLOSED) as (store, shared):
         assert (await shared.decide("a"))[:2] == ("redis", True)
         redis_server.kill()
         redis_server.start()                        # same port, no script loaded, the old connection closed
         await asyncio.sleep(0.05)                   # the loop sees the old connection's end
         assert (await shared.decide("a"))[:2] == ("redis", True)
         assert store.errors == {"timeout": 0, "connection": 0, "auth": 0, "response": 0}
-    finally:
-        await store.close()
 
 
 async def test_principals_stay_apart_when_their_commands_are_reused(redis_server, clock):
-    store = store_for(redis_server.url, clock)
-    await store.start()
-    shared = SharedRateLimiter(store, RateLimiter(per_second=0.01, burst=2, clock=clock), BackendError.CLOSED)
-    try:
+    async with shared_limiter(redis_server.url, clock, 0.01, 2, BackendError.CLOSED) as (store, shared):
         answers = [(await shared.decide(who))[:2] for who in ("a", "b", "a", "b", "a", "b", "c")]
         assert answers == [("redis", True), ("redis", True), ("redis", True), ("redis", True),
                            ("redis", False), ("redis", False), ("redis", True)]
-    finally:
-        await store.close()
